@@ -1,0 +1,1 @@
+"""cap-export: turn trained adapters into PEFT LoRA, merged models and GGUF."""

@@ -1,0 +1,1 @@
+"""cap-prep: tokenize and pack datasets into memory-mappable Arrow shards."""

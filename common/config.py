@@ -1,0 +1,385 @@
+"""The one TOML config that drives cap-prep, cap-train and cap-export.
+
+`load_config(path)` parses and validates everything up front and returns a frozen `Config`.
+Every key of qlora-pipe-lite's README is here with the same default and meaning, plus cap's own
+(marked "cap:" in the help). Each key is declared once, with its parser and help text; the README's
+config reference is generated from these declarations (`python -m common.config --reference`).
+Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from common.errors import CapError
+
+REQUIRED = object()
+
+
+class Invalid(ValueError):
+    """Raised by a parser with the text 'what is allowed'."""
+
+
+# ---------------------------------------------------------------- value parsers
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None) -> Callable[[Any], int]:
+    def parse(v):
+        if not _is_int(v) or (lo is not None and v < lo):
+            raise Invalid(f"expected an integer >= {lo}" if lo is not None else "expected an integer")
+        return v
+    return parse
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False):
+    """A finite float in [lo, hi] (open ends where asked); TOML ints are accepted."""
+    def parse(v):
+        lo_s = "(" if lo_open else "["
+        hi_s = ")" if hi_open else "]"
+        allowed = f"expected a number in {lo_s}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{hi_s}"
+        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+            raise Invalid(allowed)
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise Invalid(allowed)
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise Invalid(allowed)
+        return float(v)
+    return parse
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise Invalid("expected true or false")
+    return v
+
+
+def text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise Invalid("expected a string")
+    return v
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def parse(v):
+        if isinstance(v, bool) or v not in options:
+            raise Invalid("expected one of " + ", ".join(repr(o) for o in options))
+        return v
+    return parse
+
+
+def token_ids(v: Any) -> tuple[int, ...]:
+    if _is_int(v):
+        v = [v]
+    if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
+        raise Invalid("expected a token id (integer >= 0) or a list of them")
+    return tuple(v)
+
+
+def token_spec(v: Any) -> str | tuple[int, ...]:
+    """sequence_prefix / document_suffix: a string to tokenize, or token id(s)."""
+    if isinstance(v, str):
+        return v
+    try:
+        return token_ids(v)
+    except Invalid:
+        raise Invalid("expected a string, a token id or a list of token ids") from None
+
+
+def mask_spec(v: Any) -> bool | tuple[int, ...]:
+    if isinstance(v, bool):
+        return v
+    try:
+        return token_ids(v)
+    except Invalid:
+        raise Invalid("expected true (all special tokens), false, a token id or a list of ids") from None
+
+
+def module_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
+        raise Invalid("expected a non-empty list of module names, e.g. ['q_proj', 'v_proj']")
+    return tuple(v)
+
+
+def layer_range(v: Any) -> tuple[int, ...]:
+    """'a:b' (both inclusive, first layer 0) or a list of layer indices → sorted unique indices."""
+    allowed = "expected 'first:last' (inclusive, e.g. '0:29') or a list of layer indices"
+    if isinstance(v, str):
+        parts = v.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise Invalid(allowed)
+        a, b = int(parts[0]), int(parts[1])
+        if a > b:
+            raise Invalid(f"{allowed}; first ({a}) is after last ({b})")
+        return tuple(range(a, b + 1))
+    if isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v):
+        return tuple(sorted(set(v)))
+    raise Invalid(allowed)
+
+
+# ---------------------------------------------------------------- declarations
+def key(default: Any = REQUIRED, parse: Callable[[Any], Any] = text, help: str = ""):
+    """Declare a config key: its default, its parser, and its help text."""
+    kw = {} if default is REQUIRED else {"default": default}
+    return dataclasses.field(metadata={"parse": parse, "help": help}, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """One `[[datasets]]` entry."""
+
+    dataset_path: str = key(help="glob of .txt (one document per file), .json, .jsonl or .parquet files")
+    control_class: int = key(1, choice(1, -1, 0), help="+1 enhance, -1 suppress, 0 neutral (each document randomly +1/-1, seeded)")
+    document_suffix: str | tuple[int, ...] | None = key(
+        None, token_spec, help="appended to each document: default EOS if the tokenizer did not add one; '' nothing; a string to tokenize; token id(s)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A validated cap config. Paths are absolute; `source` is the TOML file it came from."""
+
+    # model and output
+    model_dir: Path = key(help="Hugging Face model folder (config.json + safetensors)")
+    output_dir: Path = key(help="where checkpoints, epoch<N>/ adapters and tensorboard/ go")
+    prepared_dir: Path | None = key(None, help="cap: where cap-prep writes its shards (default <output_dir>/prepared)")
+    # optimizer
+    lr: float = key(parse=number(0, lo_open=True), help="learning rate (optimi Adam, Kahan summation for bf16 params)")
+    epochs: int = key(1, integer(1), help="passes over the training data")
+    beta1: float = key(0.9, number(0, 1, hi_open=True), help="Adam beta1")
+    beta2: float = key(0.99, number(0, 1, hi_open=True), help="Adam beta2")
+    eps: float = key(1e-6, number(0, lo_open=True), help="Adam epsilon")
+    warmup: str = key("rms_ratio", choice("rms_ratio", "linear", "none"),
+                      help="cap: 'rms_ratio' lr*sqrt((1-b2^t)/(1+b2^t)) as the reference; 'linear' over warmup_fraction; 'none'")
+    warmup_fraction: float = key(0.0, number(0, 1, hi_open=True), help="cap: fraction of steps for linear warmup")
+    lr_scheduler: str = key("constant", choice("constant", "cosine"), help="cap: after warmup, constant or cosine decay to min_lr")
+    min_lr: float = key(0.0, number(0), help="cap: floor of the cosine decay")
+    max_grad_norm: float = key(1.0, number(0), help="cap: gradient clipping norm, 0 = off")
+    max_steps: int = key(0, integer(0), help="cap: stop after this many optimizer steps, 0 = no limit")
+    seed: int = key(42, integer(0), help="cap: seed for data order, splits, neutral classes and init")
+    # batching and parallelism
+    sequence_len: int = key(parse=integer(2), help="tokens per packed sequence")
+    micro_batch_size: int = key(1, integer(1), help="cap: sequences per micro batch")
+    gradient_accumulation_steps: int = key(1, integer(1), help="micro batches per optimizer step (per data-parallel rank)")
+    eval_gradient_accumulation_steps: int | None = key(None, integer(1), help="micro batches per eval batch (default: gradient_accumulation_steps)")
+    pipeline_stages: int = key(1, integer(1), help="pipeline stages; must divide the world size")
+    use_column_major_topology: bool = key(False, boolean, help="place data-parallel peers on the same node (hidden states over NVLink, adapter grads over the network)")
+    activation_checkpointing: bool = key(True, boolean, help="cap: recompute each decoder layer in backward")
+    # adapters
+    use_control_adapters: bool = key(False, boolean, help="train Control Adapters (else LoRA, or full fine-tune)")
+    control_adapter_type: str = key("full", choice("full", "symmetrise", "antisymmetrise", "spectral"), help="structure of W'")
+    control_adapter_target: str = key("block", choice("block", "writers"), help="cap: apply to the whole block delta, or to each residual writer (exactly exportable)")
+    lora_rank: int | None = key(None, integer(1), help="adapter rank r (required for adapters)")
+    lora_alpha: float | None = key(None, number(0, lo_open=True), help="scale = alpha / r (default sqrt(r), rsLoRA)")
+    lora_dropout: float = key(0.0, number(0, 1, hi_open=True), help="dropout on the adapter input")
+    lora_weight_decay: float = key(0.0, number(0), help="decoupled weight decay on W = s*B*A (needs float32 adapters)")
+    lora_weight_decay_type: str = key("nuclear", choice("nuclear", "l2", "l1"), help="regularizer of W")
+    lora_max_norm: float = key(0.0, number(0), help="max Frobenius norm of W, 0 = off")
+    lora_weight_dtype: str = key("float32", choice("float32", "bfloat16"), help="adapter parameter dtype")
+    target_modules: tuple[str, ...] | None = key(None, module_names, help="LoRA target modules (default: all linear layers); not with control adapters")
+    layers_to_transform: tuple[int, ...] | None = key(None, layer_range, help="'a:b' inclusive or a list (default: all layers)")
+    load_in_4bit: bool = key(False, boolean, help="quantize the base to 4-bit nf4 (QLoRA)")
+    full_fine_tune: bool = key(False, boolean, help="train all weights in bf16")
+    # checkpoints and eval
+    checkpoint_interval_hours: float = key(1.0, number(0, lo_open=True), help="hours between checkpoints (fractions allowed)")
+    max_checkpoints: int = key(3, integer(1), help="checkpoints kept")
+    eval_fraction: float = key(0.01, number(0, 1, hi_open=True), help="fraction of documents held out for eval")
+    evals_per_run: int = key(11, integer(0), help="evals per run, including one before training and one at the end")
+    # data
+    max_sequences: int | None = key(None, integer(1), help="cap on the number of sequences (default unlimited)")
+    drop_tails: bool = key(False, boolean, help="drop the partial sequence at each document's end")
+    mix_datasets: bool = key(False, boolean, help="let one sequence hold tokens of several datasets")
+    sequence_prefix: str | tuple[int, ...] | None = key(None, token_spec, help="tokens starting each sequence (default BOS if any)")
+    mask_tokens: bool | tuple[int, ...] = key(False, mask_spec, help="tokens given class 0 / label -100: true = all special tokens, or ids")
+    add_prefix_space: bool = key(False, boolean, help="tokenizer add_prefix_space (also --add-prefix-space)")
+    datasets: tuple[DatasetConfig, ...] = key(help="[[datasets]] tables")
+    source: Path = dataclasses.field(default=Path("config.toml"), metadata={"internal": True})
+
+    # ------------------------------------------------------------ derived
+    @property
+    def mode(self) -> str:
+        """'control', 'full', 'qlora' or 'lora'."""
+        if self.use_control_adapters:
+            return "control"
+        if self.full_fine_tune:
+            return "full"
+        return "qlora" if self.load_in_4bit else "lora"
+
+    @property
+    def alpha(self) -> float:
+        """lora_alpha, defaulting to sqrt(rank) (rsLoRA)."""
+        return self.lora_alpha if self.lora_alpha is not None else math.sqrt(self.lora_rank)
+
+    @property
+    def eval_accumulation(self) -> int:
+        return self.eval_gradient_accumulation_steps or self.gradient_accumulation_steps
+
+    @property
+    def prepared_root(self) -> Path:
+        return self.prepared_dir or self.output_dir / "prepared"
+
+    def check_world_size(self, world_size: int) -> int:
+        """Data-parallel degree = world / pipeline_stages; the stages must divide the world."""
+        if world_size % self.pipeline_stages:
+            raise CapError(f"{self.source}: pipeline_stages = {self.pipeline_stages} must divide the world size "
+                           f"({world_size} processes)")
+        return world_size // self.pipeline_stages
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-able dict of every key (paths as strings)."""
+        def plain(v):
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, tuple):
+                return [plain(x) for x in v]
+            if dataclasses.is_dataclass(v):
+                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return v
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not f.metadata.get("internal")}
+
+
+# ---------------------------------------------------------------- loading
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _parse_table(cls, table: dict, where: str, skip=()) -> dict:
+    """Check every key of `table` against `cls`'s declarations; parse the values."""
+    fields = _fields(cls)
+    for name in table:
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise CapError(f"{where}: unknown key '{name}'{hint}")
+    out = {}
+    for name, f in fields.items():
+        if name in skip:
+            continue
+        if name not in table:
+            if f.default is dataclasses.MISSING:
+                raise CapError(f"{where}: missing required key '{name}' ({f.metadata['help']})")
+            continue
+        try:
+            out[name] = f.metadata["parse"](table[name])
+        except Invalid as e:
+            raise CapError(f"{where}: {name} = {table[name]!r}: {e}") from None
+    return out
+
+
+def _model_layers(model_dir: Path, where: str) -> int | None:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CapError(f"{where}: model_dir {model_dir}/config.json is not valid JSON ({e})") from None
+    cfg = cfg.get("text_config", cfg)
+    return cfg.get("num_hidden_layers")
+
+
+def _check_modes(c: Config, where: str, present: set[str]) -> None:
+    """Checks that involve more than one key."""
+    def err(msg):
+        raise CapError(f"{where}: {msg}")
+
+    if c.use_control_adapters and c.full_fine_tune:
+        err("use_control_adapters and full_fine_tune are mutually exclusive")
+    if c.full_fine_tune and c.load_in_4bit:
+        err("full_fine_tune and load_in_4bit are mutually exclusive (a 4-bit base cannot be trained)")
+    if c.use_control_adapters and c.target_modules is not None:
+        err("target_modules is not allowed with use_control_adapters (control adapters act on whole layers)")
+    if not c.full_fine_tune and c.lora_rank is None:
+        err(f"missing required key 'lora_rank' (needed for {c.mode} training)")
+    if c.lora_weight_decay > 0 and c.lora_weight_dtype != "float32":
+        err(f"lora_weight_decay = {c.lora_weight_decay} needs lora_weight_dtype = 'float32' "
+            f"(got '{c.lora_weight_dtype}': bf16 cancels the decay)")
+    if c.full_fine_tune and (c.lora_weight_decay > 0 or c.lora_max_norm > 0):
+        err("lora_weight_decay / lora_max_norm are not supported with full_fine_tune")
+    if not c.use_control_adapters:
+        for name in ("control_adapter_type", "control_adapter_target"):
+            if name in present:
+                err(f"{name} needs use_control_adapters = true")
+        for i, d in enumerate(c.datasets):
+            if d.control_class != 1:
+                err(f"datasets[{i}].control_class = {d.control_class}: classes -1 and 0 need use_control_adapters = true")
+    if c.warmup == "linear" and c.warmup_fraction == 0:
+        err("warmup = 'linear' needs warmup_fraction > 0")
+    if c.warmup != "linear" and c.warmup_fraction > 0:
+        err(f"warmup_fraction = {c.warmup_fraction} needs warmup = 'linear'")
+    if c.min_lr > c.lr:
+        err(f"min_lr = {c.min_lr} must not exceed lr = {c.lr}")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read, check and freeze a config. `overrides` (e.g. from the CLI) replace TOML keys."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CapError(f"{where}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CapError(f"{where}: cannot read config ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CapError(f"{where}: invalid TOML: {e}") from None
+    raw.update(overrides or {})
+    return config_from_dict(raw, path)
+
+
+def config_from_dict(raw: dict, path: Path) -> Config:
+    where = str(path)
+    base = path.resolve().parent
+    values = _parse_table(Config, raw, where, skip=("datasets",))
+    # datasets
+    tables = raw.get("datasets")
+    if tables is None:
+        raise CapError(f"{where}: missing required key 'datasets' (add at least one [[datasets]] table)")
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise CapError(f"{where}: datasets: expected one or more [[datasets]] tables")
+    datasets = []
+    for i, t in enumerate(tables):
+        d = _parse_table(DatasetConfig, t, f"{where}: datasets[{i}]")
+        d["dataset_path"] = str(base / d["dataset_path"])
+        datasets.append(DatasetConfig(**d))
+    values["datasets"] = tuple(datasets)
+    # paths
+    for name in ("model_dir", "output_dir", "prepared_dir"):
+        if name in values:
+            values[name] = (base / values[name]).resolve()
+    model_dir = values["model_dir"]
+    if not model_dir.is_dir():
+        raise CapError(f"{where}: model_dir = '{raw['model_dir']}': folder not found ({model_dir})")
+    if not (model_dir / "config.json").is_file():
+        raise CapError(f"{where}: model_dir = '{raw['model_dir']}': no config.json in {model_dir} "
+                       "(expected a Hugging Face model folder)")
+    cfg = Config(**values, source=path)
+    _check_modes(cfg, where, set(raw))
+    n_layers = _model_layers(model_dir, where)
+    if n_layers is not None:
+        if cfg.layers_to_transform and cfg.layers_to_transform[-1] >= n_layers:
+            raise CapError(f"{where}: layers_to_transform = {raw['layers_to_transform']!r}: layer "
+                           f"{cfg.layers_to_transform[-1]} does not exist (the model has layers 0:{n_layers - 1})")
+        if cfg.pipeline_stages > n_layers:
+            raise CapError(f"{where}: pipeline_stages = {cfg.pipeline_stages}: more stages than the model's {n_layers} layers")
+    return cfg
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated from the declarations."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for cls, prefix in ((Config, ""), (DatasetConfig, "datasets.")):
+        for name, f in _fields(cls).items():
+            if name == "datasets":
+                continue
+            default = "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
+            rows.append(f"| `{prefix}{name}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,92 @@
+"""LM head fused with the loss: L = CE(h·Wᵀ, y) without ever holding the [N, V] logits.
+
+    h: [N, H] (or [..., H]), W: [V, H], y: [N] (already shifted; ignore_index rows count nothing)
+
+For each chunk of C rows (C × V ≈ 256 MiB of fp32 unless chunk_size says otherwise):
+
+    X_c   = h_c·Wᵀ                                  [C, V] in W's dtype (fp32 accumulation)
+    ℓ_c, G_c = CE rows, ∂L/∂X_c                     G_c overwrites X_c (kernels.cross_entropy)
+    ∂L/∂h_c = G_c·W                                 [C, H]
+    ∂L/∂W  += G_cᵀ·h_c                              [V, H], only when W requires grad
+
+all inside the forward, so the backward only scales the stored gradients by the incoming grad.
+Peak extra memory: one [C, V] chunk (plus fp32 temporaries of that size on the torch path),
+∂L/∂h and, for a trainable head, ∂L/∂W — accumulated in W's dtype (fp32 matmul accumulation within
+a chunk, rounded to W's dtype between chunks) to avoid a second [V, H] buffer.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.cross_entropy import (ce_rows_backward, ce_rows_forward, default_chunk_rows,
+                                   resolve_impl)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward scales them by g."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale, softcap, ignore_index, reduction, chunk_rows,
+                impl, need_h, need_w):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1).contiguous()
+        n = h.shape[0]
+        opts = dict(scale=scale, softcap=softcap, ignore_index=ignore_index, impl=impl)
+        n_valid = (y != ignore_index).sum()
+        denom = n_valid.clamp(min=1).float()
+        gscale = (1.0 / denom if reduction == "mean" else torch.ones_like(denom)).reshape(1)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk_rows):
+            h_c, y_c = h[i:i + chunk_rows].to(weight.dtype), y[i:i + chunk_rows]
+            logits = h_c @ weight.T
+            loss, lse = ce_rows_forward(logits, y_c, chunk_rows=chunk_rows, **opts)
+            total += loss.sum()
+            if need_h or need_w:  # from here on `logits` holds ∂L/∂X_c
+                ce_rows_backward(logits, y_c, lse, gscale, logits, chunk_rows=chunk_rows, **opts)
+                if need_h and grad_h.dtype == weight.dtype:
+                    torch.mm(logits, weight, out=grad_h[i:i + chunk_rows])
+                elif need_h:
+                    grad_h[i:i + chunk_rows] = logits @ weight
+                if need_w:
+                    grad_w.addmm_(logits.T, h_c)
+            del logits, loss, lse  # free this chunk before the next one is allocated
+        ctx.grads = (grad_h, grad_w)
+        ctx.hidden_shape = hidden.shape
+        return total / denom if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.grads
+        if grad_h is not None:
+            grad_h = (grad_h * grad_out).view(ctx.hidden_shape)
+        if grad_w is not None:
+            grad_w = grad_w * grad_out
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               logit_scale: float = 1.0, softcap: float | None = None,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               chunk_size: int | None = None, impl: str = "auto") -> torch.Tensor:
+    """CE(softcap(s·h·Wᵀ), y) as a scalar; hidden [..., H], weight [V, H], labels [...].
+
+    reduction "mean" (Σℓ/max(n_valid,1), 0 when all ignored) or "sum". chunk_size = rows per
+    chunk (default: chunk × V fp32 ≈ 256 MiB). Gradients for hidden and, when it requires grad,
+    weight are computed in this call; a frozen weight costs no [V, H] buffer.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused loss reduction must be mean or sum, not {reduction!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, not {softcap}")
+    if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, weight "
+                         f"{tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    impl = resolve_impl(impl, hidden.device)
+    rows = chunk_size or default_chunk_rows(weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    return _FusedLinearCE.apply(hidden, weight, labels, float(logit_scale), softcap, ignore_index,
+                                reduction, rows, impl, grad_on and hidden.requires_grad,
+                                grad_on and weight.requires_grad)

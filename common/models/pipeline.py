@@ -1,0 +1,181 @@
+"""The pipeline model of a Config: its layers, which stage holds which, and building one stage.
+
+Pipeline positions: 0 = embedding, 1..N = decoder layers 0..N−1, N+1 = final norm + LM head.
+Stage s holds positions [parts[s], parts[s+1]) with `parts = stage_parts(N, stages)`, the same
+split DeepSpeed makes with partition_method=PARTITION_METHOD (equal numbers of decoder layers).
+
+For cap-train:
+    specs = layer_specs(cfg, dtype, device, loss_fn)     # lazy: DeepSpeed builds only its stage's
+    PipelineModule(layers=specs, num_stages=cfg.pipeline_stages, loss_fn=None,
+                   partition_method=PARTITION_METHOD, activation_checkpoint_interval=1,
+                   checkpointable_layers=["DecoderLayerPipe"])
+Outside DeepSpeed (tests, cap-export verify): `build_pipeline_layers(cfg, dtype, device, stage)`
+gives the modules themselves; running them in order maps (input_ids, control_class) to logits.
+
+Trainable parameters by cfg.mode: control → the control adapters; lora / qlora → the LoRA pairs
+(qlora on a 4-bit base); full → everything. Adapters go only on layers_to_transform (None = all)
+and are initialized from a seed derived from cfg.seed and the layer index, so any split into
+stages gives the same model.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from common.adapters.control import ControlAdapter
+from common.adapters.lora import inject_lora
+from common.config import Config
+from common.errors import CapError
+from common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, LossFn
+from common.models.loading import (ModelSource, load_decoder_layer, load_embedding, load_final_norm,
+                                   load_lm_head, open_model, release_host_memory, rotary_embedding)
+
+PARTITION_METHOD = "type:DecoderLayerPipe"
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def stage_parts(num_layers: int, stages: int) -> list[int]:
+    """Stage boundaries over the N+2 pipeline positions, exactly as DeepSpeed's PARTITION_METHOD."""
+    from deepspeed.runtime.utils import partition_balanced
+    return partition_balanced([0] + [1] * num_layers + [0], stages)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class StageBuilder:
+    """Builds pipeline positions of one model folder under one Config, one at a time."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                 loss_fn: LossFn | None = None, source: ModelSource | None = None):
+        self.cfg, self.dtype, self.device, self.loss_fn = cfg, dtype, torch.device(device), loss_fn
+        self.source = source or open_model(cfg.model_dir)
+        self.num_layers = self.source.num_layers
+        self.trainable_base = cfg.mode == "full"
+        self.tied = bool(getattr(self.source.config, "tie_word_embeddings", False))
+        self._embedding: nn.Embedding | None = None  # kept to tie the LM head to, when both are built here
+        if self.trainable_base and getattr(cfg, "pipeline_stages", 1) > 1 and self.tied:
+            # Each end would train its own copy of the tied matrix (no DeepSpeed TiedLayerSpec yet).
+            raise CapError(f"{cfg.source}: full_fine_tune of a model with tied embeddings ({cfg.model_dir.name}) "
+                           "needs pipeline_stages = 1")
+
+    @functools.cached_property
+    def linear_names(self) -> tuple[str, ...]:
+        """Names (last component) of the nn.Linear modules of an unquantized decoder layer."""
+        family, config = self.source.family, self.source.config
+        with torch.device("meta"):
+            layer = family.cls("layer")(config, 0)
+        return tuple(sorted({n.rpartition(".")[2] for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """cfg.target_modules, by default every linear of the unquantized layer: the same modules
+        with and without 4-bit (whose per-expert linears of fused MoE experts are not targets)."""
+        return self.cfg.target_modules or self.linear_names
+
+    def position_class(self, position: int) -> type[nn.Module]:
+        if position == 0:
+            return EmbeddingPipe
+        return LmHeadPipe if position == self.num_layers + 1 else DecoderLayerPipe
+
+    def build(self, position: int) -> nn.Module:
+        if position == 0:
+            module = self.embedding()
+        elif position == self.num_layers + 1:
+            module = self.head()
+        else:
+            module = self.decoder_layer(position - 1)
+        module = module.to(self.device)
+        if self.device.type != "cpu":
+            release_host_memory()
+        return module
+
+    def embedding(self) -> EmbeddingPipe:
+        family, config = self.source.family, self.source.config
+        embed = load_embedding(self.source, self.dtype).requires_grad_(self.trainable_base)
+        self._embedding = embed
+        return EmbeddingPipe(embed, config.hidden_size ** 0.5 if family.embed_scale else None)
+
+    def head(self) -> LmHeadPipe:
+        family, config = self.source.family, self.source.config
+        norm = load_final_norm(self.source, self.dtype).requires_grad_(self.trainable_base)
+        if self.tied and self._embedding is not None:  # one matrix for both ends of this stage
+            head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+            head.weight = self._embedding.weight
+        else:
+            head = load_lm_head(self.source, self.dtype).requires_grad_(self.trainable_base)
+        return LmHeadPipe(norm, head,
+                          logit_scale=config.logit_scale if family.logit_scale else None,
+                          softcap=config.final_logit_softcapping if family.final_softcap else None,
+                          loss_fn=self.loss_fn)
+
+    def decoder_layer(self, index: int) -> DecoderLayerPipe:
+        cfg, family, config = self.cfg, self.source.family, self.source.config
+        layer = load_decoder_layer(self.source, index, self.dtype, quantize=cfg.load_in_4bit)
+        layer.requires_grad_(self.trainable_base)
+        transformed = cfg.layers_to_transform is None or index in cfg.layers_to_transform
+        adapter = None
+        if transformed and cfg.mode in ("control", "lora", "qlora"):
+            adapter_dtype = ADAPTER_DTYPES[cfg.lora_weight_dtype]
+            with _seeded(cfg.seed * 1_000_003 + index):
+                if cfg.mode == "control":
+                    adapter = ControlAdapter(config.hidden_size, cfg.lora_rank, cfg.alpha, cfg.control_adapter_type,
+                                             cfg.lora_dropout, adapter_dtype)
+                else:
+                    targets = self.lora_targets
+                    if not inject_lora(layer, targets, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, adapter_dtype):
+                        raise CapError(f"{cfg.source}: target_modules = {list(targets)} match no linear module of "
+                                       f"decoder layer {index}; its linear modules: {', '.join(self.linear_names)}")
+        sliding = family.layer_types(config)[index] == "sliding_attention"
+        return DecoderLayerPipe(layer, index, rotary_embedding(self.source), config.sliding_window if sliding else None,
+                                family.attention, adapter, cfg.control_adapter_target, family.writers)
+
+
+def load_stage(cfg: Config, positions: Iterable[int], device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.bfloat16, loss_fn: LossFn | None = None) -> list[nn.Module]:
+    """The modules of the given pipeline positions, built, loaded and moved to `device` one by one.
+
+    Only these positions' tensors are read. With tied embeddings, an LM head built after the
+    embedding by the same builder shares its weight.
+    """
+    builder = StageBuilder(cfg, dtype, device, loss_fn)
+    return [builder.build(p) for p in positions]
+
+
+def build_pipeline_layers(cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                          stage: int | None = None, loss_fn: LossFn | None = None) -> list[nn.Module]:
+    """The layers of pipeline stage `stage` of cfg.pipeline_stages (None: the whole model)."""
+    builder = StageBuilder(cfg, dtype, device, loss_fn)
+    positions = range(builder.num_layers + 2)
+    if stage is not None:
+        parts = stage_parts(builder.num_layers, cfg.pipeline_stages)
+        positions = range(parts[stage], parts[stage + 1])
+    return [builder.build(p) for p in positions]
+
+
+def layer_specs(cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                loss_fn: LossFn | None = None) -> list:
+    """DeepSpeed LayerSpecs of all N+2 positions; building one loads just that position."""
+    from deepspeed.pipe import LayerSpec
+
+    class LoadSpec(LayerSpec):
+        def __init__(self, builder: StageBuilder, position: int):
+            super().__init__(builder.position_class(position))
+            self.builder, self.position = builder, position
+
+        def __repr__(self) -> str:
+            return f"{self.typename.__name__}(position={self.position})"
+
+        def build(self, log: bool = False) -> nn.Module:
+            return self.builder.build(self.position)
+
+    builder = StageBuilder(cfg, dtype, device, loss_fn)
+    return [LoadSpec(builder, p) for p in range(builder.num_layers + 2)]

@@ -1,0 +1,115 @@
+"""cap-prep throughput against the bare tokenizer on the same text.
+
+    python -m benchmarks.bench_prep [--mb 64] [--tokenizer PATH] [--keep DIR]
+
+Generates `--mb` megabytes of English-like documents as .jsonl files, then times
+1. the bare fast tokenizer: `encode_batch_fast` over the documents, already in memory, in batches
+   of cap-prep's size (tokens counted with len(encoding)) — the ceiling;
+2. `cap_prep.prepare(cfg, force=True)`: reading the files, hashing them, tokenizing, packing and
+   writing the shards (the transformers import is done beforehand and not timed).
+and prints tokens/s for both and their ratio (target: cap-prep >= 0.8x the bare tokenizer).
+The tokenizer is the tests' tiny byte-level BPE unless --tokenizer names a folder with one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+import numpy as np  # noqa: E402
+
+
+def make_documents(megabytes: float, seed: int = 0) -> list[str]:
+    from tests.assets import sample_text
+
+    lines = sample_text(5000, seed=seed)
+    rng = np.random.default_rng(seed)
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        doc = " ".join(lines[i] for i in rng.integers(0, len(lines), rng.integers(2, 120)))
+        docs.append(doc)
+        size += len(doc)
+    return docs
+
+
+def model_folder(work: Path, tokenizer: str | None) -> Path:
+    """A folder cap's config accepts as model_dir: the tokenizer's files and a config.json."""
+    folder = work / "model"
+    folder.mkdir()
+    if tokenizer is None:
+        from tests.assets import tiny_tokenizer
+        tiny_tokenizer(folder)
+    else:
+        for f in Path(tokenizer).iterdir():
+            if f.is_file() and (f.name.startswith("tokenizer") or f.suffix in (".model", ".txt")
+                                or f.name in ("special_tokens_map.json", "vocab.json", "config.json")):
+                shutil.copy(f, folder / f.name)
+    if not (folder / "config.json").exists():
+        (folder / "config.json").write_text("{}")
+    return folder
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=64, help="megabytes of generated text (default 64)")
+    ap.add_argument("--tokenizer", default=None, help="folder with a fast tokenizer (default: the tests' tiny one)")
+    ap.add_argument("--sequence-len", type=int, default=2048)
+    ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
+    args = ap.parse_args()
+
+    import transformers
+
+    from cap_prep import build, load_manifest, prepare
+    from common.config import config_from_dict
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench-prep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        model = model_folder(work, args.tokenizer)
+        docs = make_documents(args.mb)
+        data = work / "data"
+        data.mkdir()
+        for i, part in enumerate(np.array_split(np.arange(len(docs)), 8)):
+            with open(data / f"part-{i}.jsonl", "w") as f:
+                f.writelines(json.dumps({"text": docs[j]}) + "\n" for j in part)
+        mb = sum(len(d) for d in docs) / 1e6
+        print(f"text: {mb:.1f} MB in {len(docs):,} documents; cores: {os.cpu_count()}; "
+              f"tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}")
+
+        tok = transformers.AutoTokenizer.from_pretrained(model)
+        encode = tok.backend_tokenizer.encode_batch_fast
+        t0 = time.perf_counter()
+        bare_tokens = 0
+        for i in range(0, len(docs), build.BATCH_DOCS):
+            bare_tokens += sum(len(e) for e in encode(docs[i:i + build.BATCH_DOCS], add_special_tokens=True))
+        bare_s = time.perf_counter() - t0
+
+        raw = {"model_dir": str(model), "output_dir": str(work / "out"), "lr": 1e-4, "lora_rank": 1,
+               "sequence_len": args.sequence_len, "eval_fraction": 0.01,
+               "datasets": [{"dataset_path": str(data / "*.jsonl")}]}
+        cfg = config_from_dict(raw, work / "cfg.toml")
+        t0 = time.perf_counter()
+        folder = prepare(cfg, force=True, quiet=True)
+        prep_s = time.perf_counter() - t0
+        m = load_manifest(folder)
+        prep_tokens = sum(d[s]["tokens"] for d in m["datasets"] for s in ("train", "eval"))
+
+        bare_rate, prep_rate = bare_tokens / bare_s, prep_tokens / prep_s
+        print(f"bare tokenizer (encode_batch_fast, in memory): {bare_tokens:,} tokens in {bare_s:.1f} s = "
+              f"{bare_rate / 1e6:.2f} M tokens/s")
+        print(f"cap-prep (read + hash + tokenize + pack + write): {prep_tokens:,} tokens in {prep_s:.1f} s = "
+              f"{prep_rate / 1e6:.2f} M tokens/s")
+        print(f"ratio cap-prep / bare: {prep_rate / bare_rate:.2f} (target >= 0.8)")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

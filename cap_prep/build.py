@@ -1,0 +1,303 @@
+"""`prepare(cfg)`: the cap-prep pipeline from a config to a published prepared folder.
+
+1. Match the input files, fingerprint them (cache.py) and reuse a complete folder if there is one.
+2. Tokenize each dataset, streaming its files in batches (tokenize.py), into a flat int32 token
+   store on disk next to the shards, plus a small table per document (offset, length).
+   Memory stays O(batch + documents), not O(tokens).
+3. Per dataset, over its non-empty documents in source order (files sorted by path, records in
+   file order): control_class = 0 gives each document +1 or -1 at random; the eval split takes
+   round(eval_fraction * n) whole documents at random (at least 1 when eval_fraction > 0 and the
+   dataset has 2 or more documents; never all of them).
+4. Streams: without mix_datasets, one per dataset, documents in source order, so a sequence holds
+   one dataset's tokens; with mix_datasets, one stream per split, all documents in a seeded random
+   order. Each stream is packed (pack.py); max_sequences then keeps a seeded uniform sample of that
+   many train sequences (in packing order); eval is not capped. Shards are written in stream
+   order (cap-train shuffles); the manifest is written last.
+Every random choice is numpy's default_rng([seed, purpose, dataset]), so reruns are identical.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cap_prep import cache, report
+from cap_prep.pack import DocTable, Packer, Rows
+from cap_prep.shards import FORMAT_VERSION, SPLITS, ShardWriter, load_manifest, write_manifest
+from cap_prep.sources import InputFile, find_files, read_documents
+from cap_prep.tokenize import DocumentEncoder, TokenOptions, load_tokenizer, resolve_options
+from common.errors import CapError
+
+SHARD_BYTES = 256 << 20      # a shard holds at most this many bytes of rows
+CHUNK_BYTES = 32 << 20       # rows packed and written per step
+BATCH_DOCS = 2048            # documents per tokenizer call ...
+BATCH_CHARS = 4_000_000      # ... or this many characters, whichever comes first
+_CLASS, _EVAL, _MIX, _CAP = 1, 2, 3, 4    # purposes of the seeded generators
+
+
+def rng(cfg, purpose: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, purpose, index])
+
+
+def eval_count(n_documents: int, fraction: float) -> int:
+    """Documents held out for eval: round(fraction * n), at least 1 (if fraction > 0, n >= 2), at most n - 1."""
+    if fraction <= 0 or n_documents < 2:
+        return 0
+    return min(n_documents - 1, max(1, math.floor(fraction * n_documents + 0.5)))
+
+
+def _where(cfg, d: int) -> str:
+    return f"{cfg.source}: datasets[{d}]"
+
+
+def find_inputs(cfg) -> list[list[InputFile]]:
+    """The input files of every dataset; CapError for a glob that matches nothing or a bad file type."""
+    return [find_files(ds.dataset_path, f"{_where(cfg, d)}.dataset_path") for d, ds in enumerate(cfg.datasets)]
+
+
+def dataset_folder(cfg) -> Path:
+    """Where the prepared dataset of `cfg` is (or will be), without building anything."""
+    return cfg.prepared_root / cache.fingerprint(cfg, find_inputs(cfg), cache.FileHashes(cfg.prepared_root))
+
+
+def prepare(cfg, *, force: bool = False, quiet: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Build (or reuse) the prepared dataset of `cfg` and return its folder.
+
+    Safe to call from several processes or nodes at once: one builds, the others wait and reuse.
+    Raises CapError for bad inputs, leaving nothing behind.
+    """
+    t0 = time.monotonic()
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    inputs = find_inputs(cfg)
+    hashes = cache.FileHashes(cfg.prepared_root)
+    fp = cache.fingerprint(cfg, inputs, hashes)
+    folder = cfg.prepared_root / fp
+    if not force and cache.is_complete(folder):
+        hashes.save()
+        splits = load_manifest(folder)["splits"]
+        say(f"cap-prep: reusing {folder} (same inputs, tokenizer and settings: {splits['train']['sequences']} train "
+            f"+ {splits['eval']['sequences']} eval sequences; checked in {time.monotonic() - t0:.2f} s)")
+        return folder
+
+    tok = load_tokenizer(cfg.model_dir, cfg.add_prefix_space)
+    options = resolve_options(tok, cfg.sequence_prefix, cfg.mask_tokens, str(cfg.source))
+    if cfg.sequence_len < len(options.prefix) + 1:
+        raise CapError(f"{cfg.source}: sequence_len = {cfg.sequence_len} leaves no room for tokens after the "
+                       f"{len(options.prefix)}-token sequence_prefix (needs at least {len(options.prefix) + 1})")
+    encoders = [DocumentEncoder(tok, options, ds.document_suffix, _where(cfg, d)) for d, ds in enumerate(cfg.datasets)]
+
+    with cache.build_folder(cfg.prepared_root, fp, force, say) as tmp:
+        if tmp is None:
+            return folder
+        say(f"cap-prep: building {folder}")
+        manifest = _build(cfg, inputs, encoders, options, tmp, fp, shard_bytes, quiet)
+    hashes.save()
+    if not quiet:
+        print(report.summary(manifest), flush=True)
+        say(f"cap-prep: wrote {folder} in {time.monotonic() - t0:.1f} s")
+    return folder
+
+
+# ---------------------------------------------------------------- the build
+@dataclass
+class Tokenized:
+    """One dataset after tokenization: its documents' place in the token store."""
+
+    start: np.ndarray    # [n] int64
+    length: np.ndarray   # [n] int64
+    empty: int           # documents skipped as empty
+    files: int
+    bytes: int
+
+
+def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, shard_bytes: int, quiet: bool) -> dict:
+    store_path = tmp / "tokens.tmp"
+    tokenized = []
+    with open(store_path, "wb") as store:
+        for d, files in enumerate(inputs):
+            tokenized.append(_tokenize_dataset(cfg, d, files, encoders[d], store, quiet))
+    store_tokens = np.memmap(store_path, dtype=np.int32, mode="r")
+
+    tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]     # (train, eval) DocTables
+    masked = np.zeros(options.vocab_size, dtype=bool)
+    masked[options.mask] = True
+    splits, per_dataset = {}, [{} for _ in cfg.datasets]
+    for s, split in enumerate(SPLITS):
+        streams = _streams(cfg, [t[s] for t in tables], s)
+        packers = [Packer(store_tokens, docs, cfg.sequence_len, options.prefix, options.pad_id, masked,
+                          cfg.drop_tails) for docs in streams]
+        keep = _cap(cfg, [len(p) for p in packers]) if split == "train" else [None] * len(packers)
+        counts = Counts(len(cfg.datasets), len(options.prefix))
+        writer = ShardWriter(tmp, split, cfg.sequence_len, shard_bytes // (5 * cfg.sequence_len))
+        step = max(1, CHUNK_BYTES // (5 * cfg.sequence_len))
+        for packer, kept in zip(packers, keep):
+            for r0 in range(0, len(packer), step):
+                rows = packer.rows(r0, min(r0 + step, len(packer)))
+                if kept is not None:
+                    rows = rows.select(kept[r0:r0 + step])
+                writer.write(rows.input_ids, rows.control_class)
+                counts.add(rows)
+        splits[split] = counts.split_summary(writer.close(), sum(len(p) for p in packers))
+        for d in range(len(cfg.datasets)):
+            per_dataset[d][split] = counts.dataset_summary(d, len(tables[d][s]))
+    del store_tokens, packers
+    os.remove(store_path)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sequence_len": cfg.sequence_len,
+        "tokenizer": {"name": options.name, "vocab_size": options.vocab_size, "bos_id": options.bos_id,
+                      "eos_id": options.eos_id, "pad_id": options.pad_id,
+                      "files": cache.tokenizer_hashes(cfg.model_dir)},
+        "prefix_ids": options.prefix.tolist(),
+        "mask_ids": options.mask.tolist(),
+        "prep_config": cache.prep_keys(cfg),
+        "datasets": [
+            {"dataset_path": ds.dataset_path, "control_class": ds.control_class,
+             "files": t.files, "bytes": t.bytes, "documents": len(t.length), "empty_documents": t.empty,
+             **per_dataset[d]}
+            for d, (ds, t) in enumerate(zip(cfg.datasets, tokenized))],
+        "splits": splits,
+    }
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEncoder, store, quiet: bool) -> Tokenized:
+    """Stream the dataset's documents through the tokenizer in batches, appending tokens to `store`."""
+    total_bytes = sum(f.size for f in files)
+    offset = store.tell() // 4
+    lengths, counts = [], {"empty": 0, "tokens": 0}
+    batch, chars, read = [], 0, 0
+    in_flight = None     # (future of the tokenizer's encodings, input bytes read up to that batch)
+    # bars only on a terminal (None), so logs and captured output stay clean
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"dataset {d}", disable=True if quiet else None,
+              file=sys.stderr, dynamic_ncols=True) as bar, ThreadPoolExecutor(1) as tokenizer_thread:
+
+        def collect(job):
+            future, read_until = job
+            flat, lens, n_empty = encoder.to_arrays(*future.result())
+            store.write(flat.tobytes())
+            lengths.append(lens)
+            counts["empty"] += n_empty
+            counts["tokens"] += len(flat)
+            bar.update(read_until - bar.n)
+            bar.set_postfix(tokens=f"{counts['tokens']:,}", refresh=False)
+
+        def submit():
+            """Hand the batch to the tokenizer thread; store the previous batch while it works."""
+            nonlocal batch, chars, in_flight
+            previous, in_flight = in_flight, (tokenizer_thread.submit(encoder.encode_texts, batch), read)
+            if previous is not None:
+                collect(previous)
+            batch, chars = [], 0
+
+        done = 0
+        for f in files:
+            for text, nbytes in read_documents(f):
+                batch.append(text)
+                chars += len(text)
+                read += nbytes
+                if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+                    submit()
+            done += f.size
+            read = done
+        submit()
+        collect(in_flight)
+    empty = counts["empty"]
+    length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if len(length) == 0:
+        raise CapError(f"{_where(cfg, d)}: no documents left in '{cfg.datasets[d].dataset_path}' "
+                       f"({len(files)} file(s), {empty} empty document(s))")
+    start = offset + np.cumsum(length) - length
+    return Tokenized(start, length, empty, len(files), total_bytes)
+
+
+def _assign(cfg, d: int, t: Tokenized) -> tuple[DocTable, DocTable]:
+    """Classes per document and the eval split of dataset d: (train, eval) tables in source order."""
+    n = len(t.length)
+    klass = cfg.datasets[d].control_class
+    if klass == 0:
+        classes = rng(cfg, _CLASS, d).choice(np.array([-1, 1], dtype=np.int8), size=n)
+    else:
+        classes = np.full(n, klass, dtype=np.int8)
+    table = DocTable(t.start, t.length, classes, np.full(n, d, dtype=np.int16))
+    is_eval = np.zeros(n, dtype=bool)
+    is_eval[rng(cfg, _EVAL, d).choice(n, eval_count(n, cfg.eval_fraction), replace=False)] = True
+    return table.take(~is_eval), table.take(is_eval)
+
+
+def _streams(cfg, tables: list[DocTable], split: int) -> list[DocTable]:
+    """The document streams of one split: one per dataset, or one shuffled mix of all."""
+    tables = [t for t in tables if len(t)]
+    if not cfg.mix_datasets or not tables:
+        return tables
+    mixed = DocTable.concat(tables)
+    return [mixed.take(rng(cfg, _MIX, split).permutation(len(mixed)))]
+
+
+def _cap(cfg, sizes: list[int]) -> list[np.ndarray | None]:
+    """max_sequences: per stream, a mask of the train sequences kept (a seeded uniform sample)."""
+    total = sum(sizes)
+    if cfg.max_sequences is None or total <= cfg.max_sequences:
+        return [None] * len(sizes)
+    keep = np.zeros(total, dtype=bool)
+    keep[rng(cfg, _CAP).choice(total, cfg.max_sequences, replace=False)] = True
+    bounds = np.cumsum([0] + sizes)
+    return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Counts:
+    """What the manifest reports about the rows written for one split, per dataset and in total."""
+
+    FIELDS = ("sequences", "tokens", "masked_tokens", "dropped_tails", "dropped_tail_tokens")
+
+    def __init__(self, n_datasets: int, prefix_len: int):
+        self.n, self.P = n_datasets, prefix_len
+        self.per = {k: np.zeros(n_datasets, dtype=np.int64) for k in self.FIELDS}
+        self.rows = self.padding = self.positive = self.negative = 0
+
+    def add(self, rows: Rows) -> None:
+        ds, cls = rows.dataset, rows.control_class[:, self.P:]
+        shifted = ds.astype(np.int64) + 1                      # 0 = padding, d + 1 = dataset d
+        tokens = np.bincount(shifted.reshape(-1), minlength=self.n + 1)
+        self.rows += len(ds)
+        self.padding += int(tokens[0])
+        self.per["tokens"] += tokens[1:]
+        self.per["masked_tokens"] += np.bincount(shifted[cls == 0], minlength=self.n + 1)[1:]
+        self.positive += int(np.count_nonzero(cls == 1))
+        self.negative += int(np.count_nonzero(cls == -1))
+        # datasets present in each row: look only where the dataset changes along the row
+        change = np.ones(ds.shape, dtype=bool)
+        change[:, 1:] = ds[:, 1:] != ds[:, :-1]
+        r, c = np.nonzero(change)
+        present = np.zeros((len(ds), self.n + 1), dtype=bool)
+        present[r, shifted[r, c]] = True
+        self.per["sequences"] += present[:, 1:].sum(0)
+        cut = rows.dropped_tails > 0          # the cut document is the row's last body token
+        np.add.at(self.per["dropped_tails"], ds[cut, -1], rows.dropped_tails[cut])
+        np.add.at(self.per["dropped_tail_tokens"], ds[cut, -1], rows.dropped_tokens[cut])
+
+    def dataset_summary(self, d: int, documents: int) -> dict:
+        return {"documents": documents, **{k: int(v[d]) for k, v in self.per.items()}}
+
+    def split_summary(self, shards: list[dict], packed: int) -> dict:
+        return {
+            "sequences": self.rows, "sequences_before_max": packed,
+            "tokens": int(self.per["tokens"].sum()), "masked_tokens": int(self.per["masked_tokens"].sum()),
+            "prefix_tokens": self.rows * self.P, "padding_tokens": self.padding,
+            "loss_tokens": {"+1": self.positive, "-1": self.negative},
+            "dropped_tails": int(self.per["dropped_tails"].sum()),
+            "dropped_tail_tokens": int(self.per["dropped_tail_tokens"].sum()),
+            "shards": shards,
+        }

@@ -1,0 +1,41 @@
+"""cap-prep CONFIG: tokenize and pack the config's [[datasets]] into a prepared folder (README, 'cap-prep')."""
+from __future__ import annotations
+
+import signal
+
+import click
+
+from common.cli import CONFIG_HELP, user_errors
+from common.config import load_config
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds through the cleanup that removes a half-built folder
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="CONFIG: " + CONFIG_HELP)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--add-prefix-space", is_flag=True,
+              help="Tokenize with add_prefix_space (same as add_prefix_space = true in CONFIG).")
+@click.option("--force", is_flag=True, help="Rebuild even if a complete prepared folder exists.")
+@user_errors("cap-prep")
+def main(config, add_prefix_space, force):
+    """Tokenize and pack the [[datasets]] of CONFIG for cap-train.
+
+    CONFIG is the TOML file shared with cap-train and cap-export; the keys cap-prep reads
+    (model_dir, prepared_dir, sequence_len, sequence_prefix, mask_tokens, drop_tails,
+    mix_datasets, max_sequences, eval_fraction, seed and [[datasets]]) are listed in the README's
+    config reference. The result goes to <prepared_dir>/<fingerprint>/ (manifest.json,
+    train-*.arrow, eval-*.arrow); a second run with the same inputs reuses it.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
+    from cap_prep.build import prepare
+
+    cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
+    folder = prepare(cfg, force=force)
+    click.echo(str(folder))
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Packing documents into fixed-length sequences, vectorised with numpy (no loop per token).
+
+A sequence of length L is  prefix [P tokens, class 0] + body [C = L - P tokens].
+The documents of a stream (one dataset, or all datasets with mix_datasets) are laid end to end
+and the stream is cut into bodies of C tokens:
+- without drop_tails a document that does not fit continues in the next sequence;
+- with drop_tails, documents fill a sequence in order; the document that does not fit in the
+  space left is cut there and the rest of it (its tail) is dropped, and the next sequence starts
+  with the next document. A document longer than C thus keeps only its first C tokens.
+So drop_tails is the same cutting over each document's *kept* length (`kept_lengths`).
+The last body of a stream is padded to C with pad_id (class 0). Body tokens carry their
+document's class (+1/-1) unless their id is in mask_tokens (class 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class DocTable:
+    """The documents of one stream, in packing order; their tokens live in a flat token store."""
+
+    start: np.ndarray    # [n] int64 offset of each document in the store
+    length: np.ndarray   # [n] int64 tokens (suffix included)
+    klass: np.ndarray    # [n] int8  +1 / -1
+    dataset: np.ndarray  # [n] int16 index of the dataset it came from
+
+    def take(self, index: np.ndarray) -> "DocTable":
+        return DocTable(self.start[index], self.length[index], self.klass[index], self.dataset[index])
+
+    @staticmethod
+    def concat(tables: list["DocTable"]) -> "DocTable":
+        return DocTable(*(np.concatenate([getattr(t, f) for t in tables]) for f in
+                          ("start", "length", "klass", "dataset")))
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+
+def kept_lengths(length: np.ndarray, capacity: int, drop_tails: bool) -> np.ndarray:
+    """Tokens of each document that go into sequences (all of them unless drop_tails cuts a tail).
+
+    With drop_tails a sequence starting at document i holds documents i..k-1 where k is the first
+    index whose cumulative length reaches capacity; document k-1 is cut to fill it exactly.
+    One Python step per *sequence* follows that chain; the searches are vectorised.
+    """
+    if not drop_tails or len(length) == 0:
+        return length.copy()
+    ends = np.concatenate([[0], np.cumsum(length)])
+    nxt = np.searchsorted(ends, ends[:-1] + capacity, side="left")
+    n = len(length)
+    starts = []
+    i = 0
+    while i < n:
+        starts.append(i)
+        i = int(nxt[i])
+    starts = np.asarray(starts, dtype=np.int64)
+    stops = nxt[starts]
+    full = stops <= n                                # runs that reach capacity (the last may not)
+    starts, stops = starts[full], stops[full]
+    kept = length.copy()
+    kept[stops - 1] = capacity - (ends[stops - 1] - ends[starts])
+    return kept
+
+
+@dataclass
+class Rows:
+    """A block of packed sequences and what the manifest counts about them."""
+
+    input_ids: np.ndarray      # [n, L] int32
+    control_class: np.ndarray  # [n, L] int8
+    dataset: np.ndarray        # [n, C] int16, the dataset of each body token, -1 = padding
+    dropped_tails: np.ndarray  # [n] int64, documents whose tail was dropped at the end of the row
+    dropped_tokens: np.ndarray  # [n] int64, tokens in those tails
+
+    def select(self, keep: np.ndarray) -> "Rows":
+        return Rows(self.input_ids[keep], self.control_class[keep], self.dataset[keep],
+                    self.dropped_tails[keep], self.dropped_tokens[keep])
+
+
+class Packer:
+    """Cuts one stream of documents into sequences; `rows(r0, r1)` builds sequences r0..r1-1."""
+
+    def __init__(self, store: np.ndarray, docs: DocTable, sequence_len: int, prefix: np.ndarray,
+                 pad_id: int, masked: np.ndarray, drop_tails: bool):
+        """store: [T] int32 token store; masked: [vocab] bool, True for ids given class 0."""
+        self.store, self.docs = store, docs
+        self.L, self.prefix, self.pad_id, self.masked = sequence_len, prefix, pad_id, masked
+        self.C = sequence_len - len(prefix)
+        self.kept = kept_lengths(docs.length, self.C, drop_tails)
+        self.ends = np.concatenate([[0], np.cumsum(self.kept)])   # [n+1] stream offsets of documents
+        self.total = int(self.ends[-1])
+
+    def __len__(self) -> int:
+        return -(-self.total // self.C)
+
+    def rows(self, r0: int, r1: int) -> Rows:
+        C, ends, docs = self.C, self.ends, self.docs
+        a, b = r0 * C, min(r1 * C, self.total)
+        n = r1 - r0
+        # documents overlapping stream positions [a, b) and the part of each inside it
+        k0 = int(np.searchsorted(ends, a, side="right")) - 1
+        k1 = int(np.searchsorted(ends, b, side="left"))
+        k = np.arange(k0, k1)
+        lo = np.maximum(a - ends[k], 0)
+        hi = np.minimum(b - ends[k], self.kept[k])
+        count = hi - lo
+        offsets = np.cumsum(count) - count
+        index = np.arange(b - a) + np.repeat(docs.start[k] + lo - offsets, count)
+
+        body = np.full(n * C, self.pad_id, dtype=np.int32)
+        body[: b - a] = self.store[index]
+        klass = np.zeros(n * C, dtype=np.int8)
+        klass[: b - a] = np.repeat(docs.klass[k], count)
+        klass[self.masked[body]] = 0
+        dataset = np.full(n * C, -1, dtype=np.int16)
+        dataset[: b - a] = np.repeat(docs.dataset[k], count)
+
+        P = len(self.prefix)
+        input_ids = np.empty((n, self.L), dtype=np.int32)
+        input_ids[:, :P] = self.prefix
+        input_ids[:, P:] = body.reshape(n, C)
+        control_class = np.zeros((n, self.L), dtype=np.int8)
+        control_class[:, P:] = klass.reshape(n, C)
+
+        # tails dropped by documents whose kept part ends inside these rows
+        dropped = docs.length[k] - self.kept[k]
+        ends_here = (hi == self.kept[k]) & (dropped > 0)
+        row = (ends[k[ends_here] + 1] - 1) // C - r0
+        tails = np.bincount(row, minlength=n).astype(np.int64)
+        tail_tokens = np.bincount(row, weights=dropped[ends_here], minlength=n).astype(np.int64)
+        return Rows(input_ids, control_class, dataset.reshape(n, C), tails, tail_tokens)

@@ -171,6 +171,7 @@ class Config:
     pipeline_stages: int = key(1, integer(1), help="pipeline stages; must divide the world size")
     use_column_major_topology: bool = key(False, boolean, help="place data-parallel peers on the same node (hidden states over NVLink, adapter grads over the network)")
     activation_checkpointing: bool = key(True, boolean, help="cap: recompute each decoder layer in backward")
+    model_dtype: str = key("bfloat16", choice("bfloat16", "float32"), help="cap: dtype of the (non-quantized) base weights")
     # adapters
     use_control_adapters: bool = key(False, boolean, help="train Control Adapters (else LoRA, or full fine-tune)")
     control_adapter_type: str = key("full", choice("full", "symmetrise", "antisymmetrise", "spectral"), help="structure of W'")

@@ -1,0 +1,38 @@
+"""The optimizer: torch-optimi Adam (Kahan summation automatically for bf16 parameters) with
+gradient clipping on the global gradient norm over all pipeline stages:
+
+    g ← g · min(1, c / ‖g‖),  ‖g‖² = Σ_stages Σ_params ‖g_p‖²   (accumulated in float64)
+
+DeepSpeed's own clipping does not combine the stages' norms and does not report the norm, so
+DeepSpeed gets gradient_clipping = 0 and this optimizer clips (and remembers ‖g‖) in step().
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from optimi import Adam
+
+
+class ClippedAdam(Adam):
+    def __init__(self, params, *, max_grad_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.pipe_group = None  # set once DeepSpeed has built its process groups
+        self.grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            sq += g.double().square().sum()
+        if dist.is_initialized():
+            dist.all_reduce(sq, group=self.pipe_group)
+        norm = sq.sqrt()
+        self.grad_norm = float(norm)
+        if self.max_grad_norm > 0 and self.grad_norm > self.max_grad_norm:
+            coef = self.max_grad_norm / (self.grad_norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        return super().step(closure)

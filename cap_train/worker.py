@@ -1,0 +1,316 @@
+"""One cap-train process (started by DeepSpeed's launcher): build this rank's pipeline stage,
+train, evaluate, checkpoint, and write the final adapters.
+
+The loop, per optimizer step t (1-based):
+    loss_t = engine.train_batch(gradient_accumulation_steps micro batches of this rank's order)
+    Adam step (inside DeepSpeed, gradient clipping), then the decoupled regularization step
+    evals at evals_per_run evenly spaced steps (0 and the last included),
+    a checkpoint every checkpoint_interval_hours and at each epoch end.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cap_train.checkpoint import Checkpoints, load_rng, save_rng, write_json_atomic
+from cap_train.data import Batches, prepared_splits
+from cap_train.loss import PipelineLoss
+from cap_train.metrics import Metrics
+from cap_train.optim import ClippedAdam
+from cap_train.order import TrainOrder
+from cap_train.outputs import adapter_tensors, adapter_norms, write_epoch_output
+from cap_train.schedule import lr_lambda
+from common.adapters.regularize import regularize_model_
+from common.config import Config, load_config
+from common.errors import CapError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far: CUDA allocator peak, or host peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return {"memory/peak_cuda_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+    import resource
+    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def eval_steps(evals_per_run: int, total_steps: int) -> set[int]:
+    """Evenly spaced eval steps including 0 (before any update) and the last."""
+    if evals_per_run <= 0:
+        return set()
+    if evals_per_run == 1 or total_steps == 0:
+        return {0}
+    return {round(i * total_steps / (evals_per_run - 1)) for i in range(evals_per_run)}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool):
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology
+        from common.models.pipeline import PARTITION_METHOD, layer_specs
+
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_world = cfg.check_world_size(self.world)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+
+        self.train_rows, self.eval_rows, self.manifest = prepared_splits(cfg, self.rank)
+        if cfg.use_column_major_topology:  # pipeline stages of one replica on neighbouring ranks
+            topology = ProcessTopology(axes=["data", "pipe"], dims=[self.dp_world, cfg.pipeline_stages])
+        else:
+            topology = PipeDataParallelTopology(num_pp=cfg.pipeline_stages, num_dp=self.dp_world)
+        coord = topology.get_coord(self.rank)
+        self.stage, self.dp_rank = coord.pipe, coord.data
+
+        torch.manual_seed(cfg.seed)
+        self.loss = PipelineLoss()
+        model = PipelineModule(layers=layer_specs(cfg, DTYPES[cfg.model_dtype], self.device, loss_fn=self.loss),
+                               topology=topology, loss_fn=None, partition_method=PARTITION_METHOD,
+                               activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
+                               checkpointable_layers=["DecoderLayerPipe"])
+        self.model = model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+
+        self.order = TrainOrder(len(self.train_rows), self.dp_rank, self.dp_world, cfg.seed,
+                                cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+        if self.order.steps_per_epoch == 0:
+            raise CapError(f"{cfg.source}: {len(self.train_rows)} training sequences are fewer than one step needs "
+                           f"(micro_batch_size × gradient_accumulation_steps × data-parallel = "
+                           f"{self.order.rows_per_step * self.dp_world})")
+        total = self.order.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+
+        optimizer = ClippedAdam(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False,
+                                max_grad_norm=cfg.max_grad_norm)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.dp_world,
+            "gradient_clipping": 0.0,  # ClippedAdam clips on the norm over all stages
+            "steps_per_print": 2 ** 62,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, model_parameters=trainable)
+        optimizer.pipe_group = self.engine.grid.get_pipe_parallel_group()
+        self.optimizer = optimizer
+        self.ckpts = Checkpoints(cfg.output_dir, cfg.max_checkpoints)
+        self.batches = Batches(self.train_rows, self.device)
+        self.step, self.epoch, self.step_in_epoch, self.tokens = 0, 0, 0, 0
+        if resume:
+            self.resume()
+
+    # ---------------------------------------------------------------- state
+    def resume(self) -> None:
+        import json
+        path = self.ckpts.newest()
+        if path is None:
+            if self.rank == 0:
+                print(f"cap-train: no complete checkpoint in {self.ckpts.root}; starting from scratch", file=sys.stderr)
+            return
+        self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = json.loads((path / "state.json").read_text())
+        self.step, self.epoch, self.step_in_epoch, self.tokens = (state["step"], state["epoch"],
+                                                                  state["step_in_epoch"], state["tokens"])
+        load_rng(path, self.rank)
+        if self.rank == 0:
+            print(f"cap-train: resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def save_checkpoint(self) -> None:
+        tmp = self.ckpts.tmp_dir(self.step)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
+        save_rng(tmp, self.rank)
+        dist.barrier()
+        if self.rank == 0:
+            self.ckpts.publish(self.step, {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                                           "tokens": self.tokens, "total_steps": self.total_steps})
+        dist.barrier()
+
+    # ---------------------------------------------------------------- eval
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean eval loss overall and per class, over every whole eval batch."""
+        cfg = self.cfg
+        per_batch = self.dp_world * cfg.micro_batch_size * cfg.eval_accumulation
+        n_batches = len(self.eval_rows) // per_batch
+        stats = torch.zeros(6, dtype=torch.float64)
+        if n_batches == 0:
+            return {}
+        batches = Batches(self.eval_rows, self.device)
+        self.loss.eval_stats = True
+        try:
+            for b in range(n_batches):
+                start = b * per_batch + self.dp_rank * cfg.micro_batch_size * cfg.eval_accumulation
+                rows = [list(range(start + m * cfg.micro_batch_size, start + (m + 1) * cfg.micro_batch_size))
+                        for m in range(cfg.eval_accumulation)]
+                self.engine.total_loss = None  # DeepSpeed would add our stats vector to the last train loss
+                out = self.engine.eval_batch(iter(batches.micro(r) for r in rows), compute_loss=True,
+                                             reduce_output="avg", bcast_loss=False,
+                                             num_micro_batches=cfg.eval_accumulation)
+                if self.engine.is_last_stage():
+                    stats += out.detach().double().cpu()
+        finally:
+            self.loss.eval_stats = False
+        dist.all_reduce(stats)  # only last-stage ranks contribute; the ratios below cancel the scale
+        out = {}
+        for name, (s, n) in {"all": (0, 1), "class+1": (2, 3), "class-1": (4, 5)}.items():
+            if stats[n] > 0:
+                out[f"eval/loss_{name}"] = float(stats[s] / stats[n])
+        return out
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> None:
+        cfg = self.cfg
+        metrics = Metrics(cfg.output_dir, self.rank == 0, self.total_steps, self.step)
+        evals = eval_steps(cfg.evals_per_run, self.total_steps)
+        tokens_per_step = cfg.sequence_len * self.order.rows_per_step * self.dp_world
+        last_ckpt = time.time()
+        if self.step == 0 and 0 in evals:
+            metrics.scalars(0, self.evaluate())
+        micro = None
+        while self.step < self.total_steps:
+            if micro is None:
+                micro = self.batches.iterate(self.order, self.epoch, self.step_in_epoch)
+            t0 = time.time()
+            rows = self.order.rows(self.epoch)[self.step_in_epoch].reshape(-1)
+            lr = self.engine.get_lr()[0]  # the lr of this step (the scheduler advances inside train_batch)
+            loss = float(self.engine.train_batch(data_iter=micro))
+            reg = regularize_model_(self.model, lr, cfg)
+            self.step += 1
+            self.step_in_epoch += 1
+            self.tokens += tokens_per_step
+            self.check_finite(loss)
+            dt = time.time() - t0
+            values = {"train/loss": loss, "train/grad_norm": self.optimizer.grad_norm, "train/lr": lr, "train/tokens_per_s": tokens_per_step / dt,
+                      # which rows this rank read, position-weighted: resume tests compare it
+                      "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum())}
+            values.update(peak_memory())
+            values.update(self.gather_norms(reg))
+            if self.step in evals:
+                values.update(self.evaluate())
+            metrics.scalars(self.step, values)
+            metrics.progress(self.step, loss, tokens_per_step / dt, lr)
+            epoch_end = self.step_in_epoch == self.order.steps_per_epoch
+            if epoch_end:
+                self.epoch += 1
+                self.step_in_epoch = 0
+                micro = None
+            done = self.step == self.total_steps
+            if epoch_end or done:
+                self.write_adapters(self.epoch if epoch_end else self.epoch + 1)
+            if epoch_end or self.time_for_checkpoint(last_ckpt):
+                self.save_checkpoint()
+                last_ckpt = time.time()
+        metrics.close()
+
+    def time_for_checkpoint(self, last: float) -> bool:
+        """Rank 0's clock decides, so every rank agrees."""
+        flag = torch.tensor([float(time.time() - last >= self.cfg.checkpoint_interval_hours * 3600)])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def check_finite(self, loss: float) -> None:
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+        for p in self.model.parameters():
+            if p.requires_grad and not torch.isfinite(p).all():
+                bad += 1
+                break
+        dist.all_reduce(bad)
+        if bad.item():
+            last = self.ckpts.newest()
+            raise CapError(f"non-finite {'loss' if not math.isfinite(loss) else 'weights'} at step {self.step}; "
+                           f"stopped without saving. Last good checkpoint: {last or 'none'} "
+                           "(lower lr and resume with --resume-from-checkpoint)")
+
+    def gather_norms(self, reg: dict) -> dict[str, float]:
+        """Per-layer adapter norms and regularization size, from every stage to rank 0."""
+        local = {}
+        if self.dp_rank == 0:
+            local = adapter_norms(self.model)
+            if self.cfg.lora_weight_decay > 0 or self.cfg.lora_max_norm > 0:
+                for name, s in reg.items():  # names start with the pipeline position = layer index + 1
+                    position, _, rest = name.partition(".")
+                    local[f"reg/removed/layer{int(position) - 1:03d}.{rest}"] = float(s["removed"])
+        everything = [None] * self.world
+        dist.all_gather_object(everything, local)
+        merged = {}
+        for d in everything:
+            merged.update(d)
+        return merged
+
+    def write_adapters(self, epoch: int) -> None:
+        folder = Path(self.cfg.output_dir) / f"epoch{epoch}"
+        part_dir = folder.with_name(folder.name + ".parts")
+        if self.rank == 0:
+            shutil.rmtree(part_dir, ignore_errors=True)
+            part_dir.mkdir(parents=True)
+        dist.barrier()
+        if self.dp_rank == 0:
+            from safetensors.torch import save_file
+            save_file(adapter_tensors(self.model, self.cfg), str(part_dir / f"stage{self.stage}.safetensors"))
+        dist.barrier()
+        if self.rank == 0:
+            write_epoch_output(self.cfg, part_dir, folder)
+            shutil.rmtree(part_dir, ignore_errors=True)
+            print(f"cap-train: wrote {folder}", file=sys.stderr)
+        dist.barrier()
+
+
+def run(config: str, resume: bool, add_prefix_space: bool) -> None:
+    import deepspeed
+    cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
+    # A long timeout: rank 0 may be preparing a large dataset while the others wait.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=datetime.timedelta(hours=4))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    trainer = Trainer(cfg, resume)
+    if dist.get_rank() == 0:
+        trainer.ckpts.clean_stale()
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cfg.source, Path(cfg.output_dir) / "config.toml")
+    trainer.train()
+    if dist.get_rank() == 0:
+        write_json_atomic(Path(cfg.output_dir) / "summary.json",
+                          {"steps": trainer.step, "tokens": trainer.tokens, "epochs": trainer.epoch})
+        print(f"cap-train: done — {trainer.step} steps, {trainer.tokens:,} tokens; outputs in {cfg.output_dir}",
+              file=sys.stderr)
+    # barrier before teardown: without it gloo can abort at exit
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="cap_train.worker")
+    parser.add_argument("config")
+    parser.add_argument("--resume-from-checkpoint", action="store_true")
+    parser.add_argument("--add-prefix-space", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        run(args.config, args.resume_from_checkpoint, args.add_prefix_space)
+    except CapError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"cap-train: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""cap-train end to end on tiny models, through the real CLI and DeepSpeed's launcher (gloo on CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cap_train.order import TrainOrder
+from cap_train.schedule import lr_at
+from cap_train.worker import eval_steps
+from tests.assets import sample_text
+
+CAP_TRAIN = [sys.executable, "-m", "cap_train.cli"]
+
+
+def write_config(folder: Path, model: Path, **keys) -> Path:
+    """A config over two small datasets (+1 and −1 when control adapters are on)."""
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    lines = sample_text(240, seed=5)
+    (data / "pos.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3]).upper()}) + "\n"
+                                            for i in range(0, 120, 3)))
+    (data / "neg.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n"
+                                            for i in range(120, 240, 3)))
+    control = keys.get("use_control_adapters", False)
+    base = dict(model_dir=str(model), output_dir=str(folder / "out"), lr=2e-3, sequence_len=32, lora_rank=4,
+                gradient_accumulation_steps=2, micro_batch_size=2, eval_fraction=0.2, evals_per_run=3,
+                model_dtype="float32", seed=7, max_grad_norm=1.0, warmup="none")
+    base.update(keys)
+    toml = "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n" for k, v in base.items())
+    toml += f"[[datasets]]\ndataset_path = 'data/pos.jsonl'\ncontrol_class = 1\n"
+    toml += f"[[datasets]]\ndataset_path = 'data/neg.jsonl'\ncontrol_class = {-1 if control else 1}\n"
+    path = folder / "cfg.toml"
+    path.write_text(toml)
+    return path
+
+
+def run_train(cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=600) -> subprocess.CompletedProcess:
+    port = port or 29500 + (os.getpid() % 500) + procs * 7
+    out = subprocess.run(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(port), *extra],
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(out_dir: Path) -> dict[int, dict]:
+    """Last record per step of metrics.jsonl (a resumed run may redo steps)."""
+    rows = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rows.setdefault(rec["step"], {}).update(rec)
+    return rows
+
+
+# ---------------------------------------------------------------- fast unit tests
+def test_rms_ratio_warmup_and_cosine():
+    assert lr_at(1, 100, lr=1.0, beta2=0.99) == pytest.approx(((1 - 0.99) / (1 + 0.99)) ** 0.5)
+    assert lr_at(10_000, 20_000, lr=1.0, beta2=0.99) == pytest.approx(1.0)
+    # linear warmup over 10 of 100 steps, then cosine to min_lr
+    kw = dict(lr=1.0, beta2=0.99, warmup="linear", warmup_fraction=0.1, lr_scheduler="cosine", min_lr=0.1)
+    assert lr_at(5, 100, **kw) == pytest.approx(0.5)
+    assert lr_at(10, 100, **kw) == pytest.approx(1.0)
+    assert lr_at(55, 100, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 100, **kw) == pytest.approx(0.1)
+
+
+def test_order_is_a_partition_reshuffled_per_epoch():
+    orders = [TrainOrder(103, r, 3, seed=1, micro_batch_size=2, accumulation=4) for r in range(3)]
+    e0 = [o.rows(0) for o in orders]
+    assert all(r.shape == (4, 4, 2) for r in e0)  # 103 // (3·8) = 4 steps
+    flat = torch.tensor(sorted(int(i) for r in e0 for i in r.reshape(-1)))
+    assert len(set(flat.tolist())) == 96 and flat.max() < 103  # disjoint ranks
+    assert not (orders[0].rows(1) == e0[0]).all()  # reshuffled
+    assert (orders[0].rows(0) == TrainOrder(103, 0, 3, 1, 2, 4).rows(0)).all()  # deterministic
+    resumed = [tuple(r) for _, r in orders[1].micro_batches(0, start_step=2)]
+    assert resumed == [tuple(r) for r in e0[1][2:].reshape(-1, 2)]
+
+
+def test_eval_steps_include_first_and_last():
+    assert eval_steps(11, 100) == {0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100}
+    assert eval_steps(2, 7) == {0, 7}
+    assert eval_steps(0, 7) == set()
+
+
+# ---------------------------------------------------------------- end to end (slow)
+@pytest.mark.slow
+def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
+    """1 process and 2 processes × 2 stages give the same losses; losses fall; adapters help both classes."""
+    model = tiny_model_dir("llama")
+    runs = {}
+    for procs, stages in ((1, 1), (2, 2)):
+        cfg = write_config(tmp_path / f"p{procs}", model, use_control_adapters=True, pipeline_stages=stages,
+                           epochs=2, lr=5e-3, activation_checkpointing=stages == 2)
+        run_train(cfg, procs)
+        runs[procs] = metrics(tmp_path / f"p{procs}" / "out")
+    one, two = runs[1], runs[2]
+    steps = sorted(s for s in one if s > 0)
+    assert len(steps) >= 6
+    l1 = [one[s]["train/loss"] for s in steps]
+    l2 = [two[s]["train/loss"] for s in steps]
+    assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    first, last = one[0], one[steps[-1]]
+    assert last["eval/loss_class+1"] < first["eval/loss_class+1"]
+    assert last["eval/loss_class-1"] < first["eval/loss_class-1"]
+    assert sum(l1[-3:]) < sum(l1[:3])
+    # outputs: final adapter in the DESIGN key layout, config beside it
+    out = tmp_path / "p1" / "out"
+    tensors = load_file(str(out / "epoch2" / "adapter_model.safetensors"))
+    assert set(tensors) == {f"base_model.model.model.layers.{i}.control_{x}.weight" for i in range(4) for x in "AB"}
+    conf = json.loads((out / "epoch2" / "adapter_config.json").read_text())
+    assert conf["control_adapter_type"] == "full" and conf["r"] == 4
+    # TensorBoard has the named scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss_all",
+                "eval/loss_class+1", "eval/loss_class-1", "adapter/frobenius/layer000", "adapter/spectral/layer003"):
+        assert tag in tags
+
+
+def _wait_for(pred, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+RESUME_KEYS = dict(use_control_adapters=True, epochs=2, max_steps=14, lora_dropout=0.1,
+                   checkpoint_interval_hours=0.0001, evals_per_run=0, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    """The reference: the same run without interruption."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run_train(write_config(folder, tiny_model_dir("llama"), **RESUME_KEYS))
+    return folder / "out"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["after_checkpoint", "during_checkpoint"])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, uninterrupted, kill_at):
+    """kill -9 mid-run (also mid-checkpoint-write), resume: same weights bit for bit, same data read."""
+    cfg = write_config(tmp_path, tiny_model_dir("llama"), **RESUME_KEYS)
+    ckpts = tmp_path / "out" / "checkpoints"
+    port = 29500 + (os.getpid() % 400) + 50
+    proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--master-port", str(port)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if kill_at == "after_checkpoint":
+        seen = _wait_for(lambda: len(list(ckpts.glob("step*"))) >= 2, proc)
+    else:
+        seen = _wait_for(lambda: any(ckpts.glob(".tmp-step*")) and any(ckpts.glob("step*")), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert seen, "the run ended before the kill point"
+    run_train(cfg, 1, "--resume-from-checkpoint", port=port + 1)
+    name = "epoch1/adapter_model.safetensors"
+    a, b = load_file(str(uninterrupted / name)), load_file(str(tmp_path / "out" / name))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref, got = metrics(uninterrupted), metrics(tmp_path / "out")
+    assert sorted(ref) == sorted(got) == list(range(1, 15))
+    for s in ref:
+        assert ref[s]["data/rows_checksum"] == got[s]["data/rows_checksum"]
+        assert ref[s]["train/loss"] == got[s]["train/loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_lora_qlora_full_fine_tune_outputs_load(tmp_path, tiny_model_dir, mode):
+    import transformers
+    model = tiny_model_dir("llama")
+    keys = {"lora": {}, "qlora": {"load_in_4bit": True, "model_dtype": "bfloat16"},
+            "full": {"full_fine_tune": True, "lr": 1e-4}}[mode]
+    cfg = write_config(tmp_path, model, max_steps=3, evals_per_run=2, **keys)
+    run_train(cfg)
+    out = tmp_path / "out"
+    rec = metrics(out)
+    assert all(torch.isfinite(torch.tensor(rec[s]["train/loss"])) for s in (1, 2, 3))
+    folder = out / "epoch1"
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    ids = torch.tensor([[0, 5, 9, 33, 70, 2]])
+    if mode == "full":
+        tuned = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert not torch.equal(tuned(ids).logits, base(ids).logits)
+    else:
+        from peft import PeftModel
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, folder)
+        assert tuned(ids).logits.shape == before.shape
+        assert not torch.allclose(tuned(ids).logits, before)
+
+
+@pytest.mark.slow
+def test_bad_config_and_non_finite_loss_stop_cleanly(tmp_path, tiny_model_dir):
+    model = tiny_model_dir("llama")
+    cfg = write_config(tmp_path, model, use_control_adapters=True, pipeline_stages=2)
+    out = run_train(cfg, 1, check=False)
+    assert out.returncode == 2 and "pipeline_stages = 2 must divide the world size" in out.stderr
+    # A base whose embeddings are NaN: the first loss is NaN, and the run must stop, not train on.
+    import shutil
+    from safetensors.torch import save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.embed_tokens.weight"][:] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    cfg = write_config(tmp_path / "nan", broken, use_control_adapters=True, evals_per_run=0)
+    out = run_train(cfg, 1, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "non-finite loss at step 1; stopped without saving. Last good checkpoint: none" in out.stderr
+    assert not list((tmp_path / "nan" / "out").glob("epoch*"))

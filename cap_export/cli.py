@@ -1,7 +1,62 @@
 """cap-export: convert, merge, verify and GGUF-export trained adapters (see README, 'cap-export')."""
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+
 import click
+
+from common.cli import user_errors
+
+PROG = "cap-export"
+_path = click.Path(path_type=Path)
+_exists = click.Path(exists=True, path_type=Path)
+
+
+def _note(message: str) -> None:
+    click.echo(f"{PROG}: note: {message}", err=True)
+
+
+def _compat(cohere: bool, mixtral: int | None, where: str = "BASE/config.json") -> None:
+    if cohere or mixtral:
+        flag = "--cohere" if cohere else f"--mixtral {mixtral}"
+        _note(f"{flag} is not needed and is ignored: the model family is read from {where}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _direction(inverse: bool, exact_inverse: bool, adapter_type: str) -> str:
+    """--inverse: class −1 exactly as trained (−W' for full / symmetrise / antisymmetrise, the
+    exact inverse for spectral); --exact-inverse: (I + W')⁻¹ − I for every type (Woodbury)."""
+    from common.errors import CapError
+    if inverse and exact_inverse:
+        raise CapError("--inverse and --exact-inverse exclude each other")
+    if exact_inverse:
+        return "inverse"
+    if inverse:
+        return "inverse" if adapter_type == "spectral" else "negate"
+    return "forward"
+
+
+def _direction_words(direction: str) -> str:
+    return {"forward": "class +1 (I + W')", "inverse": "class −1, exact inverse (I + W')⁻¹",
+            "negate": "class −1 as trained, I − W'"}[direction]
+
+
+force_option = click.option("--force", is_flag=True, help="replace OUT if it exists and is not empty")
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                            show_default=True, help="dtype of the saved LoRA tensors")
+inverse_option = click.option("--inverse", is_flag=True,
+                              help="class −1 as trained: −W' (full/symmetrise/antisymmetrise) or the exact inverse (spectral)")
+exact_inverse_option = click.option("--exact-inverse", is_flag=True,
+                                    help="the exact inverse (I + W')⁻¹ − I for any type (Woodbury; spectral: closed form)")
+cohere_option = click.option("--cohere", is_flag=True,
+                             help="accepted for qlora-pipe-lite compatibility; the family comes from config.json")
+mixtral_option = click.option("--mixtral", type=int, default=None, metavar="N",
+                              help="accepted for qlora-pipe-lite compatibility; the family comes from config.json")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,7 +69,224 @@ def main():
     additive BASE CKPT OUT             standard PEFT LoRA (exact at the adapter's rank)
     merge BASE LORA OUT                full model folder with the LoRA merged in
     gguf LORA OUT --base BASE          GGUF LoRA adapter for llama.cpp
-    verify BASE ADAPTER                max |Δlogit| and KL between trained and exported forms
+    verify BASE ADAPTER [EXPORTED]     max |Δlogit| and KL between trained and exported forms
 
     Run `cap-export COMMAND --help` for each; the README's 'cap-export' section explains the math.
     """
+
+
+@main.command()
+@click.argument("ckpt", type=_path)
+@click.argument("out", type=_path)
+@click.option("--base", "base_dir", type=_path, default=None,
+              help="base model folder (config.json is enough); names the writers (Mixtral experts) and checks shapes")
+@inverse_option
+@exact_inverse_option
+@dtype_option
+@force_option
+@cohere_option
+@mixtral_option
+@user_errors(PROG)
+def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, cohere, mixtral):
+    """Control Adapter CKPT → multiplicative LoRA in OUT (lossless).
+
+    On every residual writer M (o_proj, down_proj, each Mixtral expert's w2): lora_A = V [k,H],
+    lora_B = U [H,k] with U·V = W' (scale folded in as √s on each factor; symmetrised types as
+    exact rank-2r factors). Merge with `cap-export merge --multiplicative`: M ← M + B·(A·M).
+    """
+    from cap_export import convert
+    from cap_export.inputs import Base, check_fits, family_without_base, load_control, writer_keys
+
+    start = time.time()
+    control = load_control(ckpt)
+    direction = _direction(inverse, exact_inverse, control.adapter_type)
+    if base_dir is not None:
+        _compat(cohere, mixtral)
+        base = Base(base_dir, need_weights=False)
+        check_fits(control, base)
+        family, config, how = base.family, base.config, f"family {base.family.model_type} from {base_dir}/config.json"
+    else:
+        family, config, how = family_without_base(control.config, control.hidden_size, mixtral, cohere)
+    converted = convert.multiplicative(control, writer_keys(family, config), family.model_type, direction, dtype,
+                                       str(Path(base_dir).resolve()) if base_dir else "")
+    convert.save(converted, out, force)
+    click.echo(f"{PROG} multiplicative: {converted.modules} modules on {len(control.layers)} layers, rank "
+               f"{converted.rank}, {_direction_words(direction)}, {dtype} ({how}) → {out} "
+               f"[{time.time() - start:.1f} s]")
+
+
+@main.command()
+@click.argument("base_dir", metavar="BASE", type=_path)
+@click.argument("ckpt", type=_path)
+@click.argument("out", type=_path)
+@inverse_option
+@exact_inverse_option
+@click.option("--rank", type=int, default=None,
+              help="truncate each ΔM to its best rank-R approximation (thin SVD of the factors)")
+@dtype_option
+@force_option
+@cohere_option
+@mixtral_option
+@user_errors(PROG)
+def additive(base_dir, ckpt, out, inverse, exact_inverse, rank, dtype, force, cohere, mixtral):
+    """Control Adapter CKPT → standard PEFT LoRA in OUT, for the base model BASE.
+
+    For each writer weight M: ΔM = W'·M = U·(V·M), stored as lora_B = U, lora_A = V·M with PEFT
+    scaling 1. Exact at the adapter's rank (r, or 2r for symmetrised types); no SVD unless --rank.
+    """
+    from cap_export import convert
+    from cap_export.inputs import Base, approximation_note, check_fits, load_control
+
+    start = time.time()
+    _compat(cohere, mixtral)
+    control = load_control(ckpt)
+    direction = _direction(inverse, exact_inverse, control.adapter_type)
+    base = Base(base_dir)
+    check_fits(control, base)
+    converted = convert.additive(control, base, direction, rank, dtype)
+    convert.save(converted, out, force)
+    note = approximation_note(control.target, base.family)
+    if note:
+        _note(note)
+    full_rank = control.rank * (2 if control.adapter_type in ("symmetrise", "antisymmetrise") else 1)
+    exact = "exact" if rank is None or rank >= full_rank else f"truncated from {full_rank}"
+    click.echo(f"{PROG} additive: {converted.modules} modules on {len(control.layers)} layers of a "
+               f"{base.family.model_type} model, rank {converted.rank} ({exact}), {_direction_words(direction)}, "
+               f"{dtype} → {out} [{time.time() - start:.1f} s]")
+
+
+@main.command()
+@click.argument("base_dir", metavar="BASE", type=_path)
+@click.argument("lora_dir", metavar="LORA", type=_path)
+@click.argument("out", type=_path)
+@click.option("--multiplicative", "multiplicative_flag", is_flag=True,
+              help="merge as M ← M + s·B·(A·M) (automatic for LoRAs marked multiplicative)")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="factor F on the LoRA: M ← M + F·s·B·A")
+@force_option
+@cohere_option
+@mixtral_option
+@user_errors(PROG)
+def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mixtral):
+    """Merge LORA into BASE, writing a full model folder OUT (same shards, dtypes and files).
+
+    Works one tensor at a time: memory stays well under one shard.
+    """
+    from cap_export import merge as merging
+    from cap_export.inputs import Base, folder_size, load_lora, staged_output
+
+    start = time.time()
+    _compat(cohere, mixtral)
+    base = Base(base_dir)
+    lora = load_lora(lora_dir)
+    multiplicative_mode, note = merging.merge_mode(lora, multiplicative_flag)
+    if note:
+        _note(note)
+    with staged_output(out, force) as tmp:
+        summary = merging.merge(base, lora, tmp, multiplicative_mode, scale)
+    click.echo(f"{PROG} merge: {summary['modules']} LoRA modules into {summary['tensors']} tensors of "
+               f"{summary['shards']} shard(s), {'multiplicative' if multiplicative_mode else 'additive'}, "
+               f"scale {scale:g}; copied {', '.join(summary['copied']) or 'no other files'} → {out} "
+               f"({_mib(folder_size(out))}) [{time.time() - start:.1f} s]")
+
+
+@main.command()
+@click.argument("lora_dir", metavar="LORA", type=_path)
+@click.argument("out", type=_path)
+@click.option("--base", "base_dir", type=_path, required=True, help="base model folder (its config.json)")
+@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+              help="GGUF tensor type of lora_a / lora_b")
+@force_option
+@user_errors(PROG)
+def gguf(lora_dir, out, base_dir, outtype, force):
+    """PEFT LoRA folder LORA → GGUF LoRA adapter file OUT for llama.cpp (`--lora OUT`)."""
+    from cap_export.gguf_export import export_gguf
+    from cap_export.inputs import Base, load_lora, staged_output
+
+    start = time.time()
+    base = Base(base_dir, need_weights=False)
+    lora = load_lora(lora_dir)
+    with staged_output(out, force, is_file=True) as tmp_file:
+        summary = export_gguf(lora, base, tmp_file, outtype)
+    click.echo(f"{PROG} gguf: {summary['tensors']} tensors, architecture {summary['architecture']}, "
+               f"alpha {summary['alpha']:g}, {outtype} → {out} ({_mib(Path(out).stat().st_size)}) "
+               f"[{time.time() - start:.1f} s]")
+
+
+@main.command()
+@click.argument("base_dir", metavar="BASE", type=_path)
+@click.argument("adapter", type=_path)
+@click.argument("exported", type=_path, required=False)
+@click.option("--inverse", is_flag=True, help="class −1 as trained (see additive --inverse)")
+@click.option("--exact-inverse", is_flag=True, help="class −1 compared with an exact-inverse export")
+@click.option("--rank", type=int, default=None, help="with no EXPORTED: convert at this rank (see additive --rank)")
+@click.option("--text", "text_file", type=_exists, default=None,
+              help="sample text, one sample per non-empty line (default: a few built-in sentences)")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="tokens per sample at most")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="largest acceptable max |Δlogit|; above it the exit code is 1")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default="float32",
+              show_default=True, help="dtype both models run in")
+@user_errors(PROG)
+def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file, max_tokens, tolerance, dtype):
+    """Run BASE with the adapter as trained and as exported; print max |Δlogit| and mean KL.
+
+    ADAPTER is the Control Adapter (epoch<N>/ or checkpoint) and EXPORTED its export: a PEFT LoRA
+    folder or a merged model folder. Without EXPORTED, ADAPTER is converted to an additive LoRA
+    now (--inverse / --exact-inverse / --rank as for `additive`); an export made by cap-export may also
+    be given alone as ADAPTER (it records its source). Exit code 1 when max |Δlogit| > --tolerance.
+    """
+    import tempfile
+
+    from cap_export import convert
+    from cap_export import verify as verifying
+    from cap_export.inputs import Base, approximation_note, check_fits, load_control, read_provenance
+
+    start = time.time()
+    control_dir, exported = verifying.resolve(adapter, exported)
+    control = load_control(control_dir)
+    base = Base(base_dir)
+    check_fits(control, base)
+    record = read_provenance(exported) if exported is not None else {}
+    if inverse or exact_inverse:
+        direction = _direction(inverse, exact_inverse, control.adapter_type)
+    else:
+        direction = record.get("direction") or "forward"
+    texts = list(verifying.SAMPLE_TEXT)
+    if text_file is not None:
+        texts = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
+    with tempfile.TemporaryDirectory(prefix="cap-verify-") as tmp:
+        if exported is None:
+            converted = convert.additive(control, base, direction, rank, "float32", progress=False)
+            exported = Path(tmp) / "additive"
+            convert.save(converted, exported)
+            what = f"additive LoRA converted now (rank {converted.rank})"
+        else:
+            what = str(exported)
+        report, kind = verifying.run_verify(base, control, exported, direction, texts, max_tokens, dtype)
+    c = -1 if direction in ("inverse", "negate") else +1
+    click.echo(f"{PROG} verify: {base.family.model_type} ({base.family.block} block), {control.adapter_type} adapter "
+               f"on '{control.target}', class {c:+d}; exported: {kind}: {what}")
+    click.echo(f"  {report.tokens} tokens in {dtype}: max |Δlogit| = {report.max_abs:.3g}, mean KL = "
+               f"{report.mean_kl:.3g} nats (the adapter itself moves logits by up to {report.effect:.3g})")
+    notes = [approximation_note(control.target, base.family)]
+    if direction == "inverse" and control.adapter_type != "spectral":
+        notes.append("class −1 of this adapter type was trained as I − W'; the export is the exact inverse "
+                     "(I + W')⁻¹, which differs by O(W'²) (export with --inverse to match training)")
+    stored = verifying.stored_dtype(exported)
+    if stored in ("bfloat16", "float16"):
+        notes.append(f"the merged weights are stored in {stored}: rounding M + ΔM to {stored} alone moves logits "
+                     f"by amounts of this order; the LoRA itself (additive) is the exact form")
+    if record.get("scale", 1.0) != 1.0:
+        notes.append(f"the export was merged with --scale {record['scale']:g}; the trained model has scale 1")
+    for note in filter(None, notes):
+        _note(note)
+    ok = report.max_abs <= tolerance
+    click.echo(f"  {'OK' if ok else 'ABOVE TOLERANCE'}: max |Δlogit| {report.max_abs:.3g} "
+               f"{'≤' if ok else '>'} {tolerance:g} [{time.time() - start:.1f} s]")
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,185 @@
+"""Measure an export against the adapter as trained: max |Δlogit| and mean KL on sample text.
+
+  trained   cap's own forward (common.models: the pipeline layers, with the Control Adapter where
+            training put it: the block delta or every residual writer), class c on every token:
+            c = +1, or −1 for an --inverse / --exact-inverse export
+  exported  transformers' model with the PEFT LoRA loaded (PeftModel.from_pretrained), or a merged
+            model folder; a multiplicative LoRA is merged into a temporary folder first
+Both run in float32 on the CPU by default. KL is KL(trained ‖ exported) per position, averaged.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from cap_export.inputs import PROVENANCE, Base, Control, load_lora, read_provenance
+from common.adapters.io import CONFIG_NAME
+from common.errors import CapError
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the river runs bright under the morning light.",
+    "Control adapters change how a language model writes: its tone, its style and what it avoids saying.",
+    "In 1969 two astronauts walked on the Moon; the rest of the crew waited in orbit for their return.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Dear team, thank you for the careful review. I will send the revised draft before Friday.",
+)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Report:
+    max_abs: float          # max |logit_trained − logit_exported| over all positions and tokens
+    mean_kl: float          # mean over positions of KL(trained ‖ exported)
+    effect: float           # max |logit_trained − logit_base|: how much the adapter moves the logits
+    tokens: int
+
+
+def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
+    """logits(input_ids [B,T], c) of cap's forward: the base model with `control` applied to
+    positions of class c (0 = the base model itself)."""
+    from common.models.layers import DecoderLayerPipe
+    from common.models.pipeline import StageBuilder
+    from common.models.loading import open_model
+
+    source = open_model(base_dir)
+    if dtype == torch.float64 and source.family.experts:
+        source.config._experts_implementation = "eager"     # grouped_mm has no float64
+    # The few settings StageBuilder reads from a training Config.
+    cfg = SimpleNamespace(mode="control", load_in_4bit=False, layers_to_transform=control.layers,
+                          lora_weight_dtype="float32", seed=0, lora_rank=control.rank, alpha=control.alpha,
+                          lora_alpha=control.alpha, control_adapter_type=control.adapter_type, lora_dropout=0.0,
+                          control_adapter_target=control.target, target_modules=None, model_dir=base_dir)
+    builder = StageBuilder(cfg, dtype, "cpu", source=source)
+    modules = [builder.build(p) for p in range(builder.num_layers + 2)]
+    if getattr(source.config, "tie_word_embeddings", False):
+        modules[-1].head.weight = modules[0].embed.weight
+    for module in modules:
+        if isinstance(module, DecoderLayerPipe) and module.adapter is not None:
+            module.adapter.load_state(control.states[module.index])
+    for module in modules:
+        module.eval()
+    embed, layers, head = modules[0], modules[1:-1], modules[-1]
+
+    @torch.no_grad()
+    def logits(input_ids: torch.Tensor, c: int) -> torch.Tensor:
+        hidden, position_ids, _, labels = embed((input_ids, torch.zeros_like(input_ids, dtype=torch.int8)))
+        x = (hidden, position_ids, torch.full_like(input_ids, c, dtype=torch.int8), labels)
+        for layer in layers:
+            x = layer(x)
+        return head(x).float()
+
+    return logits
+
+
+def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
+    """logits(input_ids) of the export: a PEFT LoRA folder (additive, or multiplicative via a
+    temporary merge) or a merged model folder. Returns (logits, kind, provenance)."""
+    import transformers
+
+    exported = Path(exported)
+    attn = {"attn_implementation": base.family.attention}
+    if (exported / CONFIG_NAME).is_file():
+        lora = load_lora(exported)
+        if lora.marked_multiplicative:
+            from cap_export.merge import merge
+            merged = tmp / "merged"
+            merged.mkdir()
+            merge(base, lora, merged, multiplicative=True, progress=False)
+            model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, **attn)
+            kind = "multiplicative LoRA (merged for the check)"
+        else:
+            try:
+                import peft
+            except ImportError:
+                raise CapError("verifying a LoRA folder needs PEFT (pip install peft); or verify a merged folder") from None
+            model = transformers.AutoModelForCausalLM.from_pretrained(base.folder, dtype=dtype, **attn)
+            model = peft.PeftModel.from_pretrained(model, exported)
+            kind = "additive LoRA (PEFT)"
+        record = lora.provenance
+    elif (exported / "config.json").is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=dtype, **attn)
+        kind, record = "merged model", read_provenance(exported)
+    else:
+        raise CapError(f"{exported}: neither a LoRA folder ({CONFIG_NAME}) nor a model folder (config.json)")
+    model.eval()
+    if dtype == torch.float64 and base.family.experts:
+        model.config._experts_implementation = "eager"      # grouped_mm has no float64
+
+    @torch.no_grad()
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids).logits.float()
+
+    return logits, kind, record
+
+
+def stored_dtype(exported: Path) -> str | None:
+    """The weight dtype a merged model folder declares in its config.json (None for a LoRA folder)."""
+    import json
+    exported = Path(exported)
+    if (exported / CONFIG_NAME).is_file() or not (exported / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((exported / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def sample_ids(base_dir: Path, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
+    """Each text tokenized with the base model's tokenizer, cut to max_tokens: [1, T] each."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError) as e:
+        raise CapError(f"{base_dir}: cannot load its tokenizer ({e}); verify tokenizes sample text with it") from None
+    out = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+        if ids.shape[1]:
+            out.append(ids)
+    if not out:
+        raise CapError("no sample text to run (the text is empty)")
+    return out
+
+
+def compare(trained, exported, batches: list[torch.Tensor], c: int) -> Report:
+    max_abs, effect, kl_sum, n = 0.0, 0.0, 0.0, 0
+    for ids in batches:
+        want = trained(ids, c)
+        got = exported(ids)
+        plain = trained(ids, 0)
+        max_abs = max(max_abs, float((want - got).abs().max()))
+        effect = max(effect, float((want - plain).abs().max()))
+        log_p = torch.log_softmax(want.double(), -1)
+        log_q = torch.log_softmax(got.double(), -1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+        n += ids.numel()
+    return Report(max_abs, kl_sum / n, effect, n)
+
+
+def resolve(adapter: Path, exported: Path | None) -> tuple[Path, Path | None]:
+    """(control adapter, export or None): ADAPTER may itself be an export that records its source."""
+    adapter = Path(adapter)
+    record = read_provenance(adapter)
+    if exported is None and record.get("source") and record.get("kind") in ("additive", "multiplicative", "merged"):
+        return Path(record["source"]), adapter
+    if exported is None and record.get("kind"):
+        raise CapError(f"{adapter}/{PROVENANCE}: does not record the Control Adapter it was made from; "
+                       f"pass the adapter and the export: verify BASE CKPT EXPORTED")
+    return adapter, exported
+
+
+def run_verify(base: Base, control: Control, exported: Path, direction: str, texts: list[str],
+               max_tokens: int = 128, dtype: str = "float32") -> tuple[Report, str]:
+    torch_dtype = DTYPES[dtype]
+    batches = sample_ids(base.folder, texts, max_tokens)
+    trained = trained_model(base.folder, control, torch_dtype)
+    with tempfile.TemporaryDirectory(prefix="cap-verify-") as tmp:
+        logits, kind, _ = exported_model(base, exported, torch_dtype, Path(tmp))
+        report = compare(trained, logits, batches, -1 if direction in ("inverse", "negate") else +1)
+    return report, kind

@@ -11,13 +11,13 @@ complete when every shard has the size its manifest records (cache.is_complete).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from common.errors import CapError
+from common.files import write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,19 +79,9 @@ class ShardWriter:
         self._writer = self._sink = None
 
 
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------- manifest
 def write_manifest(folder: Path, manifest: dict) -> None:
-    path = folder / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    fsync(path)
+    write_json(folder / MANIFEST, manifest)
 
 
 def load_manifest(folder: str | Path) -> dict:

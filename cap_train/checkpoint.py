@@ -10,7 +10,6 @@ Old checkpoints beyond max_checkpoints are first renamed to `.trash-…`, then d
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -19,16 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import write_json_atomic
+
 STATE = "state.json"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpoints:

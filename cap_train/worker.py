@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cap_train.checkpoint import Checkpoints, load_rng, save_rng, write_json_atomic
+from cap_train.checkpoint import Checkpoints, load_rng, save_rng
+from common.files import write_json_atomic
 from cap_train.data import Batches, prepared_splits
 from cap_train.loss import PipelineLoss
 from cap_train.metrics import Metrics
@@ -35,6 +36,14 @@ from common.config import Config, load_config
 from common.errors import CapError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: say nothing
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def peak_memory() -> dict[str, float]:
@@ -75,6 +84,10 @@ class Trainer:
         coord = topology.get_coord(self.rank)
         self.stage, self.dp_rank = coord.pipe, coord.data
 
+        if not cuda and cfg.model_dtype == "bfloat16" and self.rank == 0 and not cpu_has_bf16():
+            print("cap-train: warning: model_dtype = 'bfloat16' on a CPU without native bf16 (no AVX512-BF16 "
+                  "or AMX): its matmuls run ~60x slower than float32 here; set model_dtype = 'float32'",
+                  file=sys.stderr, flush=True)
         torch.manual_seed(cfg.seed)
         self.loss = PipelineLoss()
         model = PipelineModule(layers=layer_specs(cfg, DTYPES[cfg.model_dtype], self.device, loss_fn=self.loss),
@@ -275,7 +288,11 @@ class Trainer:
 
 
 def run(config: str, resume: bool, add_prefix_space: bool) -> None:
+    import logging
+
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would bury cap's progress line
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
     # A long timeout: rank 0 may be preparing a large dataset while the others wait.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",

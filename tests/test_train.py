@@ -34,7 +34,7 @@ def write_config(folder: Path, model: Path, **keys) -> Path:
                 model_dtype="float32", seed=7, max_grad_norm=1.0, warmup="none")
     base.update(keys)
     toml = "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n" for k, v in base.items())
-    toml += f"[[datasets]]\ndataset_path = 'data/pos.jsonl'\ncontrol_class = 1\n"
+    toml += "[[datasets]]\ndataset_path = 'data/pos.jsonl'\ncontrol_class = 1\n"
     toml += f"[[datasets]]\ndataset_path = 'data/neg.jsonl'\ncontrol_class = {-1 if control else 1}\n"
     path = folder / "cfg.toml"
     path.write_text(toml)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from common.adapters.factors import CONTROL_TYPES
 from common.errors import CapError
+from common.files import fsync, write_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -92,22 +93,6 @@ def adapter_config_for(cfg, layers: list[int], base_model_path, target_modules: 
 
 
 # ---------------------------------------------------------------- saving
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapter(folder, tensors: dict[str, torch.Tensor], adapter_config: dict) -> Path:
     """Write `folder`/adapter_model.safetensors + adapter_config.json without ever leaving a part-file.
 
@@ -121,8 +106,8 @@ def save_adapter(folder, tensors: dict[str, torch.Tensor], adapter_config: dict)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         try:
             save_file(plain, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            _fsync(tmp / WEIGHTS_NAME)
-            _write_json(tmp / CONFIG_NAME, adapter_config)
+            fsync(tmp / WEIGHTS_NAME)
+            write_json(tmp / CONFIG_NAME, adapter_config, sort_keys=True)
             os.rename(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -132,8 +117,8 @@ def save_adapter(folder, tensors: dict[str, torch.Tensor], adapter_config: dict)
     tmp_config = folder / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     try:
         save_file(plain, tmp_weights, metadata={"format": "pt"})
-        _fsync(tmp_weights)
-        _write_json(tmp_config, adapter_config)
+        fsync(tmp_weights)
+        write_json(tmp_config, adapter_config, sort_keys=True)
         os.replace(tmp_weights, folder / WEIGHTS_NAME)
         os.replace(tmp_config, folder / CONFIG_NAME)
     finally:

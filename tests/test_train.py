@@ -41,8 +41,16 @@ def write_config(folder: Path, model: Path, **keys) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A port nobody listens on now (DeepSpeed's rendezvous binds it)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_train(cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=600) -> subprocess.CompletedProcess:
-    port = port or 29500 + (os.getpid() % 500) + procs * 7
+    port = port or free_port()
     out = subprocess.run(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(port), *extra],
                          capture_output=True, text=True, timeout=timeout)
     if check:
@@ -133,12 +141,18 @@ def _wait_for(pred, proc, timeout=300):
             return True
         if proc.poll() is not None:
             return False
-        time.sleep(0.05)
+        time.sleep(0.005)
     return False
 
 
-RESUME_KEYS = dict(use_control_adapters=True, epochs=2, max_steps=14, lora_dropout=0.1,
-                   checkpoint_interval_hours=0.0001, evals_per_run=0, lr=3e-3)
+# A checkpoint after nearly every step (0.036 s), 60 steps over the epoch boundary (~47 steps/epoch).
+RESUME_KEYS = dict(use_control_adapters=True, epochs=2, max_steps=60, lora_dropout=0.1,
+                   checkpoint_interval_hours=0.00001, evals_per_run=0, lr=3e-3)
+STEPS = 60
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("step", 1)[1])
 
 
 @pytest.fixture(scope="module")
@@ -155,24 +169,26 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, uninter
     """kill -9 mid-run (also mid-checkpoint-write), resume: same weights bit for bit, same data read."""
     cfg = write_config(tmp_path, tiny_model_dir("llama"), **RESUME_KEYS)
     ckpts = tmp_path / "out" / "checkpoints"
-    port = 29500 + (os.getpid() % 400) + 50
-    proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--master-port", str(port)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if kill_at == "after_checkpoint":
-        seen = _wait_for(lambda: len(list(ckpts.glob("step*"))) >= 2, proc)
-    else:
-        seen = _wait_for(lambda: any(ckpts.glob(".tmp-step*")) and any(ckpts.glob("step*")), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert seen, "the run ended before the kill point"
-    run_train(cfg, 1, "--resume-from-checkpoint", port=port + 1)
-    name = "epoch1/adapter_model.safetensors"
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--master-port", str(free_port())], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        if kill_at == "after_checkpoint":  # in epoch 1
+            seen = _wait_for(lambda: any(_step_of(p) >= 20 for p in ckpts.glob("step*")), proc)
+        else:  # while a checkpoint in epoch 2 is being written
+            seen = _wait_for(lambda: any(_step_of(p) >= 50 for p in ckpts.glob(".tmp-step*")), proc)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert seen, "the run ended before the kill point: " + log.read_text()[-2000:]
+    run_train(cfg, 1, "--resume-from-checkpoint")
+    name = "epoch2/adapter_model.safetensors"
     a, b = load_file(str(uninterrupted / name)), load_file(str(tmp_path / "out" / name))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     ref, got = metrics(uninterrupted), metrics(tmp_path / "out")
-    assert sorted(ref) == sorted(got) == list(range(1, 15))
+    assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
     for s in ref:
         assert ref[s]["data/rows_checksum"] == got[s]["data/rows_checksum"]
         assert ref[s]["train/loss"] == got[s]["train/loss"]

@@ -89,8 +89,9 @@ model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank ** 0.5, target_
 for n, p in model.named_parameters():
     if p.requires_grad:
         p.data = p.data.float()
-model.gradient_checkpointing_enable()
+model.gradient_checkpointing_enable()  # acts only in train mode: from_pretrained returns eval mode
 model.enable_input_require_grads()
+model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
 rates = []

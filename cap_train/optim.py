@@ -23,7 +23,10 @@ class ClippedAdam(Adam):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
+        if grads:
+            device = grads[0].device
+        else:  # a stage without trainable parameters still joins the all-reduce (NCCL wants CUDA)
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in grads:
             sq += g.double().square().sum()

@@ -164,7 +164,8 @@ class Trainer:
         cfg = self.cfg
         per_batch = self.dp_world * cfg.micro_batch_size * cfg.eval_accumulation
         n_batches = len(self.eval_rows) // per_batch
-        stats = torch.zeros(6, dtype=torch.float64)
+        # collectives need tensors on the backend's device (NCCL: CUDA)
+        stats = torch.zeros(6, dtype=torch.float64, device=self.device)
         if n_batches == 0:
             return {}
         batches = Batches(self.eval_rows, self.device)
@@ -179,7 +180,7 @@ class Trainer:
                                              reduce_output="avg", bcast_loss=False,
                                              num_micro_batches=cfg.eval_accumulation)
                 if self.engine.is_last_stage():
-                    stats += out.detach().double().cpu()
+                    stats += out.detach().double().to(self.device)
         finally:
             self.loss.eval_stats = False
         dist.all_reduce(stats)  # only last-stage ranks contribute; the ratios below cancel the scale
@@ -212,7 +213,8 @@ class Trainer:
             self.tokens += tokens_per_step
             self.check_finite(loss)
             dt = time.time() - t0
-            values = {"train/loss": loss, "train/grad_norm": self.optimizer.grad_norm, "train/lr": lr, "train/tokens_per_s": tokens_per_step / dt,
+            values = {"train/loss": loss, "train/grad_norm": self.optimizer.grad_norm, "train/lr": lr,
+                      "train/tokens_per_s": tokens_per_step / dt,
                       # which rows this rank read, position-weighted: resume tests compare it
                       "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum())}
             values.update(peak_memory())
@@ -236,12 +238,13 @@ class Trainer:
 
     def time_for_checkpoint(self, last: float) -> bool:
         """Rank 0's clock decides, so every rank agrees."""
-        flag = torch.tensor([float(time.time() - last >= self.cfg.checkpoint_interval_hours * 3600)])
+        flag = torch.tensor([float(time.time() - last >= self.cfg.checkpoint_interval_hours * 3600)],
+                            device=self.device)
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
     def check_finite(self, loss: float) -> None:
-        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
         for p in self.model.parameters():
             if p.requires_grad and not torch.isfinite(p).all():
                 bad += 1

@@ -55,8 +55,6 @@ def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
                           control_adapter_target=control.target, target_modules=None, model_dir=base_dir)
     builder = StageBuilder(cfg, dtype, "cpu", source=source)
     modules = [builder.build(p) for p in range(builder.num_layers + 2)]
-    if getattr(source.config, "tie_word_embeddings", False):
-        modules[-1].head.weight = modules[0].embed.weight
     for module in modules:
         if isinstance(module, DecoderLayerPipe) and module.adapter is not None:
             module.adapter.load_state(control.states[module.index])

@@ -17,10 +17,10 @@ from common.errors import CapError
 
 
 def prepared_splits(cfg: Config, rank: int):
-    """(train Split, eval Split, manifest); global rank 0 runs cap-prep when the cache is missing."""
+    """(train Split, eval Split); global rank 0 runs cap-prep when the cache is missing."""
     from cap_prep.build import dataset_folder, prepare
     from cap_prep.cache import is_complete
-    from cap_prep.shards import load_manifest, open_split
+    from cap_prep.shards import open_split
 
     folder = dataset_folder(cfg) if rank == 0 else None
     if rank == 0 and not is_complete(folder):
@@ -31,14 +31,14 @@ def prepared_splits(cfg: Config, rank: int):
     folder = Path(box[0])
     if not is_complete(folder):
         raise CapError(f"{folder}: prepared dataset missing on this node (is prepared_dir on shared storage?)")
-    return open_split(folder, "train"), open_split(folder, "eval"), load_manifest(folder)
+    return open_split(folder, "train"), open_split(folder, "eval")
 
 
 class Batches:
     """Micro batches gathered from a Split by row indices."""
 
-    def __init__(self, split, device: torch.device):
-        self.split, self.device = split, device
+    def __init__(self, split):
+        self.split = split
 
     def micro(self, rows):
         ids, classes = self.split.rows(rows)

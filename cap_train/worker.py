@@ -76,7 +76,7 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
 
-        self.train_rows, self.eval_rows, self.manifest = prepared_splits(cfg, self.rank)
+        self.train_rows, self.eval_rows = prepared_splits(cfg, self.rank)
         if cfg.use_column_major_topology:  # pipeline stages of one replica on neighbouring ranks
             topology = ProcessTopology(axes=["data", "pipe"], dims=[self.dp_world, cfg.pipeline_stages])
         else:
@@ -122,7 +122,7 @@ class Trainer:
         optimizer.pipe_group = self.engine.grid.get_pipe_parallel_group()
         self.optimizer = optimizer
         self.ckpts = Checkpoints(cfg.output_dir, cfg.max_checkpoints)
-        self.batches = Batches(self.train_rows, self.device)
+        self.batches = Batches(self.train_rows)
         self.step, self.epoch, self.step_in_epoch, self.tokens = 0, 0, 0, 0
         if resume:
             self.resume()
@@ -168,7 +168,7 @@ class Trainer:
         stats = torch.zeros(6, dtype=torch.float64, device=self.device)
         if n_batches == 0:
             return {}
-        batches = Batches(self.eval_rows, self.device)
+        batches = Batches(self.eval_rows)
         self.loss.eval_stats = True
         try:
             for b in range(n_batches):

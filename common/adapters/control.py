@@ -53,7 +53,8 @@ class ControlAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if adapter_type == "spectral":
             gaussian = torch.randn(hidden_size, rank, dtype=torch.float64)
-            self.Q = nn.Parameter(torch.linalg.qr(gaussian).Q.to(dtype))
+            # contiguous: QR returns a column-major Q, and DeepSpeed views parameters as bytes to broadcast them
+            self.Q = nn.Parameter(torch.linalg.qr(gaussian).Q.to(dtype).contiguous())
             self.S = nn.Parameter(torch.zeros(rank, dtype=dtype))
         else:
             self.A = nn.Parameter(torch.empty(rank, hidden_size, dtype=dtype))

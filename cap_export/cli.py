@@ -1,27 +1,24 @@
 """cap-export: convert, merge, verify and GGUF-export trained adapters (see README, 'cap-export')."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from cap_export import PROG, note
 from common.cli import user_errors
 
-PROG = "cap-export"
 _path = click.Path(path_type=Path)
 _exists = click.Path(exists=True, path_type=Path)
-
-
-def _note(message: str) -> None:
-    click.echo(f"{PROG}: note: {message}", err=True)
 
 
 def _compat(cohere: bool, mixtral: int | None, where: str = "BASE/config.json") -> None:
     if cohere or mixtral:
         flag = "--cohere" if cohere else f"--mixtral {mixtral}"
-        _note(f"{flag} is not needed and is ignored: the model family is read from {where}")
+        note(f"{flag} is not needed and is ignored: the model family is read from {where}")
 
 
 def _mib(n: int) -> str:
@@ -95,10 +92,14 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
     exact rank-2r factors). Merge with `cap-export merge --multiplicative`: M ← M + B·(A·M).
     """
     from cap_export import convert
-    from cap_export.inputs import Base, check_fits, family_without_base, load_control, writer_keys
+    from cap_export.inputs import (Base, check_fits, check_output, family_without_base, load_control, recorded_base,
+                                   writer_keys)
 
     start = time.time()
+    inputs = {"CKPT": ckpt, "--base": base_dir}
+    check_output(out, force, inputs=inputs)
     control = load_control(ckpt)
+    inputs["BASE recorded in CKPT"] = recorded_base(control.config)
     direction = _direction(inverse, exact_inverse, control.adapter_type)
     if base_dir is not None:
         _compat(cohere, mixtral)
@@ -109,7 +110,7 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
         family, config, how = family_without_base(control.config, control.hidden_size, mixtral, cohere)
     converted = convert.multiplicative(control, writer_keys(family, config), family.model_type, direction, dtype,
                                        str(Path(base_dir).resolve()) if base_dir else "")
-    convert.save(converted, out, force)
+    convert.save(converted, out, force, inputs)
     click.echo(f"{PROG} multiplicative: {converted.modules} modules on {len(control.layers)} layers, rank "
                f"{converted.rank}, {_direction_words(direction)}, {dtype} ({how}) → {out} "
                f"[{time.time() - start:.1f} s]")
@@ -135,19 +136,22 @@ def additive(base_dir, ckpt, out, inverse, exact_inverse, rank, dtype, force, co
     scaling 1. Exact at the adapter's rank (r, or 2r for symmetrised types); no SVD unless --rank.
     """
     from cap_export import convert
-    from cap_export.inputs import Base, approximation_note, check_fits, load_control
+    from cap_export.inputs import Base, approximation_note, check_fits, check_output, load_control, recorded_base
 
     start = time.time()
+    inputs = {"BASE": base_dir, "CKPT": ckpt}
+    check_output(out, force, inputs=inputs)
     _compat(cohere, mixtral)
     control = load_control(ckpt)
+    inputs["BASE recorded in CKPT"] = recorded_base(control.config)
     direction = _direction(inverse, exact_inverse, control.adapter_type)
     base = Base(base_dir)
     check_fits(control, base)
     converted = convert.additive(control, base, direction, rank, dtype)
-    convert.save(converted, out, force)
-    note = approximation_note(control.target, base.family)
-    if note:
-        _note(note)
+    convert.save(converted, out, force, inputs)
+    gap = approximation_note(control.target, base.family)
+    if gap:
+        note(gap)
     full_rank = control.rank * (2 if control.adapter_type in ("symmetrise", "antisymmetrise") else 1)
     exact = "exact" if rank is None or rank >= full_rank else f"truncated from {full_rank}"
     click.echo(f"{PROG} additive: {converted.modules} modules on {len(control.layers)} layers of a "
@@ -172,16 +176,21 @@ def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mi
     Works one tensor at a time: memory stays well under one shard.
     """
     from cap_export import merge as merging
-    from cap_export.inputs import Base, folder_size, load_lora, staged_output
+    from cap_export.inputs import Base, check_output, folder_size, load_lora, staged_output
+    from common.errors import CapError
 
     start = time.time()
+    inputs = {"BASE": base_dir, "LORA": lora_dir}
+    check_output(out, force, inputs=inputs)
+    if not math.isfinite(scale):
+        raise CapError(f"--scale {scale}: must be a finite number")
     _compat(cohere, mixtral)
     base = Base(base_dir)
     lora = load_lora(lora_dir)
-    multiplicative_mode, note = merging.merge_mode(lora, multiplicative_flag)
-    if note:
-        _note(note)
-    with staged_output(out, force) as tmp:
+    multiplicative_mode, mode_note = merging.merge_mode(lora, multiplicative_flag)
+    if mode_note:
+        note(mode_note)
+    with staged_output(out, force, inputs=inputs) as tmp:
         summary = merging.merge(base, lora, tmp, multiplicative_mode, scale)
     click.echo(f"{PROG} merge: {summary['modules']} LoRA modules into {summary['tensors']} tensors of "
                f"{summary['shards']} shard(s), {'multiplicative' if multiplicative_mode else 'additive'}, "
@@ -200,12 +209,14 @@ def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mi
 def gguf(lora_dir, out, base_dir, outtype, force):
     """PEFT LoRA folder LORA → GGUF LoRA adapter file OUT for llama.cpp (`--lora OUT`)."""
     from cap_export.gguf_export import export_gguf
-    from cap_export.inputs import Base, load_lora, staged_output
+    from cap_export.inputs import Base, check_output, load_lora, staged_output
 
     start = time.time()
+    inputs = {"LORA": lora_dir, "--base": base_dir}
+    check_output(out, force, is_file=True, inputs=inputs)
     base = Base(base_dir, need_weights=False)
     lora = load_lora(lora_dir)
-    with staged_output(out, force, is_file=True) as tmp_file:
+    with staged_output(out, force, is_file=True, inputs=inputs) as tmp_file:
         summary = export_gguf(lora, base, tmp_file, outtype)
     click.echo(f"{PROG} gguf: {summary['tensors']} tensors, architecture {summary['architecture']}, "
                f"alpha {summary['alpha']:g}, {outtype} → {out} ({_mib(Path(out).stat().st_size)}) "
@@ -233,15 +244,19 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
     ADAPTER is the Control Adapter (epoch<N>/ or checkpoint) and EXPORTED its export: a PEFT LoRA
     folder or a merged model folder. Without EXPORTED, ADAPTER is converted to an additive LoRA
     now (--inverse / --exact-inverse / --rank as for `additive`); an export made by cap-export may also
-    be given alone as ADAPTER (it records its source). Exit code 1 when max |Δlogit| > --tolerance.
+    be given alone as ADAPTER (it records its source). Exit code 1 when max |Δlogit| > --tolerance
+    or when any logit or the KL is not finite.
     """
     import tempfile
 
     from cap_export import convert
     from cap_export import verify as verifying
-    from cap_export.inputs import Base, approximation_note, check_fits, load_control, read_provenance
+    from cap_export.inputs import Base, approximation_note, check_fits, load_control, read_provenance, temporary_folder
+    from common.errors import CapError
 
     start = time.time()
+    if not tolerance >= 0:
+        raise CapError(f"--tolerance {tolerance}: must be a number ≥ 0")
     control_dir, exported = verifying.resolve(adapter, exported)
     control = load_control(control_dir)
     base = Base(base_dir)
@@ -253,16 +268,19 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
         direction = record.get("direction") or "forward"
     texts = list(verifying.SAMPLE_TEXT)
     if text_file is not None:
-        texts = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
-    with tempfile.TemporaryDirectory(prefix="cap-verify-") as tmp:
+        try:
+            texts = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise CapError(f"{text_file}: not UTF-8 text ({e})") from None
+    with temporary_folder(Path(tempfile.gettempdir()), "cap-export-verify") as scratch:
         if exported is None:
             converted = convert.additive(control, base, direction, rank, "float32", progress=False)
-            exported = Path(tmp) / "additive"
+            exported = scratch / "additive"
             convert.save(converted, exported)
             what = f"additive LoRA converted now (rank {converted.rank})"
         else:
             what = str(exported)
-        report, kind = verifying.run_verify(base, control, exported, direction, texts, max_tokens, dtype)
+        report, kind = verifying.run_verify(base, control, exported, direction, texts, scratch, max_tokens, dtype)
     c = -1 if direction in ("inverse", "negate") else +1
     click.echo(f"{PROG} verify: {base.family.model_type} ({base.family.block} block), {control.adapter_type} adapter "
                f"on '{control.target}', class {c:+d}; exported: {kind}: {what}")
@@ -278,8 +296,12 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
                      f"by amounts of this order; the LoRA itself (additive) is the exact form")
     if record.get("scale", 1.0) != 1.0:
         notes.append(f"the export was merged with --scale {record['scale']:g}; the trained model has scale 1")
-    for note in filter(None, notes):
-        _note(note)
+    for line in filter(None, notes):
+        note(line)
+    if report.problems:
+        for problem in report.problems:
+            click.echo(f"  NOT FINITE: {problem} [{time.time() - start:.1f} s]")
+        sys.exit(1)
     ok = report.max_abs <= tolerance
     click.echo(f"  {'OK' if ok else 'ABOVE TOLERANCE'}: max |Δlogit| {report.max_abs:.3g} "
                f"{'≤' if ok else '>'} {tolerance:g} [{time.time() - start:.1f} s]")

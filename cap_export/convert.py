@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cap_export.inputs import PROVENANCE, Base, Control, staged_output, write_json
+from cap_export.inputs import PROVENANCE, Base, Control, staged_output
 from common.adapters.factors import thin_svd_truncate
-from common.adapters.io import lora_key, save_adapter
+from common.adapters.io import lora_key, non_finite, save_adapter
 from common.errors import CapError
+from common.files import write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CHUNK = 1 << 22   # float64 elements converted at once when multiplying by a weight (32 MiB)
@@ -61,6 +62,16 @@ def layer_and_path(name: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
+def _stored(t: torch.Tensor, dtype: str, key: str, control: Control) -> torch.Tensor:
+    """t cast to the saved dtype; a value that is not finite there (float16 overflows past 65504) is refused."""
+    out = t.to(DTYPES[dtype]).contiguous()
+    bad = non_finite(out)
+    if bad:
+        hint = "; float16 overflows above 65504, use --dtype float32 or bfloat16" if dtype == "float16" else ""
+        raise CapError(f"{control.folder}: converted {key} in {dtype} holds {bad}{hint}")
+    return out
+
+
 def _provenance(kind: str, control: Control, direction: str, rank, dtype: str, family: str, base=None) -> dict:
     return {"kind": kind, "source": str(control.folder.resolve()), "base": str(base) if base else None,
             "model_type": family, "control_adapter_type": control.adapter_type,
@@ -78,8 +89,9 @@ def multiplicative(control: Control, writer_keys: list[str], model_type: str, di
         U, V = control.factors(layer, direction)
         for key in writer_keys:
             path = key.removesuffix(".weight")
-            tensors[lora_key(layer, path, "A")] = V.to(DTYPES[dtype]).contiguous()
-            tensors[lora_key(layer, path, "B")] = U.to(DTYPES[dtype]).contiguous()
+            for name, t in (("A", V), ("B", U)):
+                key = lora_key(layer, path, name)
+                tensors[key] = _stored(t, dtype, key, control)
             ranks[f"model.layers.{layer}.{path}"] = U.shape[1]
     config = lora_config(ranks, control.layers, base_path or control.config.get("base_model_name_or_path", ""),
                          multiplicative=True)
@@ -113,11 +125,15 @@ def additive(control: Control, base: Base, direction: str = "forward", rank: int
     bar = tqdm(total=len(names), desc="additive", unit="matrix", disable=not progress or None)
     for name, M in base.read_by_file(names):
         layer, path = layer_and_path(name)
+        bad = non_finite(M)
+        if bad:
+            raise CapError(f"{base.files[base.locate(name)[0]]}: base weight {name} holds {bad}")
         U, V = layer_factors[layer]
         VM = left_multiply(V, M)
         B, A = thin_svd_truncate(U, VM, rank) if rank is not None else (U, VM)
-        tensors[lora_key(layer, path, "A")] = A.to(DTYPES[dtype]).contiguous()
-        tensors[lora_key(layer, path, "B")] = B.to(DTYPES[dtype]).contiguous()
+        for part, t in (("A", A), ("B", B)):
+            key = lora_key(layer, path, part)
+            tensors[key] = _stored(t, dtype, key, control)
         ranks[name.removesuffix(".weight")] = B.shape[1]
         bar.update()
     bar.close()
@@ -126,8 +142,9 @@ def additive(control: Control, base: Base, direction: str = "forward", rank: int
     return Converted(tensors, config, provenance, len(ranks), config["r"])
 
 
-def save(converted: Converted, out, force: bool = False) -> None:
-    """Write OUT: adapter_model.safetensors + adapter_config.json + cap_export.json, all or nothing."""
-    with staged_output(out, force) as tmp:
+def save(converted: Converted, out, force: bool = False, inputs: dict | None = None) -> None:
+    """Write OUT: adapter_model.safetensors + adapter_config.json + cap_export.json, all or nothing
+    (OUT checked against `inputs` by staged_output)."""
+    with staged_output(out, force, inputs=inputs) as tmp:
         save_adapter(tmp, converted.tensors, converted.config)
-        write_json(tmp / PROVENANCE, converted.provenance)
+        write_json(tmp / PROVENANCE, converted.provenance, sort_keys=True)

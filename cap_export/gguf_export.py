@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from cap_export.inputs import Base, Lora, check_lora_family
+from common.adapters.io import non_finite
 from common.errors import CapError
 
 # model_type → (llama.cpp architecture, whether its converter permutes q/k rows for rotary).
@@ -110,14 +111,21 @@ def export_gguf(lora: Lora, base: Base, path, outtype: str = "f32", progress: bo
                        f"Control Adapter with `cap-export additive` and convert that")
     check_lora_family(lora, base)
     arch, alpha, tensors = gguf_tensors(lora, base)
+    arrays = {}
+    for name, (A, B) in tqdm(sorted(tensors.items()), desc="gguf", unit="module", disable=not progress or None):
+        for suffix, t in (("lora_a", A), ("lora_b", B)):
+            array = np.ascontiguousarray(t.numpy().astype(OUTTYPES[outtype]))
+            bad = non_finite(torch.from_numpy(array))
+            if bad:
+                hint = "; f16 overflows above 65504, use --outtype f32" if outtype == "f16" else ""
+                raise CapError(f"{lora.folder}: GGUF tensor {name}.{suffix} in {outtype} holds {bad}{hint}")
+            arrays[f"{name}.{suffix}"] = array
     writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    dtype = OUTTYPES[outtype]
-    for name, (A, B) in tqdm(sorted(tensors.items()), desc="gguf", unit="module", disable=not progress or None):
-        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(A.numpy().astype(dtype)))
-        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(B.numpy().astype(dtype)))
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)

@@ -6,7 +6,8 @@
 - `Lora`: a PEFT LoRA folder (additive, or multiplicative with the "multiplicative" marker).
 - `Base`: a base model folder: family, config, which file holds each tensor, and where the
   residual writers' weight matrices are (per-expert names for Mixtral, fused or not on disk).
-- `staged_output`: OUT is built under a temporary name beside it and renamed at the end.
+- `check_output` / `staged_output`: OUT is never an input, inside one or above one; it is built
+  under a temporary name beside it (owner recorded, see common.files) and renamed at the end.
 Every user-facing problem is a one-line CapError naming the file.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,9 +26,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from cap_export import note
 from common.adapters import factors
-from common.adapters.io import CONFIG_NAME, WEIGHTS_NAME, control_state_by_layer, load_adapter
+from common.adapters.io import (CONFIG_NAME, WEIGHTS_NAME, check_types, control_state_by_layer, is_int, is_number,
+                                load_adapter)
 from common.errors import CapError
+from common.files import make_temp_dir, remove_stale_temps, temp_name, user_os_errors
 from common.models.families import WHOLE, Family, family_of, load_hf_config, tensor_sources
 from common.models.loading import Checkpoint
 
@@ -60,17 +63,35 @@ def adapter_folder(path) -> Path:
     raise CapError(f"{path}: no {WEIGHTS_NAME} and {CONFIG_NAME} here (expected an epoch<N>/ or adapter folder)")
 
 
+def _str_or_null(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+# cap_export.json key → (accepts the value, what is expected); see convert._provenance and merge.merge.
+PROVENANCE_TYPES = {
+    **{key: (_str_or_null, "a string or null")
+       for key in ("kind", "source", "base", "lora", "lora_kind", "model_type", "dtype", "control_adapter_type",
+                   "control_adapter_target")},
+    "direction": (lambda v: v is None or v in DIRECTIONS, f"one of {', '.join(DIRECTIONS)} or null"),
+    "rank": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "scale": (is_number, "a finite number"),
+    "multiplicative": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
 def read_provenance(folder: Path) -> dict:
-    """The cap_export.json record beside an export ({} when there is none or it is unreadable)."""
+    """The cap_export.json record beside an export ({} when there is none); a corrupt one is a CapError."""
+    path = Path(folder) / PROVENANCE
     try:
-        record = json.loads((Path(folder) / PROVENANCE).read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except OSError:
         return {}
-    return record if isinstance(record, dict) else {}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CapError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise CapError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    check_types(record, PROVENANCE_TYPES, path)
+    return record
 
 
 @dataclass
@@ -184,6 +205,17 @@ def load_lora(path) -> Lora:
 
 
 # ---------------------------------------------------------------- the base model
+def model_config(folder: Path) -> tuple[Family, object]:
+    """load_hf_config, with a malformed config.json (a list, wrong types, …) as one line."""
+    try:
+        return load_hf_config(folder)
+    except CapError:
+        raise
+    except Exception as e:  # transformers' config classes raise many kinds (validation, TypeError, …)
+        raise CapError(f"{Path(folder) / 'config.json'}: not a usable model config "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+
+
 class Base:
     """A base model folder: family, config and the safetensors index, with the residual writers'
     weight matrices located (their checkpoint names, and for fused experts the slice)."""
@@ -192,7 +224,7 @@ class Base:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CapError(f"{self.folder}: base model folder not found")
-        self.family, self.config = load_hf_config(self.folder)
+        self.family, self.config = model_config(self.folder)
         self.checkpoint = Checkpoint(self.folder) if need_weights else None
 
     @property
@@ -294,6 +326,12 @@ def writer_keys(family: Family, config) -> list[str]:
     return keys
 
 
+def recorded_base(adapter_config: dict) -> Path | None:
+    """The base model folder an adapter records (base_model_name_or_path), when it exists here."""
+    recorded = adapter_config.get("base_model_name_or_path")
+    return Path(recorded) if recorded and (Path(recorded) / "config.json").is_file() else None
+
+
 def family_without_base(control_config: dict, hidden_size: int, mixtral_experts: int | None,
                         cohere: bool) -> tuple[Family, object, str]:
     """Family and a config for naming the writers when no base model is given: from the adapter's
@@ -301,9 +339,11 @@ def family_without_base(control_config: dict, hidden_size: int, mixtral_experts:
     names (self_attn.o_proj, mlp.down_proj — the same in every non-MoE family). Returns a note too."""
     import transformers
 
-    recorded = control_config.get("base_model_name_or_path")
-    if recorded and (Path(recorded) / "config.json").is_file():
-        family, config = load_hf_config(Path(recorded))
+    if mixtral_experts is not None and mixtral_experts < 1:
+        raise CapError(f"--mixtral {mixtral_experts}: the number of experts must be at least 1")
+    recorded = recorded_base(control_config)
+    if recorded:
+        family, config = model_config(recorded)
         return family, config, f"family {family.model_type} from {recorded}/config.json"
     if mixtral_experts:
         config = transformers.AutoConfig.for_model("mixtral", hidden_size=hidden_size, num_local_experts=mixtral_experts,
@@ -325,12 +365,13 @@ def check_fits(control: Control, base: Base) -> None:
     if max(control.layers) >= base.num_layers:
         raise CapError(f"{where}: has layer {max(control.layers)}, but {base.folder}/config.json has "
                        f"{base.num_layers} layers (adapter and base model do not match)")
-    recorded = control.config.get("base_model_name_or_path")
-    if recorded and (Path(recorded) / "config.json").is_file():
+    recorded = recorded_base(control.config)
+    if recorded:
         try:
-            model_type = json.loads((Path(recorded) / "config.json").read_text()).get("model_type")
-        except (OSError, json.JSONDecodeError):
-            model_type = None
+            raw = json.loads((recorded / "config.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            raw = None
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type and model_type != base.family.model_type:
             raise CapError(f"{where}: trained on a {model_type} model ({recorded}), but {base.folder} is "
                            f"{base.family.model_type}")
@@ -357,8 +398,37 @@ def approximation_note(target: str, family: Family) -> str | None:
 
 
 # ---------------------------------------------------------------- outputs
-def check_output(out: Path, force: bool, is_file: bool = False) -> None:
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _touches(out: Path, source: Path) -> str | None:
+    """How OUT relates to an input: 'is', 'lies inside' or 'contains' it (symlinks, `..` and hard
+    links resolved); None when they are apart."""
+    out, source = out.resolve(), source.resolve()
+    if _same(out, source):
+        return "is"
+    if any(_same(parent, source) for parent in out.parents):
+        return "lies inside"
+    if any(_same(parent, out) for parent in source.parents):
+        return "contains"
+    return None
+
+
+def check_output(out: Path, force: bool, is_file: bool = False, inputs: dict | None = None) -> None:
+    """OUT may be written: it is not an input, inside one or above one (`inputs`: label → path,
+    --force or not), and it is absent, an empty folder, or replaceable with --force."""
     out = Path(out)
+    for label, source in (inputs or {}).items():
+        how = source and _touches(out, Path(source))
+        if how:
+            raise CapError(f"{out}: OUT {how} the input {label} ({source}); cap-export never writes over or into "
+                           f"its inputs, choose another OUT")
     if not out.exists():
         return
     if is_file and out.is_dir():
@@ -372,29 +442,46 @@ def check_output(out: Path, force: bool, is_file: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out, force: bool, is_file: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside OUT (a folder, or a file inside a temporary folder); on success
-    it is renamed to OUT, replacing what was there (checked by check_output); on failure removed."""
-    out = Path(out)
-    check_output(out, force, is_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def temporary_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A new temporary folder for `parent/name` (common.files.make_temp_dir), deleted on exit, also
+    on SIGTERM / Ctrl-C; the stale ones that killed processes of this host left are removed first."""
+    parent = Path(parent)
+    removed = remove_stale_temps(parent, name)
+    if removed:
+        note(f"removed {len(removed)} temporary folder(s) of {parent / name} left by killed runs: "
+             f"{', '.join(p.name for p in removed)}")
+    with user_os_errors(parent, "cannot create a temporary folder"):
+        tmp = make_temp_dir(parent, name)
     try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(out, force: bool, is_file: bool = False, inputs: dict | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside OUT (a folder, or a file inside a temporary folder); on success
+    it is renamed to OUT, replacing what was there (checked by check_output, with `inputs`); on
+    failure or a signal it is removed and OUT is left as it was. An OSError while writing is one line."""
+    out = Path(out)
+    check_output(out, force, is_file, inputs)
+    with temporary_folder(out.parent, out.name) as tmp, user_os_errors(out, "cannot write"):
         yield tmp / out.name if is_file else tmp
         if is_file:
             os.replace(tmp / out.name, out)
-            shutil.rmtree(tmp)
             return
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / temp_name(out.name)        # a stale temporary of OUT if we are killed now
             os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def folder_size(path: Path) -> int:

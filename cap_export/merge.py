@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cap_export.inputs import PROVENANCE, Base, Lora, check_lora_family, write_json
+from cap_export.inputs import PROVENANCE, Base, Lora, check_lora_family
+from common.adapters.io import non_finite
 from common.errors import CapError
+from common.files import os_error_message, write_json
 from common.models.loading import INDEX
 
 _CHUNK = 1 << 22                         # float64 elements per block of rows (32 MiB)
@@ -64,8 +66,9 @@ def plan(base: Base, lora: Lora, multiplicative: bool, scale: float) -> dict[str
     return edits
 
 
-def apply_edit(W: torch.Tensor, edit: Edit, multiplicative: bool) -> None:
-    """In place on W [out, in] (any float dtype): W += f·B·A, or W += f·B·(A·W); float64 blocks of rows."""
+def apply_edit(W: torch.Tensor, edit: Edit, multiplicative: bool, where: str = "") -> None:
+    """In place on W [out, in] (any float dtype): W += f·B·A, or W += f·B·(A·W); float64 blocks of rows.
+    A merged value that is not finite in W's dtype (a NaN in W, an overflow) is a CapError naming `where`."""
     A, B = edit.A.to(torch.float64), edit.factor * edit.B.to(torch.float64)
     step = max(1, _CHUNK // max(1, W.shape[1]))
     rows = [slice(i, i + step) for i in range(0, W.shape[0], step)]
@@ -75,7 +78,12 @@ def apply_edit(W: torch.Tensor, edit: Edit, multiplicative: bool) -> None:
             AW += A[:, r] @ W[r].to(torch.float64)
         A = AW
     for r in rows:
-        W[r] = (W[r].to(torch.float64) + B[r] @ A).to(W.dtype)
+        block = (W[r].to(torch.float64) + B[r] @ A).to(W.dtype)
+        bad = non_finite(block)
+        if bad:
+            raise CapError(f"{where}: merging {edit.module} gives {bad} in rows {r.start}–{r.start + len(block) - 1} "
+                           f"(as {str(W.dtype).removeprefix('torch.')}; is the base weight finite?)")
+        W[r] = block
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -101,7 +109,7 @@ def _patch(src: Path, dst: Path, edits: dict[str, list[Edit]], multiplicative: b
             except SafetensorError as e:
                 raise CapError(f"{src}: cannot read tensor '{stored}' ({e})") from None
             for edit in todo:
-                apply_edit(tensor[edit.index], edit, multiplicative)
+                apply_edit(tensor[edit.index], edit, multiplicative, f"{src}: {stored}")
                 bar.update()
             data = tensor.contiguous().view(torch.uint8).numpy()
             begin, end = header[stored]["data_offsets"]
@@ -110,6 +118,14 @@ def _patch(src: Path, dst: Path, edits: dict[str, list[Edit]], multiplicative: b
             out.seek(start + begin)
             out.write(data.data)
             del tensor, data
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """shutil.copyfile (permissions from the umask, not from BASE); a failure names both files."""
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        raise CapError(f"cannot copy {os_error_message(e, src)}") from None
 
 
 def _tensor_bytes(path: Path) -> int:
@@ -132,7 +148,7 @@ def merge(base: Base, lora: Lora, out: Path, multiplicative: bool, scale: float 
     bar = tqdm(total=len(lora.pairs), desc="merge", unit="module", disable=not progress or None)
     for shard in shards:
         read_header(shard)
-        shutil.copyfile(shard, out / shard.name)
+        _copy(shard, out / shard.name)
         _patch(shard, out / shard.name, by_shard.get(shard, {}), multiplicative, bar)
     bar.close()
     index = base.folder / INDEX
@@ -143,7 +159,7 @@ def merge(base: Base, lora: Lora, out: Path, multiplicative: bool, scale: float 
     copied = []
     for path in sorted(base.folder.iterdir()):
         if path.is_file() and path.name not in (INDEX, PROVENANCE) and not path.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(path, out / path.name)
+            _copy(path, out / path.name)
             copied.append(path.name)
     record = {"kind": "merged", "base": str(base.folder.resolve()), "lora": str(lora.folder.resolve()),
               "multiplicative": multiplicative, "scale": scale, "model_type": base.family.model_type,

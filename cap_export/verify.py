@@ -6,10 +6,11 @@
   exported  transformers' model with the PEFT LoRA loaded (PeftModel.from_pretrained), or a merged
             model folder; a multiplicative LoRA is merged into a temporary folder first
 Both run in float32 on the CPU by default. KL is KL(trained ‖ exported) per position, averaged.
+Non-finite logits (either side) or KL are reported as problems: NaN is never taken for agreement.
 """
 from __future__ import annotations
 
-import tempfile
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +37,7 @@ class Report:
     mean_kl: float          # mean over positions of KL(trained ‖ exported)
     effect: float           # max |logit_trained − logit_base|: how much the adapter moves the logits
     tokens: int
+    problems: tuple[str, ...] = ()   # which logits, or the KL, are not finite
 
 
 def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
@@ -131,6 +133,8 @@ def sample_ids(base_dir: Path, texts: list[str], max_tokens: int) -> list[torch.
     """Each text tokenized with the base model's tokenizer, cut to max_tokens: [1, T] each."""
     import transformers
 
+    if max_tokens < 1:
+        raise CapError(f"--max-tokens {max_tokens}: must be at least 1")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
     except (OSError, ValueError) as e:
@@ -145,19 +149,31 @@ def sample_ids(base_dir: Path, texts: list[str], max_tokens: int) -> list[torch.
     return out
 
 
+def _max(a: float, b: float) -> float:
+    """max that keeps NaN (Python's max(0.0, nan) is 0.0)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 def compare(trained, exported, batches: list[torch.Tensor], c: int) -> Report:
     max_abs, effect, kl_sum, n = 0.0, 0.0, 0.0, 0
+    problems = {}
     for ids in batches:
         want = trained(ids, c)
         got = exported(ids)
         plain = trained(ids, 0)
-        max_abs = max(max_abs, float((want - got).abs().max()))
-        effect = max(effect, float((want - plain).abs().max()))
+        for side, logits in (("trained model (the adapter as trained)", want), ("exported model", got),
+                             ("base model", plain)):
+            if not bool(torch.isfinite(logits).all()):
+                problems[side] = f"the {side}'s logits are not finite (NaN or Inf)"
+        max_abs = _max(max_abs, float((want - got).abs().max()))
+        effect = _max(effect, float((want - plain).abs().max()))
         log_p = torch.log_softmax(want.double(), -1)
         log_q = torch.log_softmax(got.double(), -1)
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
         n += ids.numel()
-    return Report(max_abs, kl_sum / n, effect, n)
+    if not problems and not math.isfinite(kl_sum):
+        problems["kl"] = "the KL(trained ‖ exported) is not finite (the export gives probability 0 where training does not)"
+    return Report(max_abs, kl_sum / n, effect, n, tuple(problems.values()))
 
 
 def resolve(adapter: Path, exported: Path | None) -> tuple[Path, Path | None]:
@@ -172,12 +188,12 @@ def resolve(adapter: Path, exported: Path | None) -> tuple[Path, Path | None]:
     return adapter, exported
 
 
-def run_verify(base: Base, control: Control, exported: Path, direction: str, texts: list[str],
+def run_verify(base: Base, control: Control, exported: Path, direction: str, texts: list[str], scratch: Path,
                max_tokens: int = 128, dtype: str = "float32") -> tuple[Report, str]:
+    """Compare on `texts`; a multiplicative LoRA is merged into `scratch`, a temporary folder the caller removes."""
     torch_dtype = DTYPES[dtype]
     batches = sample_ids(base.folder, texts, max_tokens)
     trained = trained_model(base.folder, control, torch_dtype)
-    with tempfile.TemporaryDirectory(prefix="cap-verify-") as tmp:
-        logits, kind, _ = exported_model(base, exported, torch_dtype, Path(tmp))
-        report = compare(trained, logits, batches, -1 if direction in ("inverse", "negate") else +1)
+    logits, kind, _ = exported_model(base, exported, torch_dtype, Path(scratch))
+    report = compare(trained, logits, batches, -1 if direction in ("inverse", "negate") else +1)
     return report, kind

@@ -6,9 +6,9 @@ What cap-train uses:
     open_split(folder, "train" | "eval") -> Split      zero-copy memory-mapped rows
     load_manifest(folder) -> dict
 
-Modules: sources (input files), tokenize (tokenizer and document tokens), pack (sequences),
-shards (Arrow files, manifest, readers), cache (fingerprint, lock, atomic publish),
-build (the pipeline), report (summary table), cli (the command).
+Modules: sources (input files, streamed), tokenize (tokenizer and document tokens), windows (long
+documents tokenized in windows, exactly), pack (sequences), shards (Arrow files, manifest, readers),
+cache (fingerprint, lock, atomic publish), build (the pipeline), report (summary table), cli (the command).
 """
 from cap_prep.build import dataset_folder, prepare
 from cap_prep.shards import Split, load_manifest, open_split

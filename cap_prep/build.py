@@ -2,8 +2,10 @@
 
 1. Match the input files, fingerprint them (cache.py) and reuse a complete folder if there is one.
 2. Tokenize each dataset, streaming its files in batches (tokenize.py), into a flat int32 token
-   store on disk next to the shards, plus a small table per document (offset, length).
-   Memory stays O(batch + documents), not O(tokens).
+   store on disk next to the shards, plus a small table per document (offset, length). A document
+   longer than windows.LONG_DOC_CHARS is tokenized on its own, in windows, its tokens written as
+   they come. Memory stays O(batch + documents), not O(tokens) nor O(longest document's tokens);
+   packing reads the store back a step at a time (pread, not a memory map: see TokenStore).
 3. Per dataset, over its non-empty documents in source order (files sorted by path, records in
    file order): control_class = 0 gives each document +1 or -1 at random; the eval split takes
    round(eval_fraction * n) whole documents at random (at least 1 when eval_fraction > 0 and the
@@ -17,7 +19,9 @@ Every random choice is numpy's default_rng([seed, purpose, dataset]), so reruns 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import math
 import os
 import sys
@@ -29,12 +33,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cap_prep import cache, report
+from cap_prep import cache, report, windows
 from cap_prep.pack import DocTable, Packer, Rows
-from cap_prep.shards import FORMAT_VERSION, SPLITS, ShardWriter, load_manifest, write_manifest
+from cap_prep.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, load_manifest, write_manifest
 from cap_prep.sources import InputFile, find_files, read_documents
 from cap_prep.tokenize import DocumentEncoder, TokenOptions, load_tokenizer, resolve_options
 from common.errors import CapError
+from common.files import user_os_errors
 
 SHARD_BYTES = 256 << 20      # a shard holds at most this many bytes of rows
 CHUNK_BYTES = 32 << 20       # rows packed and written per step
@@ -118,13 +123,77 @@ class Tokenized:
     bytes: int
 
 
+class TokenStore:
+    """The flat int32 token file of a build: appended to while tokenizing, then read by runs.
+
+    Reads are pread()s into the caller's array, not a memory map: pages of a file mapping count in
+    the process's RSS once touched, and on kernels with large page-cache folios one touched token
+    maps megabytes (the scattered documents of an eval split or a mix touched most of the file).
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.count, self.fd = path, 0, None
+        with user_os_errors(path, "cannot write"):
+            self.file = open(path, "wb")
+
+    def write(self, ids: np.ndarray) -> None:
+        with user_os_errors(self.path, "cannot write"):
+            self.file.write(np.ascontiguousarray(ids, dtype=np.int32))
+        self.count += len(ids)
+
+    def finish(self) -> None:
+        """Done writing: open for reading."""
+        with user_os_errors(self.path, "cannot write"):
+            self.file.close()
+        with user_os_errors(self.path, "cannot read"):
+            self.fd = os.open(self.path, os.O_RDONLY)
+
+    def gather(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """store[s:s + c] for every run (s, c), concatenated; runs that continue each other are one read."""
+        out = np.empty(int(counts.sum()), dtype=np.int32)
+        keep = counts > 0
+        starts, counts = starts[keep], counts[keep]
+        if not len(starts):
+            return out
+        first = np.ones(len(starts), dtype=bool)
+        first[1:] = starts[1:] != starts[:-1] + counts[:-1]
+        runs = zip(starts[first].tolist(), np.add.reduceat(counts, np.flatnonzero(first)).tolist())
+        view, at = memoryview(out).cast("B"), 0
+        with user_os_errors(self.path, "cannot read"):
+            for start, count in runs:
+                end, offset = at + 4 * count, 4 * start
+                while at < end:
+                    n = os.preadv(self.fd, [view[at:end]], offset)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "the token store is shorter than written")
+                    at, offset = at + n, offset + n
+        return out
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+
+
 def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, shard_bytes: int, quiet: bool) -> dict:
-    store_path = tmp / "tokens.tmp"
-    tokenized = []
-    with open(store_path, "wb") as store:
-        for d, files in enumerate(inputs):
-            tokenized.append(_tokenize_dataset(cfg, d, files, encoders[d], store, quiet))
-    store_tokens = np.memmap(store_path, dtype=np.int32, mode="r")
+    store = TokenStore(tmp / "tokens.tmp")
+    try:
+        manifest = _build_from(store, cfg, inputs, encoders, options, tmp, fp, shard_bytes, quiet)
+    finally:
+        store.remove()
+    with user_os_errors(tmp / MANIFEST, "cannot write"):
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _build_from(store: TokenStore, cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str,
+                shard_bytes: int, quiet: bool) -> dict:
+    tokenized = [_tokenize_dataset(cfg, d, files, encoders[d], store, quiet) for d, files in enumerate(inputs)]
+    store.finish()
 
     tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]     # (train, eval) DocTables
     masked = np.zeros(options.vocab_size, dtype=bool)
@@ -132,7 +201,7 @@ def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, sha
     splits, per_dataset = {}, [{} for _ in cfg.datasets]
     for s, split in enumerate(SPLITS):
         streams = _streams(cfg, [t[s] for t in tables], s)
-        packers = [Packer(store_tokens, docs, cfg.sequence_len, options.prefix, options.pad_id, masked,
+        packers = [Packer(store.gather, docs, cfg.sequence_len, options.prefix, options.pad_id, masked,
                           cfg.drop_tails) for docs in streams]
         keep = _cap(cfg, [len(p) for p in packers]) if split == "train" else [None] * len(packers)
         counts = Counts(len(cfg.datasets), len(options.prefix))
@@ -148,10 +217,7 @@ def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, sha
         splits[split] = counts.split_summary(writer.close(), sum(len(p) for p in packers))
         for d in range(len(cfg.datasets)):
             per_dataset[d][split] = counts.dataset_summary(d, len(tables[d][s]))
-    del store_tokens, packers
-    os.remove(store_path)
-
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -169,14 +235,14 @@ def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, sha
             for d, (ds, t) in enumerate(zip(cfg.datasets, tokenized))],
         "splits": splits,
     }
-    write_manifest(tmp, manifest)
-    return manifest
 
 
-def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEncoder, store, quiet: bool) -> Tokenized:
-    """Stream the dataset's documents through the tokenizer in batches, appending tokens to `store`."""
+def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEncoder, store: TokenStore,
+                      quiet: bool) -> Tokenized:
+    """Stream the dataset's documents through the tokenizer in batches, appending tokens to `store`;
+    a document longer than windows.LONG_DOC_CHARS goes alone, in windows (encode_long)."""
     total_bytes = sum(f.size for f in files)
-    offset = store.tell() // 4
+    offset = store.count
     lengths, counts = [], {"empty": 0, "tokens": 0}
     batch, chars, read = [], 0, 0
     in_flight = None     # (future of the tokenizer's encodings, input bytes read up to that batch)
@@ -187,7 +253,7 @@ def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEnco
         def collect(job):
             future, read_until = job
             flat, lens, n_empty = encoder.to_arrays(*future.result())
-            store.write(flat.tobytes())
+            store.write(flat)
             lengths.append(lens)
             counts["empty"] += n_empty
             counts["tokens"] += len(flat)
@@ -202,18 +268,40 @@ def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEnco
                 collect(previous)
             batch, chars = [], 0
 
+        def flush():
+            """Store every document read so far (a long document's tokens follow theirs)."""
+            nonlocal in_flight
+            if batch:
+                submit()
+            if in_flight is not None:
+                collect(in_flight)
+                in_flight = None
+
+        def long_document(doc) -> None:
+            flush()
+            n = encoder.encode_long(doc, store.write)
+            if n:
+                lengths.append(np.array([n], dtype=np.int64))
+                counts["tokens"] += n
+            else:
+                counts["empty"] += 1
+            bar.update(read - bar.n)
+            bar.set_postfix(tokens=f"{counts['tokens']:,}", refresh=False)
+
         done = 0
         for f in files:
-            for text, nbytes in read_documents(f):
-                batch.append(text)
-                chars += len(text)
+            for doc, nbytes in read_documents(f, windows.LONG_DOC_CHARS):
                 read += nbytes
+                if not isinstance(doc, str) or len(doc) > windows.LONG_DOC_CHARS:
+                    long_document(doc)
+                    continue
+                batch.append(doc)
+                chars += len(doc)
                 if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
                     submit()
             done += f.size
             read = done
-        submit()
-        collect(in_flight)
+        flush()
     empty = counts["empty"]
     length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if len(length) == 0:

@@ -1,16 +1,10 @@
 """cap-prep CONFIG: tokenize and pack the config's [[datasets]] into a prepared folder (README, 'cap-prep')."""
 from __future__ import annotations
 
-import signal
-
 import click
 
 from common.cli import CONFIG_HELP, user_errors
 from common.config import load_config
-
-
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)   # unwinds through the cleanup that removes a half-built folder
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="CONFIG: " + CONFIG_HELP)
@@ -28,13 +22,11 @@ def main(config, add_prefix_space, force):
     config reference. The result goes to <prepared_dir>/<fingerprint>/ (manifest.json,
     train-*.arrow, eval-*.arrow); a second run with the same inputs reuses it.
     """
-    signal.signal(signal.SIGTERM, _terminate)
     from cap_prep.build import prepare
 
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
     folder = prepare(cfg, force=force)
     click.echo(str(folder))
-
 
 
 if __name__ == "__main__":

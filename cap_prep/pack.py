@@ -83,10 +83,11 @@ class Rows:
 class Packer:
     """Cuts one stream of documents into sequences; `rows(r0, r1)` builds sequences r0..r1-1."""
 
-    def __init__(self, store: np.ndarray, docs: DocTable, sequence_len: int, prefix: np.ndarray,
+    def __init__(self, gather, docs: DocTable, sequence_len: int, prefix: np.ndarray,
                  pad_id: int, masked: np.ndarray, drop_tails: bool):
-        """store: [T] int32 token store; masked: [vocab] bool, True for ids given class 0."""
-        self.store, self.docs = store, docs
+        """gather(starts, counts): the token store's runs store[s:s + c], concatenated ([sum] int32);
+        masked: [vocab] bool, True for ids given class 0."""
+        self.gather, self.docs = gather, docs
         self.L, self.prefix, self.pad_id, self.masked = sequence_len, prefix, pad_id, masked
         self.C = sequence_len - len(prefix)
         self.kept = kept_lengths(docs.length, self.C, drop_tails)
@@ -107,11 +108,8 @@ class Packer:
         lo = np.maximum(a - ends[k], 0)
         hi = np.minimum(b - ends[k], self.kept[k])
         count = hi - lo
-        offsets = np.cumsum(count) - count
-        index = np.arange(b - a) + np.repeat(docs.start[k] + lo - offsets, count)
-
         body = np.full(n * C, self.pad_id, dtype=np.int32)
-        body[: b - a] = self.store[index]
+        body[: b - a] = self.gather(docs.start[k] + lo, count)
         klass = np.zeros(n * C, dtype=np.int8)
         klass[: b - a] = np.repeat(docs.klass[k], count)
         klass[self.masked[body]] = 0

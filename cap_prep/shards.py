@@ -10,14 +10,16 @@ complete when every shard has the size its manifest records (cache.is_complete).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from common.errors import CapError
-from common.files import write_json
+from common.files import user_os_errors, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,7 +56,8 @@ class ShardWriter:
                 pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), self.L),
                 pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1), pa.int8()), self.L),
             ], schema=self.schema)
-            self._writer.write_batch(batch)
+            with _writing(self._path):
+                self._writer.write_batch(batch)
             self._rows += take
             done += take
             if self._rows == self.max_rows:
@@ -68,15 +71,30 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.arrow"
         self._path = self.folder / name
-        self._sink = pa.OSFile(str(self._path), "wb")
-        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        with _writing(self._path):
+            self._sink = pa.OSFile(str(self._path), "wb")
+            self._writer = pa.ipc.new_file(self._sink, self.schema)
         self._rows = 0
 
     def _close_shard(self) -> None:
-        self._writer.close()
-        self._sink.close()
-        self.shards.append({"file": self._path.name, "rows": self._rows, "bytes": self._path.stat().st_size})
+        with _writing(self._path):
+            self._writer.close()
+            self._sink.close()
+            size = self._path.stat().st_size
+        self.shards.append({"file": self._path.name, "rows": self._rows, "bytes": size})
         self._writer = self._sink = None
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An OSError while writing `path` (pyarrow's included) as the CapError `<path>: cannot write (<OS text>)`."""
+    with user_os_errors(path, "cannot write"):
+        try:
+            yield
+        except OSError as e:
+            if e.errno and e.filename is None:      # pyarrow: "Error writing bytes to file. Detail: ..."
+                raise OSError(e.errno, os.strerror(e.errno)) from None
+            raise
 
 
 # ---------------------------------------------------------------- manifest

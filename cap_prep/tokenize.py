@@ -12,6 +12,8 @@ tokenizes to nothing (before the suffix), is skipped and counted as empty.
 Batches go through the fast tokenizer's Rust batch encoder (`encode_batch_fast`), which runs on
 all cores (rayon) when TOKENIZERS_PARALLELISM is true (the default set here) and releases the GIL,
 so the caller can read and convert other batches meanwhile (`encode_texts` / `to_arrays`).
+A document longer than windows.LONG_DOC_CHARS goes through `encode_long` instead: the same ids,
+from windows of the text (windows.py), written out as they come.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cap_prep.windows import Windows
 from common.errors import CapError
 
 
@@ -138,6 +141,13 @@ class DocumentEncoder:
         else:
             ids = document_suffix
         self.suffix_ids = check_ids(ids, options.vocab_size, f"{where}: document_suffix = {document_suffix!r}")
+        self._windows = None
+
+    @property
+    def windows(self) -> Windows:
+        if self._windows is None:
+            self._windows = Windows(self.backend)
+        return self._windows
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """Tokens of the non-empty documents of `texts`, their lengths, and how many were empty."""
@@ -147,6 +157,38 @@ class DocumentEncoder:
         """The tokenizer's encodings of the non-empty texts (runs without the GIL), and how many were empty."""
         kept = [t + self.suffix_text for t in texts if t] if self.suffix_text else [t for t in texts if t]
         return (self.encode(kept, add_special_tokens=True) if kept else []), len(texts) - len(kept)
+
+    def encode_long(self, source, write) -> int:
+        """The tokens of one long document (a str, or an iterable of str chunks), finished by the
+        document rule and passed to write(int32 array) as they come; returns their number
+        (0: the document is empty, nothing was written)."""
+        w = self.windows
+        if not w.usable:    # a post-processor windows cannot reproduce: encode the whole text
+            text = source if isinstance(source, str) else "".join(source)
+            flat, lengths, n_empty = self([text])
+            if n_empty:
+                return 0
+            write(flat)
+            return len(flat)
+        pieces = itertools.chain([np.asarray(w.prefix, dtype=np.int32)], w.encode(source, self.suffix_text),
+                                 [np.asarray(w.suffix, dtype=np.int32)])
+        n, last, first = 0, None, True
+        for ids in pieces:
+            if first and len(ids):
+                first = False
+                if ids[0] == self.bos:
+                    ids = ids[1:]      # the leading BOS (the sequence prefix supplies it)
+            if len(ids):
+                write(ids)
+                n += len(ids)
+                last = int(ids[-1])
+        if n and self.eos_if_missing and last != self.eos:
+            write(np.asarray([self.eos], dtype=np.int32))
+            n += 1
+        elif n and len(self.suffix_ids):
+            write(self.suffix_ids)
+            n += len(self.suffix_ids)
+        return n
 
     def to_arrays(self, encodings, n_empty: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Flat tokens [T] int32 and lengths [n] int64 of `encodings`, finished by the document rule."""

@@ -1,26 +1,34 @@
-"""Checkpoints that are complete or absent, never half-written.
+"""Checkpoints that are complete or absent, never half-written, and checked before they are used.
 
 Layout: <output_dir>/checkpoints/step00000123/
     ds/…                 DeepSpeed's model + optimizer state (trainable parameters only)
     rng-rank<r>.pt       each rank's torch / numpy / python RNG states
-    state.json           step, epoch, step within epoch, tokens seen — written last
+    state.json           written last: the position (step, epoch, step within epoch, tokens), the
+                         config the run had, the prepared data's fingerprint, the topology, the
+                         model's shape, and the size and sha256 of every other file
 A checkpoint is built in `.tmp-step…` and renamed into place by rank 0 after every rank has
 written its part, so a kill -9 at any moment leaves the previous complete checkpoint intact.
 Old checkpoints beyond max_checkpoints are first renamed to `.trash-…`, then deleted.
+
+Resume takes the newest checkpoint whose state.json reads and whose files match their recorded
+sizes and sha256; a damaged one is renamed `.damaged-step…` (kept for inspection, said in one
+line) and the one before it is tried.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Callable
 
 from common.files import write_json_atomic
 
 STATE = "state.json"
+FORMAT = 2
 
 
 class Checkpoints:
@@ -31,7 +39,7 @@ class Checkpoints:
         self.max_checkpoints = max_checkpoints
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Checkpoints with a state.json (published), oldest first."""
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.glob("step*") if (p / STATE).is_file())
@@ -64,13 +72,94 @@ class Checkpoints:
         self.clean_stale()
         return final
 
+    def set_aside(self, path: Path) -> Path:
+        """Move a damaged checkpoint out of the way (hidden, kept for inspection)."""
+        target = self.root / f".damaged-{path.name}"
+        shutil.rmtree(target, ignore_errors=True)
+        path.rename(target)
+        return target
 
+
+# ---------------------------------------------------------------- checksums
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder except state.json, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != STATE)
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of one file."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def read_state(folder: Path) -> dict:
+    """state.json of a checkpoint; ValueError (with the reason) when it is missing or unreadable."""
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{STATE} is unreadable ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in
+                                              ("step", "epoch", "step_in_epoch", "tokens")):
+        raise ValueError(f"{STATE} lacks the position (step, epoch, step_in_epoch, tokens)")
+    return state
+
+
+def damage(folder: Path, state: dict) -> str | None:
+    """Why the checkpoint's files do not match state.json's record (None: they all match)."""
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        return None if state.get("format", 1) < FORMAT else f"{STATE} records no files"
+    for name, want in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            return f"{name} has {size} bytes, {want.get('bytes')} were written"
+        try:
+            got = file_record(path)["sha256"]
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror})"
+        if got != want.get("sha256"):
+            return f"{name} does not match its sha256 (its content changed after it was written)"
+    return None
+
+
+@dataclass
+class Chosen:
+    path: Path
+    state: dict
+
+
+def choose(ckpts: Checkpoints, say: Callable[[str], None]) -> Chosen | None:
+    """The newest checkpoint that reads and verifies; damaged ones are set aside with one line each."""
+    for path in reversed(ckpts.complete()):
+        try:
+            state = read_state(path)
+            problem = damage(path, state)
+        except ValueError as e:
+            problem = str(e)
+        if problem is None:
+            return Chosen(path, state)
+        moved = ckpts.set_aside(path)
+        say(f"cap-train: checkpoint {path.name} is damaged ({problem}); moved it to {moved.name} and "
+            f"trying the one before it")
+    return None
+
+
+# ---------------------------------------------------------------- RNG
+# (torch and numpy are imported here, not above: cap-train's CLI chooses checkpoints without them)
 def rng_state() -> dict:
+    import numpy as np
+    import torch
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -79,10 +168,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_rng(folder: Path, rank: int) -> None:
+    import torch
     tmp = folder / f"rng-rank{rank}.pt.tmp"
     torch.save(rng_state(), tmp)
     os.replace(tmp, folder / f"rng-rank{rank}.pt")
 
 
 def load_rng(folder: Path, rank: int) -> None:
+    import torch
     set_rng_state(torch.load(folder / f"rng-rank{rank}.pt", weights_only=False))

@@ -1,44 +1,90 @@
-"""cap-train CONFIG: validate, then launch the workers through DeepSpeed's launcher.
+"""cap-train CONFIG: validate, choose the checkpoint to resume from, then start the workers.
 
-Every process runs `python -m cap_train.worker CONFIG`. On CUDA the launcher starts one process
-per GPU (NCCL); without GPUs `--num-gpus N` starts N gloo processes that share the cores
-(OMP_NUM_THREADS = cores / N each). Multi-node runs use a DeepSpeed hostfile (ssh), as DeepSpeed
-documents; --master-addr names the rank-0 node.
+Every process runs `python -m cap_train.worker CONFIG …`. On one node cap_train.launch starts
+them (one per GPU with NCCL; without GPUs `--num-gpus N` gloo processes sharing the cores,
+OMP_NUM_THREADS = cores / N each) and reports a failing rank in one line. Multi-node runs use a
+DeepSpeed hostfile (ssh) and DeepSpeed's launcher; --master-addr names the rank-0 node. Each
+rank's full output goes to <output_dir>/logs/<run>/rank<r>.log.
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import click
 
 from common.cli import user_errors
-from common.config import load_config
+from common.config import Config, load_config
 from common.errors import CapError
 
 
 def _gpus() -> int:
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies); without an NVIDIA device
+    node there are none, and torch (2 s to import) is not needed to say so."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return 0
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def launcher_command(config: str, num_procs: int, *, master_addr=None, master_port=None, hostfile=None,
-                     resume=False, add_prefix_space=False) -> list[str]:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank"]
-    if hostfile:
-        cmd += ["--hostfile", hostfile]
-    else:
-        cmd += ["--num_gpus", str(num_procs)]
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the rank-0 rendezvous of a single-node run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_args(config: str, *, resume_from=None, restart_epoch=False, add_prefix_space=False,
+                log_dir=None) -> list[str]:
+    args = [config]
+    if resume_from:
+        args += ["--resume-from", str(resume_from)]
+    if restart_epoch:
+        args.append("--restart-epoch")
+    if add_prefix_space:
+        args.append("--add-prefix-space")
+    if log_dir:
+        args += ["--log-dir", str(log_dir)]
+    return args
+
+
+def deepspeed_command(args: list[str], hostfile: str, master_addr=None, master_port=None) -> list[str]:
+    """DeepSpeed's multi-node launcher (ssh/pdsh to the hostfile's nodes) running cap_train.worker."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--hostfile", hostfile]
     if master_addr:
         cmd += ["--master_addr", master_addr]
-    cmd += ["--master_port", str(master_port or 29500)]
-    cmd += ["--module", "cap_train.worker", config]
-    if resume:
-        cmd.append("--resume-from-checkpoint")
-    if add_prefix_space:
-        cmd.append("--add-prefix-space")
+    cmd += ["--master_port", str(master_port or 29500), "--module", "cap_train.worker", *args]
     return cmd
+
+
+def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str | None, bool]:
+    """(checkpoint to resume from or None, whether the data restarts at the epoch start): the newest
+    checkpoint that verifies, checked against this config (cap_train.resume)."""
+    from cap_train import resume
+    from cap_train.checkpoint import Checkpoints, choose
+
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    chosen = choose(Checkpoints(cfg.output_dir, cfg.max_checkpoints), say)
+    if chosen is None:
+        say(f"cap-train: no complete checkpoint in {cfg.output_dir / 'checkpoints'}; starting from scratch")
+        return None, False
+    old = chosen.state.get("run")
+    if not isinstance(old, dict):
+        say(f"cap-train: {chosen.path} records no config (written by an older cap); resuming without comparing")
+        return str(chosen.path), False
+    new = resume.run_record(cfg.to_dict(), resume.data_identity(cfg), processes, resume.model_shape(cfg.model_dir))
+    plan = resume.plan(old, new, accept, str(chosen.path))
+    if plan.applied:
+        say(f"cap-train: resuming at step {chosen.state['step']} with changed settings, in effect from the next "
+            f"step: {'; '.join(map(str, plan.applied))}")
+    if plan.accepted:
+        say(f"cap-train: accepted (--accept-config-change): {'; '.join(map(str, plan.accepted))}"
+            f"{'; the data restarts at the start of the current epoch' if plan.restart_epoch else ''}")
+    return str(chosen.path), plan.restart_epoch
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,19 +92,25 @@ def launcher_command(config: str, num_procs: int, *, master_addr=None, master_po
 @click.option("--num-gpus", type=click.IntRange(min=1), default=None,
               help="Processes on this node (GPUs; on CPU, gloo processes sharing the cores). Default: all GPUs, or 1.")
 @click.option("--master-addr", default=None, help="Address of the rank-0 node for multi-node runs.")
-@click.option("--master-port", type=int, default=None, help="Port of the rank-0 process (default 29500).")
+@click.option("--master-port", type=int, default=None,
+              help="Port of the rank-0 process (default: a free port on one node, 29500 with --hostfile).")
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="DeepSpeed hostfile for multi-node training (ssh between nodes).")
-@click.option("--resume-from-checkpoint", is_flag=True, help="Continue from the newest complete checkpoint in output_dir.")
+@click.option("--resume-from-checkpoint", is_flag=True,
+              help="Continue from the newest complete checkpoint in output_dir (checked; a damaged one is skipped).")
+@click.option("--accept-config-change", is_flag=True,
+              help="With --resume-from-checkpoint: continue although data or model keys changed "
+                   "(a changed dataset restarts the current epoch).")
 @click.option("--add-prefix-space", is_flag=True, help="Tokenize with add_prefix_space (when cap-prep runs from here).")
 @user_errors("cap-train")
-def main(config, num_gpus, master_addr, master_port, hostfile, resume_from_checkpoint, add_prefix_space):
+def main(config, num_gpus, master_addr, master_port, hostfile, resume_from_checkpoint, accept_config_change,
+         add_prefix_space):
     """Train the adapters (or full model) that CONFIG describes.
 
     CONFIG is the TOML file shared with cap-prep and cap-export; every key is listed in the
     README's config reference. The prepared dataset is reused from prepared_dir, or built first.
-    Writes <output_dir>/tensorboard/, checkpoints/ and epoch<N>/ (adapter_model.safetensors +
-    adapter_config.json).
+    Writes <output_dir>/tensorboard/, checkpoints/, epoch<N>/ (adapter_model.safetensors +
+    adapter_config.json) and logs/.
     """
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
     gpus = _gpus()
@@ -67,16 +119,40 @@ def main(config, num_gpus, master_addr, master_port, hostfile, resume_from_check
         if gpus and procs > gpus:
             raise CapError(f"--num-gpus {procs}: this node has only {gpus} GPU(s)")
         cfg.check_world_size(procs)
+    resume_from, restart_epoch = None, False
+    if resume_from_checkpoint:
+        resume_from, restart_epoch = resume_choice(cfg, None if hostfile else procs, accept_config_change)
+    elif accept_config_change:
+        raise CapError("--accept-config-change only applies with --resume-from-checkpoint")
+    else:
+        _refuse_to_mix_runs(cfg)
     env = dict(os.environ)
     if not gpus:
         env.setdefault("DS_ACCELERATOR", "cpu")
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
-    cmd = launcher_command(str(cfg.source), procs, master_addr=master_addr, master_port=master_port,
-                           hostfile=hostfile, resume=resume_from_checkpoint, add_prefix_space=add_prefix_space)
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-        click.echo(f"cap-train: a worker failed (exit code {rc}); see its message above", err=True)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))   # the user's setting wins
+    log_dir = cfg.output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    args = worker_args(str(cfg.source), resume_from=resume_from, restart_epoch=restart_epoch,
+                       add_prefix_space=add_prefix_space, log_dir=log_dir)
+    click.echo(f"cap-train: {procs if not hostfile else 'hostfile'} process(es); each rank's full output: "
+               f"{log_dir}/rank<r>.log", err=True)
+    if hostfile:
+        rc = subprocess.call(deepspeed_command(args, hostfile, master_addr, master_port), env=env)
+        if rc:
+            click.echo(f"cap-train: a worker failed (exit code {rc}); see its message above and {log_dir}", err=True)
+    else:
+        from cap_train.launch import run_local
+        rc = run_local([sys.executable, "-u", "-m", "cap_train.worker", *args], procs, master_port or free_port(),
+                       env, str(log_dir))
     sys.exit(rc)
+
+
+def _refuse_to_mix_runs(cfg: Config) -> None:
+    """A fresh run must not write into (and prune) the checkpoints of an earlier run."""
+    from cap_train.checkpoint import Checkpoints
+    newest = Checkpoints(cfg.output_dir, cfg.max_checkpoints).newest()
+    if newest is not None:
+        raise CapError(f"{cfg.source}: output_dir {cfg.output_dir} holds checkpoints of an earlier run (newest: "
+                       f"{newest.name}); continue it with --resume-from-checkpoint, or choose another output_dir")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.adapters.control import ControlAdapter
-from common.adapters.io import adapter_config_for, control_key, lora_key, save_adapter
+from common.adapters.io import adapter_config_for, control_key, lora_key, save_adapter, save_weights
 from common.adapters.lora import LoraLinear
+from common.files import make_temp_dir, temp_name, write_json
 from common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -84,9 +85,22 @@ def write_epoch_output(cfg, part_dir: Path, folder: Path) -> None:
 
 
 def _write_full_model(cfg, parts: list[Path], folder: Path) -> None:
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = make_temp_dir(folder.parent, folder.name)
+    try:
+        _fill_full_model(cfg, parts, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if folder.exists():   # replaced only once the new folder is complete
+        old = folder.parent / temp_name(folder.name)
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fill_full_model(cfg, parts: list[Path], tmp: Path) -> None:
     config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
     tied = config.get("tie_word_embeddings", False)
     weight_map, total = {}, 0
@@ -95,15 +109,12 @@ def _write_full_model(cfg, parts: list[Path], folder: Path) -> None:
         if tied:
             tensors.pop("lm_head.weight", None)
         name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        save_weights(tensors, tmp / name)
         for k, t in tensors.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    write_json(tmp / "model.safetensors.index.json",
+               {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     for name in COPIED:
         if (Path(cfg.model_dir) / name).is_file():
-            shutil.copy2(Path(cfg.model_dir) / name, tmp / name)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+            shutil.copyfile(Path(cfg.model_dir) / name, tmp / name)   # plain copy: umask permissions

@@ -1,16 +1,20 @@
-"""One cap-train process (started by DeepSpeed's launcher): build this rank's pipeline stage,
-train, evaluate, checkpoint, and write the final adapters.
+"""One cap-train process (started by cap_train.launch, or by DeepSpeed's launcher on several
+nodes): build this rank's pipeline stage, train, evaluate, checkpoint, and write the final adapters.
 
 The loop, per optimizer step t (1-based):
     loss_t = engine.train_batch(gradient_accumulation_steps micro batches of this rank's order)
     Adam step (inside DeepSpeed, gradient clipping), then the decoupled regularization step
     evals at evals_per_run evenly spaced steps (0 and the last included),
-    a checkpoint every checkpoint_interval_hours and at each epoch end.
+    a checkpoint every checkpoint_interval_hours, at each epoch end and at the last step.
+A resume (--resume-from, chosen and checked by cap_train.cli) continues from the checkpoint's
+position with this launch's optimizer and schedule settings (cap_train.resume).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import math
 import os
 import shutil
@@ -22,9 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cap_train.checkpoint import Checkpoints, load_rng, save_rng
-from common.files import write_json_atomic
+from cap_train import resume as resuming
+from cap_train.checkpoint import FORMAT, Checkpoints, checkpoint_files, file_record, load_rng, read_state, save_rng
 from cap_train.data import Batches, prepared_splits
+from cap_train.logs import EXIT_USER, RankOutput, report_crash
 from cap_train.loss import PipelineLoss
 from cap_train.metrics import Metrics
 from cap_train.optim import ClippedAdam
@@ -34,6 +39,7 @@ from cap_train.schedule import lr_lambda
 from common.adapters.regularize import regularize_model_
 from common.config import Config, load_config
 from common.errors import CapError
+from common.files import HOST, os_error_message, remove_stale_temps, user_os_errors, write_json_atomic
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -64,48 +70,77 @@ def eval_steps(evals_per_run: int, total_steps: int) -> set[int]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool):
-        import deepspeed
-        from deepspeed.pipe import PipelineModule
-        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology
-        from common.models.pipeline import PARTITION_METHOD, layer_specs
+    """This rank's part of the run: its pipeline stage, optimizer, data order and position."""
 
+    def __init__(self, cfg: Config, resume_from: Path | None = None, restart_epoch: bool = False,
+                 quiet=contextlib.nullcontext):
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_world = cfg.check_world_size(self.world)
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-
-        self.train_rows, self.eval_rows = prepared_splits(cfg, self.rank)
-        if cfg.use_column_major_topology:  # pipeline stages of one replica on neighbouring ranks
-            topology = ProcessTopology(axes=["data", "pipe"], dims=[self.dp_world, cfg.pipeline_stages])
-        else:
-            topology = PipeDataParallelTopology(num_pp=cfg.pipeline_stages, num_dp=self.dp_world)
-        coord = topology.get_coord(self.rank)
-        self.stage, self.dp_rank = coord.pipe, coord.data
-
         if not cuda and cfg.model_dtype == "bfloat16" and self.rank == 0 and not cpu_has_bf16():
             print("cap-train: warning: model_dtype = 'bfloat16' on a CPU without native bf16 (no AVX512-BF16 "
                   "or AMX): its matmuls run ~60x slower than float32 here; set model_dtype = 'float32'",
                   file=sys.stderr, flush=True)
-        torch.manual_seed(cfg.seed)
-        self.loss = PipelineLoss()
-        model = PipelineModule(layers=layer_specs(cfg, DTYPES[cfg.model_dtype], self.device, loss_fn=self.loss),
-                               topology=topology, loss_fn=None, partition_method=PARTITION_METHOD,
-                               activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
-                               checkpointable_layers=["DecoderLayerPipe"])
-        self.model = model
-        trainable = [p for p in model.parameters() if p.requires_grad]
-
+        self.train_rows, self.eval_rows = prepared_splits(cfg, self.rank)
+        self.topology = self._topology()
+        coord = self.topology.get_coord(self.rank)
+        self.stage, self.dp_rank = coord.pipe, coord.data
         self.order = TrainOrder(len(self.train_rows), self.dp_rank, self.dp_world, cfg.seed,
                                 cfg.micro_batch_size, cfg.gradient_accumulation_steps)
         if self.order.steps_per_epoch == 0:
             raise CapError(f"{cfg.source}: {len(self.train_rows)} training sequences are fewer than one step needs "
                            f"(micro_batch_size × gradient_accumulation_steps × data-parallel = "
                            f"{self.order.rows_per_step * self.dp_world})")
-        total = self.order.steps_per_epoch * cfg.epochs
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.step, self.epoch, self.step_in_epoch, self.tokens = 0, 0, 0, 0
+        self.restarted = restart_epoch
+        state = self._read_resume_state(resume_from, restart_epoch) if resume_from else None
+        self.total_steps = self._total_steps()
+        torch.manual_seed(cfg.seed)
+        self.loss = PipelineLoss()
+        with quiet():   # DeepSpeed lists the stage's layers and its settings: for the log, not the console
+            self.model = self._pipeline_module()
+            self.engine, self.optimizer = self._engine()
+        self.ckpts = Checkpoints(cfg.output_dir, cfg.max_checkpoints)
+        self.batches = Batches(self.train_rows)
+        if state is not None:
+            self._load_checkpoint(resume_from, state)
 
+    # ---------------------------------------------------------------- construction
+    def _topology(self):
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology
+        if self.cfg.use_column_major_topology:  # pipeline stages of one replica on neighbouring ranks
+            return ProcessTopology(axes=["data", "pipe"], dims=[self.dp_world, self.cfg.pipeline_stages])
+        return PipeDataParallelTopology(num_pp=self.cfg.pipeline_stages, num_dp=self.dp_world)
+
+    def _total_steps(self) -> int:
+        """Steps of the whole run: epochs × steps per epoch (or max_steps) — counted from the
+        checkpoint's step where a changed dataset restarts the current epoch."""
+        cfg, per_epoch = self.cfg, self.order.steps_per_epoch
+        if self.restarted:
+            total = self.step + (cfg.epochs - self.epoch) * per_epoch
+        else:
+            total = per_epoch * cfg.epochs
+        return min(total, cfg.max_steps) if cfg.max_steps else total
+
+    def _pipeline_module(self):
+        from deepspeed.pipe import PipelineModule
+        from common.models.pipeline import PARTITION_METHOD, layer_specs
+        cfg = self.cfg
+        model = PipelineModule(layers=layer_specs(cfg, DTYPES[cfg.model_dtype], self.device, loss_fn=self.loss),
+                               topology=self.topology, loss_fn=None, partition_method=PARTITION_METHOD,
+                               activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
+                               checkpointable_layers=["DecoderLayerPipe"])
+        for p in model.parameters():
+            if not p.is_contiguous():  # DeepSpeed views parameters as bytes to broadcast and save them
+                p.data = p.data.contiguous()
+        return model
+
+    def _engine(self):
+        import deepspeed
+        cfg = self.cfg
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = ClippedAdam(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False,
                                 max_grad_norm=cfg.max_grad_norm)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
@@ -117,45 +152,91 @@ class Trainer:
             "steps_per_print": 2 ** 62,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config, model_parameters=trainable)
-        optimizer.pipe_group = self.engine.grid.get_pipe_parallel_group()
-        self.optimizer = optimizer
-        self.ckpts = Checkpoints(cfg.output_dir, cfg.max_checkpoints)
-        self.batches = Batches(self.train_rows)
-        self.step, self.epoch, self.step_in_epoch, self.tokens = 0, 0, 0, 0
-        if resume:
-            self.resume()
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=ds_config, model_parameters=trainable)
+        optimizer.pipe_group = engine.grid.get_pipe_parallel_group()
+        return engine, optimizer
 
     # ---------------------------------------------------------------- state
-    def resume(self) -> None:
-        import json
-        path = self.ckpts.newest()
-        if path is None:
-            if self.rank == 0:
-                print(f"cap-train: no complete checkpoint in {self.ckpts.root}; starting from scratch", file=sys.stderr)
-            return
-        self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = json.loads((path / "state.json").read_text())
+    @functools.cached_property
+    def run_record(self) -> dict:
+        """What a checkpoint records about this run (compared on resume, cap_train.resume)."""
+        return resuming.run_record(self.cfg.to_dict(), resuming.data_identity(self.cfg), self.world,
+                                   resuming.model_shape(self.cfg.model_dir))
+
+    def _read_resume_state(self, path: Path, restart_epoch: bool) -> dict:
+        """The checkpoint's position; its topology must be this run's (the per-rank state is)."""
+        try:
+            state = read_state(path)
+        except ValueError as e:
+            raise CapError(f"{path}: {e}") from None
+        old = state.get("run", {})
+        for key, now in (("processes", self.world), ("pipeline_stages", self.cfg.pipeline_stages)):
+            if key in old and old[key] != now:
+                raise CapError(f"{path}: written by a run with {key} = {old[key]}; this run has {now} "
+                               f"(a checkpoint resumes on the topology that wrote it)")
         self.step, self.epoch, self.step_in_epoch, self.tokens = (state["step"], state["epoch"],
                                                                   state["step_in_epoch"], state["tokens"])
+        if restart_epoch:
+            self.step_in_epoch = 0
+        elif self.step_in_epoch >= self.order.steps_per_epoch:
+            raise CapError(f"{path}: its position (step {self.step_in_epoch} of epoch {self.epoch + 1}) is past the "
+                           f"end of this data order ({self.order.steps_per_epoch} steps per epoch)")
+        return state
+
+    def _load_checkpoint(self, path: Path, state: dict) -> None:
+        self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         load_rng(path, self.rank)
+        self._apply_schedule()
         if self.rank == 0:
-            print(f"cap-train: resumed from {path} at step {self.step}", file=sys.stderr)
+            print(f"cap-train: resumed from {path} at step {self.step} (epoch {self.epoch + 1}, step "
+                  f"{self.step_in_epoch} of {self.order.steps_per_epoch}); lr {self.engine.get_lr()[0]:.3g}",
+                  file=sys.stderr, flush=True)
+
+    def _apply_schedule(self) -> None:
+        """This launch's optimizer settings and lr schedule, at the checkpoint's step.
+
+        A checkpoint restores the param groups' hyperparameters and the scheduler's base lr as they
+        were; the config of this launch wins: β₁, β₂, ε from it, lr_t = lr · λ(t) with its schedule."""
+        scheduler = self.engine.lr_scheduler
+        factor = scheduler.lr_lambdas[0]
+        for group in self.optimizer.param_groups:
+            group.update(beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps,
+                         initial_lr=self.cfg.lr, lr=self.cfg.lr * factor(self.step))
+        scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        scheduler.last_epoch = self.step
+        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save_checkpoint(self) -> None:
+        """Every rank writes its part into the temporary folder, the files are hashed (shared out
+        over the ranks), and rank 0 publishes it with state.json."""
         tmp = self.ckpts.tmp_dir(self.step)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
-        save_rng(tmp, self.rank)
+        try:
+            self.engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
+            save_rng(tmp, self.rank)
+        except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+            why = _write_error(e, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CapError(f"{tmp}: cannot write the checkpoint ({why}); the previous checkpoint "
+                           f"({self.ckpts.newest() or 'none'}) is intact") from None
         dist.barrier()
+        box = [checkpoint_files(tmp) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        mine = {name: file_record(tmp / name) for name in box[0][self.rank::self.world]}
+        records = [None] * self.world
+        dist.all_gather_object(records, mine)
         if self.rank == 0:
-            self.ckpts.publish(self.step, {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                                           "tokens": self.tokens, "total_steps": self.total_steps})
+            files = {k: v for part in records for k, v in part.items()}
+            with user_os_errors(tmp, "cannot publish the checkpoint"):
+                self.ckpts.publish(self.step, {
+                    "format": FORMAT, "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                    "tokens": self.tokens, "total_steps": self.total_steps, "run": self.run_record,
+                    "files": dict(sorted(files.items()))})
         dist.barrier()
 
     # ---------------------------------------------------------------- eval
@@ -231,7 +312,7 @@ class Trainer:
             done = self.step == self.total_steps
             if epoch_end or done:
                 self.write_adapters(self.epoch if epoch_end else self.epoch + 1)
-            if epoch_end or self.time_for_checkpoint(last_ckpt):
+            if epoch_end or done or self.time_for_checkpoint(last_ckpt):
                 self.save_checkpoint()
                 last_ckpt = time.time()
         metrics.close()
@@ -279,18 +360,50 @@ class Trainer:
             shutil.rmtree(part_dir, ignore_errors=True)
             part_dir.mkdir(parents=True)
         dist.barrier()
-        if self.dp_rank == 0:
-            from safetensors.torch import save_file
-            save_file(adapter_tensors(self.model, self.cfg), str(part_dir / f"stage{self.stage}.safetensors"))
-        dist.barrier()
-        if self.rank == 0:
-            write_epoch_output(self.cfg, part_dir, folder)
+        try:
+            if self.dp_rank == 0:
+                from safetensors.torch import save_file
+                save_file(adapter_tensors(self.model, self.cfg), str(part_dir / f"stage{self.stage}.safetensors"))
+            dist.barrier()
+            if self.rank == 0:
+                write_epoch_output(self.cfg, part_dir, folder)
+                shutil.rmtree(part_dir, ignore_errors=True)
+                print(f"cap-train: wrote {folder}", file=sys.stderr)
+        except (OSError, RuntimeError) as e:   # safetensors' errors are RuntimeErrors too
+            why = _write_error(e, part_dir)
             shutil.rmtree(part_dir, ignore_errors=True)
-            print(f"cap-train: wrote {folder}", file=sys.stderr)
+            raise CapError(f"{folder}: cannot write the trained weights ({why})") from None
         dist.barrier()
 
 
-def run(config: str, resume: bool, add_prefix_space: bool) -> None:
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _write_error(error: BaseException, folder: Path) -> str:
+    """What went wrong writing into `folder`: the OS error, or — for libraries that report a failed
+    write without one (torch.save, safetensors) — a full disk when that is what the disk shows."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        usage = None
+    if usage is not None and usage.free < min(64 << 20, usage.total // 100):
+        return f"No space left on device: {usage.free:,} bytes free; {_first_line(error)}"
+    return _first_line(error)
+
+
+def clean_outputs(output_dir: Path) -> None:
+    """Rank 0 at start: remove what interrupted writes of epoch<N>/ folders left behind."""
+    for parts in output_dir.glob("epoch*.parts"):
+        shutil.rmtree(parts, ignore_errors=True)
+    for name in {p.name.split(".tmp-")[0][1:] for p in output_dir.glob(".epoch*.tmp-*")}:
+        remove_stale_temps(output_dir, name)
+
+
+def run(config: str, resume_from: str | None, restart_epoch: bool, add_prefix_space: bool,
+        output: RankOutput) -> None:
     import logging
 
     import deepspeed
@@ -302,15 +415,21 @@ def run(config: str, resume: bool, add_prefix_space: bool) -> None:
                                timeout=datetime.timedelta(hours=4))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    trainer = Trainer(cfg, resume)
+    trainer = Trainer(cfg, Path(resume_from) if resume_from else None, restart_epoch, output.log_only)
     if dist.get_rank() == 0:
         trainer.ckpts.clean_stale()
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cfg.source, Path(cfg.output_dir) / "config.toml")
+        clean_outputs(Path(cfg.output_dir))
+        with user_os_errors(cfg.output_dir):
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cfg.source, Path(cfg.output_dir) / "config.toml")
+        if trainer.step >= trainer.total_steps:
+            print(f"cap-train: nothing to train: the checkpoint is at step {trainer.step}, and this config's run "
+                  f"ends at step {trainer.total_steps} (raise epochs or max_steps to train on)", file=sys.stderr)
     trainer.train()
     if dist.get_rank() == 0:
-        write_json_atomic(Path(cfg.output_dir) / "summary.json",
-                          {"steps": trainer.step, "tokens": trainer.tokens, "epochs": trainer.epoch})
+        with user_os_errors(cfg.output_dir):
+            write_json_atomic(Path(cfg.output_dir) / "summary.json",
+                              {"steps": trainer.step, "tokens": trainer.tokens, "epochs": trainer.epoch})
         print(f"cap-train: done — {trainer.step} steps, {trainer.tokens:,} tokens; outputs in {cfg.output_dir}",
               file=sys.stderr)
     # barrier before teardown: without it gloo can abort at exit
@@ -321,15 +440,30 @@ def run(config: str, resume: bool, add_prefix_space: bool) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="cap_train.worker")
     parser.add_argument("config")
-    parser.add_argument("--resume-from-checkpoint", action="store_true")
+    parser.add_argument("--resume-from", default=None, help="checkpoint folder (chosen and checked by cap-train)")
+    parser.add_argument("--restart-epoch", action="store_true", help="start the checkpoint's epoch over")
     parser.add_argument("--add-prefix-space", action="store_true")
+    parser.add_argument("--log-dir", default=None, help="folder for this rank's rank<r>.log")
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    output = RankOutput(args.log_dir, rank)
     try:
-        run(args.config, args.resume_from_checkpoint, args.add_prefix_space)
+        run(args.config, args.resume_from, args.restart_epoch, args.add_prefix_space, output)
     except CapError as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"cap-train: error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        os._exit(2)
+        output.console_line(f"cap-train: error (rank {rank} on {HOST}): {e}")
+        code = EXIT_USER
+    except OSError as e:
+        output.console_line(f"cap-train: error (rank {rank} on {HOST}): {os_error_message(e)}")
+        code = EXIT_USER
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # noqa: BLE001 - every crash is reported, then the process ends at once
+        code = report_crash(output, e)
+    else:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # without waiting for peers that may be gone (a normal exit can hang in gloo's teardown)
 
 
 if __name__ == "__main__":

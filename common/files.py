@@ -71,6 +71,8 @@ def user_os_errors(path, doing: str = "cannot write") -> Iterator[None]:
         yield
     except OSError as e:
         where = e.filename if e.filename is not None else path
+        if e.filename2 is not None:      # copy / rename: name both ends
+            where = f"{e.filename} → {e.filename2}"
         raise CapError(f"{where}: {doing} ({e.strerror or e})") from None
 
 

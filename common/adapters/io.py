@@ -11,18 +11,19 @@ control adapters; a control adapter folder without them (qlora-pipe-lite's) mean
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.adapters.factors import CONTROL_TYPES
 from common.errors import CapError
-from common.files import fsync, write_json
+from common.files import follow_umask, fsync, make_temp_dir, temp_name, write_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -93,31 +94,39 @@ def adapter_config_for(cfg, layers: list[int], base_model_path, target_modules: 
 
 
 # ---------------------------------------------------------------- saving
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file + fsync, with umask permissions (safetensors makes the file 0600); its own write
+    error (disk full, ...) becomes a CapError naming `path`."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        raise CapError(f"{path}: cannot write ({e})") from None
+    follow_umask(path, directory=False)
+    fsync(path)
+
+
 def save_adapter(folder, tensors: dict[str, torch.Tensor], adapter_config: dict) -> Path:
     """Write `folder`/adapter_model.safetensors + adapter_config.json without ever leaving a part-file.
 
-    A new folder is built under a temporary name beside it and renamed into place (atomic). Into an
-    existing folder, each file is written to a temporary name and os.replace'd: weights, then config.
+    A new folder is built under a temporary name beside it (common.files.make_temp_dir: umask
+    permissions, owner in the name) and renamed into place (atomic). Into an existing folder, each
+    file is written to a temporary name and os.replace'd: weights, then config.
     """
     folder = Path(folder)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
     if not folder.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        tmp = make_temp_dir(folder.parent, folder.name)
         try:
-            save_file(plain, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            fsync(tmp / WEIGHTS_NAME)
+            save_weights(plain, tmp / WEIGHTS_NAME)
             write_json(tmp / CONFIG_NAME, adapter_config, sort_keys=True)
             os.rename(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder
-    tmp_weights = folder / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    tmp_config = folder / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+    tmp_weights, tmp_config = folder / temp_name(WEIGHTS_NAME), folder / temp_name(CONFIG_NAME)
     try:
-        save_file(plain, tmp_weights, metadata={"format": "pt"})
-        fsync(tmp_weights)
+        save_weights(plain, tmp_weights)
         write_json(tmp_config, adapter_config, sort_keys=True)
         os.replace(tmp_weights, folder / WEIGHTS_NAME)
         os.replace(tmp_config, folder / CONFIG_NAME)
@@ -147,6 +156,7 @@ def load_adapter(folder) -> tuple[dict[str, torch.Tensor], dict]:
         raise CapError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CapError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    check_types(config, CONFIG_TYPES, config_path)
     try:
         tensors = load_file(weights)
     except Exception as e:  # safetensors raises its own error type, or OSError/ValueError
@@ -158,7 +168,62 @@ def load_adapter(folder) -> tuple[dict[str, torch.Tensor], dict]:
         _check_control(control, config, weights, config_path)
     else:
         _check_lora(tensors, config, weights)
+    for key, tensor in tensors.items():
+        bad = non_finite(tensor)
+        if bad:
+            raise CapError(f"{weights}: {key} holds {bad}; an adapter with NaN or Inf cannot be used "
+                           f"(did training diverge?)")
     return tensors, config
+
+
+def non_finite(tensor: torch.Tensor) -> str | None:
+    """None when every value is finite (or the dtype is not floating), else 'N NaN and M ±Inf of T values'."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return None
+    return (f"{int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} ±Inf "
+            f"of {tensor.numel()} values")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# adapter_config.json key → (accepts the value, what is expected); keys that are absent are not checked.
+CONFIG_TYPES = {
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "r": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (lambda v: v is None or is_number(v), "a finite number"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+                       "a list of strings, a string or null"),
+    "layers_to_transform": (lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))),
+                            "an integer, a list of integers or null"),
+    "control_adapter_type": (lambda v: isinstance(v, str), "a string"),
+    "control_adapter_target": (lambda v: isinstance(v, str), "a string"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(is_int(x) and x > 0 for x in v.values())),
+                     "an object mapping module patterns to positive integers"),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(is_number, v.values()))),
+                      "an object mapping module patterns to finite numbers"),
+    "multiplicative": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_types(obj: dict, types: dict, path: Path) -> None:
+    """Each key of `types` present in the JSON object `obj` read from `path` has an accepted value,
+    else a CapError naming the file, the key, the value and what was expected."""
+    for key, (accepts, expected) in types.items():
+        if key in obj and not accepts(obj[key]):
+            shown = json.dumps(obj[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise CapError(f"{path}: {key} = {shown}; expected {expected}")
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -186,6 +251,8 @@ def _check_control(states: dict, config: dict, weights: Path, config_path: Path)
         if first.dim() != 2:
             raise CapError(f"{weights}: {control_key(layer, names[0])} has shape {_shape(first)}; expected 2 dimensions")
         H, r = first.shape if kind == "spectral" else reversed(first.shape)
+        if r < 1:
+            raise CapError(f"{weights}: {control_key(layer, names[0])} has shape {_shape(first)}: rank 0")
         rank = r if rank is None else rank
         hidden = H if hidden is None else hidden
         for name in names:
@@ -211,6 +278,8 @@ def _check_lora(tensors: dict, config: dict, weights: Path) -> None:
             if pair[name].dim() != 2:
                 raise CapError(f"{weights}: {module}.lora_{name}.weight has shape {_shape(pair[name])}; expected 2 dimensions")
         r = pair["A"].shape[0] if rank is None else rank
+        if pair["A"].shape[0] < 1:
+            raise CapError(f"{weights}: {module}.lora_A.weight has shape {_shape(pair['A'])}: rank 0")
         if pair["A"].shape[0] != r or pair["B"].shape[1] != r:
             raise CapError(f"{weights}: {module}.lora_A.weight {_shape(pair['A'])} and .lora_B.weight {_shape(pair['B'])} "
                            f"do not share rank r = {r} (lora_A is [r, in], lora_B is [out, r])")

@@ -1,0 +1,125 @@
+"""The single-node launcher: start one worker process per rank, watch them, and when one fails
+stop the others and say in one line which rank failed and how.
+
+Each worker gets the environment DeepSpeed's and torch's launchers give (RANK, LOCAL_RANK,
+WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR, MASTER_PORT); CUDA_VISIBLE_DEVICES is left as the user set
+it, so LOCAL_RANK indexes the GPUs this process may use. Workers route their own output
+(cap_train.logs); this process only reports:
+- a rank killed by a signal: `rank 1 (pid …) on HOST was killed by SIGKILL (signal 9)`;
+- a rank that exited with an unexpected code: that code;
+- a rank that printed its own error line (exit 1 or 2): nothing more;
+- ranks that only lost a peer (exit 3) are never named as the cause when another rank failed.
+The first failure stops the run: the other ranks get SIGTERM, then SIGKILL after a grace period.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER
+from common.files import HOST
+
+POLL_S = 0.05
+SETTLE_S = 3.0      # after a rank that only lost its peer exits, how long to wait for the cause to show
+GRACE_S = 10.0      # SIGTERM → SIGKILL
+
+
+@dataclass
+class Failure:
+    rank: int
+    pid: int
+    code: int       # Popen.returncode: negative = killed by that signal
+
+    def describe(self) -> str:
+        who = f"rank {self.rank} (pid {self.pid}) on {HOST}"
+        if self.code < 0:
+            sig = -self.code
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            hint = " — often the kernel's out-of-memory killer (see `dmesg`)" if sig == signal.SIGKILL else ""
+            return f"{who} was killed by {name} (signal {sig}){hint}"
+        if self.code == EXIT_PEER_LOST:
+            return f"{who} lost contact with the other ranks"
+        if self.code == 130:
+            return f"{who} was interrupted (Ctrl-C)"
+        return f"{who} exited with code {self.code}"
+
+
+def _cause(failures: list[Failure]) -> Failure:
+    """The failure to blame: a rank's own error or death before one that only lost a peer."""
+    own = [f for f in failures if f.code != EXIT_PEER_LOST]
+    return (own or failures)[0]
+
+
+def run_local(command: list[str], num_procs: int, master_port: int, env: dict[str, str],
+              log_dir: str | None) -> int:
+    """Run `command` as ranks 0..num_procs-1 on this host; returns the exit code for cap-train."""
+    procs = []
+    base = {**env, "WORLD_SIZE": str(num_procs), "LOCAL_SIZE": str(num_procs), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master_port), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    try:
+        for rank in range(num_procs):
+            procs.append(subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                          stdin=subprocess.DEVNULL))
+        return _watch(procs, log_dir)
+    except BaseException:       # Ctrl-C, SIGTERM (SystemExit) or an error here: never leave workers behind
+        _stop(procs)
+        raise
+
+
+def _watch(procs: list[subprocess.Popen], log_dir: str | None) -> int:
+    failures: list[Failure] = []
+    settle_until = None
+    while True:
+        running = False
+        for rank, p in enumerate(procs):
+            code = p.poll()
+            if code is None:
+                running = True
+            elif code != 0 and all(f.rank != rank for f in failures):
+                failures.append(Failure(rank, p.pid, code))
+        if failures:
+            if _cause(failures).code == EXIT_PEER_LOST and running:
+                settle_until = settle_until or time.monotonic() + SETTLE_S
+                if time.monotonic() < settle_until:
+                    time.sleep(POLL_S)
+                    continue
+            _stop(procs)
+            for rank, p in enumerate(procs):   # collect what the stop revealed, for the record
+                if p.returncode not in (0, None) and all(f.rank != rank for f in failures):
+                    failures.append(Failure(rank, p.pid, p.returncode))
+            return _report(_cause(failures), log_dir, len(procs))
+        if not running:
+            return 0
+        time.sleep(POLL_S)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + GRACE_S
+    for p in alive:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _report(cause: Failure, log_dir: str | None, num_procs: int) -> int:
+    done = "stopped the other ranks" if num_procs > 1 else "stopped"
+    logs = f"; full output of every rank: {log_dir}" if log_dir else ""
+    if cause.code in (EXIT_CRASH, EXIT_USER):      # the rank printed its own line already
+        return cause.code
+    print(f"cap-train: {cause.describe()}; {done}{logs}", file=sys.stderr, flush=True)
+    return 128 - cause.code if cause.code < 0 else cause.code

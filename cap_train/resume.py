@@ -1,0 +1,117 @@
+"""What a resume may change: the checkpoint's recorded run against the config of this launch.
+
+Every key of the config falls in one of four groups:
+- applied: optimizer, schedule, regularization, run length, eval and checkpoint cadence — a new
+  value takes effect from the first step after the checkpoint, and is printed;
+- data: anything that changes which sequences make up a step (the data's content identity: the
+  inputs' contents in order, the tokenizer and every cap-prep key — not the files' paths, so a
+  moved project resumes as it is; and micro_batch_size, gradient_accumulation_steps, seed) — the
+  old position means nothing in a new order, so these need --accept-config-change, and then the
+  data restarts at the start of the current epoch;
+- model: keys that change what the trained tensors mean but not their shapes (model_dir for a model
+  of the same shape, model_dtype, lora_alpha, control_adapter_target, use_column_major_topology)
+  — they need --accept-config-change;
+- fixed: keys that change which tensors exist, their shapes or dtypes, or how they are spread over
+  ranks (mode, 4-bit, adapter type, rank, target modules, layers, adapter dtype, pipeline stages,
+  processes, the model's shape; model_dtype in a full fine-tune) — the checkpoint cannot continue
+  under them.
+Paths (output_dir, prepared_dir) and add_prefix_space (its effect is in the fingerprint) are not compared.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import CapError
+
+APPLIED = ("lr", "beta1", "beta2", "eps", "warmup", "warmup_fraction", "lr_scheduler", "min_lr", "max_grad_norm",
+           "lora_weight_decay", "lora_weight_decay_type", "lora_max_norm", "lora_dropout", "epochs", "max_steps",
+           "checkpoint_interval_hours", "max_checkpoints", "evals_per_run", "eval_gradient_accumulation_steps",
+           "activation_checkpointing")
+DATA = ("data", "micro_batch_size", "gradient_accumulation_steps", "seed")
+# cap-prep keys: named in the message when the fingerprint changed because of them
+PREP = ("datasets", "sequence_len", "sequence_prefix", "mask_tokens", "drop_tails", "mix_datasets", "max_sequences",
+        "eval_fraction", "add_prefix_space")
+MODEL = ("model_dir", "model_dtype", "lora_alpha", "control_adapter_target", "use_column_major_topology")
+FIXED = ("use_control_adapters", "full_fine_tune", "load_in_4bit", "control_adapter_type", "lora_rank",
+         "target_modules", "layers_to_transform", "lora_weight_dtype", "pipeline_stages", "processes", "model shape")
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: object
+    new: object
+
+    def __str__(self) -> str:
+        return f"{self.key} {_short(self.old)} → {_short(self.new)}"
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:g}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+
+
+def model_shape(model_dir: Path) -> dict:
+    """The architecture numbers of model_dir/config.json that the trained tensors depend on."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    return {k: config.get(k) for k in SHAPE_KEYS}
+
+
+def data_identity(cfg) -> str:
+    """What the prepared sequences depend on — the cap-prep keys, the tokenizer files, each input
+    file's content in order — but not where the files are (cap-prep's fingerprint without paths)."""
+    from cap_prep import cache
+    from cap_prep.build import find_inputs
+    return cache.fingerprint(cfg, find_inputs(cfg), cache.FileHashes(cfg.prepared_root), paths=False)
+
+
+def run_record(config: dict, data: str, processes: int | None, model_shape: dict) -> dict:
+    """What a checkpoint records about its run, flat: config keys plus the derived ones above;
+    datasets without their paths (their contents are in `data`)."""
+    config = {**config, "datasets": [{k: v for k, v in d.items() if k != "dataset_path"} for d in config["datasets"]]}
+    record = {**config, "data": data, "processes": processes, "model shape": model_shape}
+    return json.loads(json.dumps(record))   # as it reads back from state.json
+
+
+def changes(old: dict, new: dict) -> list[Change]:
+    """Keys (of the four groups, and the cap-prep keys) whose values differ; a key the old record
+    lacks, or whose new value is unknown (None for processes under a hostfile), is not compared."""
+    out = []
+    for key in APPLIED + DATA + PREP + MODEL + FIXED:
+        if key in old and key in new and new[key] is not None and old[key] != new[key]:
+            out.append(Change(key, old[key], new[key]))
+    return out
+
+
+@dataclass
+class Plan:
+    applied: list[Change]
+    accepted: list[Change]
+    restart_epoch: bool     # the data changed: start the current epoch over in the new order
+
+
+def plan(old: dict, new: dict, accept: bool, where: str) -> Plan:
+    """Decide what a resume from a checkpoint recorded as `old` does under `new`; CapError when it can't."""
+    found = changes(old, new)
+    fixed_keys = FIXED + (("model_dtype",) if new.get("full_fine_tune") else ())   # the trained weights' dtype
+    fixed = [c for c in found if c.key in fixed_keys]
+    if fixed:
+        raise CapError(f"{where}: cannot resume: {'; '.join(map(str, fixed))} (the checkpoint's tensors do not fit "
+                       f"this config: resume with the recorded values, or start a new run in another output_dir)")
+    needs = [c for c in found if c.key in DATA + PREP + MODEL and c.key not in fixed_keys]
+    if needs and not accept:
+        raise CapError(f"{where}: the config changed since this checkpoint: {'; '.join(map(str, needs))} "
+                       f"(pass --accept-config-change to continue anyway"
+                       f"{', restarting the data at the start of the current epoch' if _data(needs) else ''})")
+    return Plan([c for c in found if c.key in APPLIED], needs, _data(needs))
+
+
+def _data(found: list[Change]) -> bool:
+    return any(c.key in DATA + PREP for c in found)

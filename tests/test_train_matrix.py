@@ -1,0 +1,185 @@
+"""Every kind of training through the real cap-train, as users run it: each control adapter type ×
+target, LoRA, QLoRA and full fine-tune, on 1 process and on 2 processes × 2 pipeline stages.
+
+Each run's written output (epoch<N>/) is loaded by an independent reference — transformers'
+model with the adapter applied by forward hooks from the saved tensors (control adapters), PEFT
+(LoRA), PEFT on bitsandbytes-dequantized base weights (QLoRA), from_pretrained (full) — which
+must reproduce the eval loss (overall and per class) that cap-train reported at its last step;
+and the two topologies must train the same model (same per-step losses).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from tests.test_export_support import dense_w
+from tests.test_train import finish, metrics, start_train, write_config
+
+pytestmark = pytest.mark.slow
+
+CONTROL = [("control", t, target) for t in ("full", "symmetrise", "antisymmetrise", "spectral")
+           for target in ("block", "writers")]
+CASES = CONTROL + [("lora", None, None), ("qlora", None, None), ("full", None, None)]
+TOPOLOGIES = ((1, 1), (2, 2))
+STEPS = 2
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")      # the tiny Llama's residual writers
+
+
+def case_keys(mode: str, adapter_type: str | None, target: str | None) -> dict:
+    if mode == "control":
+        return dict(use_control_adapters=True, control_adapter_type=adapter_type, control_adapter_target=target,
+                    lr=2e-2, lora_alpha=8)
+    return {"lora": dict(lr=2e-2, layers_to_transform="1:3"),
+            "qlora": dict(load_in_4bit=True, model_dtype="bfloat16", lr=2e-2),
+            "full": dict(full_fine_tune=True, lr=1e-3)}[mode]
+
+
+# ---------------------------------------------------------------- the reference
+def eval_rows(prepared: Path, per_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval rows cap-train evaluates (whole eval batches of the one data-parallel replica),
+    read from the Arrow shards with pyarrow: (input_ids [n,L], control_class [n,L])."""
+    folders = [p for p in prepared.iterdir() if (p / "manifest.json").is_file()]
+    assert len(folders) == 1
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    ids, classes = [], []
+    for shard in manifest["splits"]["eval"]["shards"]:
+        table = pa.ipc.open_file(pa.memory_map(str(folders[0] / shard["file"]))).read_all()
+        L = manifest["sequence_len"]
+        ids.append(torch.tensor(table.column("input_ids").combine_chunks().flatten().to_numpy()).view(-1, L))
+        classes.append(torch.tensor(table.column("control_class").combine_chunks().flatten().to_numpy()).view(-1, L))
+    ids, classes = torch.cat(ids), torch.cat(classes)
+    n = len(ids) // per_batch * per_batch
+    return ids[:n].long(), classes[:n].long()
+
+
+def control_hooks(model, folder: Path, state_classes: list[torch.Tensor]):
+    """Forward hooks applying the saved control adapter with each position's own class
+    (D₊ for +1, D₋ for −1, nothing for 0), on the block delta or on every writer's output."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    kind, target = config["control_adapter_type"], config["control_adapter_target"]
+    scale = config["lora_alpha"] / config["r"]
+    hooks = []
+    for i, block in enumerate(model.model.layers):
+        prefix = f"base_model.model.model.layers.{i}."
+        if kind == "spectral":
+            state = {"Q": tensors[prefix + "control_Q"], "S": tensors[prefix + "control_S"]}
+            d_pos = dense_w(state, kind, scale, "forward").float()
+            d_neg = dense_w(state, kind, scale, "inverse").float()       # Q·diag(e^−S − 1)·Qᵀ
+        else:
+            state = {"A": tensors[prefix + "control_A.weight"], "B": tensors[prefix + "control_B.weight"]}
+            d_pos = dense_w(state, kind, scale, "forward").float()
+            d_neg = -d_pos                                              # class −1 trains I − W'
+
+        def transform(x, d_pos=d_pos, d_neg=d_neg):
+            c = state_classes[0].reshape(x.shape[:-1]).unsqueeze(-1).to(x.dtype)
+            return x + (c > 0) * (x @ d_pos.T) + (c < 0) * (x @ d_neg.T)
+
+        if target == "writers":
+            for path in WRITERS:
+                hooks.append(block.get_submodule(path).register_forward_hook(lambda m, a, out, f=transform: f(out)))
+        else:
+            def block_hook(m, args, kwargs, out, f=transform):
+                h = args[0] if args else kwargs["hidden_states"]
+                y = out[0] if isinstance(out, tuple) else out
+                y = h + f(y - h)
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+            hooks.append(block.register_forward_hook(block_hook, with_kwargs=True))
+    return hooks
+
+
+def dequantized_base(model_dir: Path, tmp: Path) -> Path:
+    """The base with every decoder-layer linear weight replaced by its nf4 (double-quant, block 64)
+    round trip, as bitsandbytes quantizes it for QLoRA; bf16, like the trained model computes."""
+    import bitsandbytes.functional as F
+    if tmp.exists():
+        return tmp
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    for name, w in tensors.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            q, state = F.quantize_4bit(w.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
+            tensors[name] = F.dequantize_4bit(q, state).to(torch.bfloat16)
+        else:
+            tensors[name] = w.to(torch.bfloat16)
+    import shutil
+    from safetensors.torch import save_file
+    shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return tmp
+
+
+@torch.no_grad()
+def reference_eval_loss(mode: str, model_dir: Path, folder: Path, ids: torch.Tensor, control: torch.Tensor,
+                        tmp: Path) -> dict[str, float]:
+    """Token-mean cross entropy of the saved model over the eval rows: overall and per class.
+    Position t predicts token t+1 and carries its class; class-0 labels carry no loss."""
+    dtype = torch.bfloat16 if mode == "qlora" else torch.float32
+    if mode == "full":
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        base_dir = dequantized_base(model_dir, tmp / "dequantized") if mode == "qlora" else model_dir
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        if mode in ("lora", "qlora"):
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, folder)
+    model.eval()
+    label_class = torch.zeros_like(control)
+    label_class[:, :-1] = control[:, 1:]
+    current = [label_class]
+    hooks = control_hooks(model, folder, current) if mode == "control" else []
+    sums = {"all": 0.0, "class+1": 0.0, "class-1": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    try:
+        for i in range(len(ids)):
+            current[0] = label_class[i:i + 1]
+            logits = model(input_ids=ids[i:i + 1]).logits[0, :-1].double()
+            nll = torch.nn.functional.cross_entropy(logits, ids[i, 1:], reduction="none")
+            c = label_class[i, :-1]
+            for name, mask in (("all", c != 0), ("class+1", c == 1), ("class-1", c == -1)):
+                sums[name] += float(nll[mask].sum())
+                counts[name] += int(mask.sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {f"eval/loss_{k}": sums[k] / counts[k] for k in sums if counts[k]}
+
+
+# ---------------------------------------------------------------- the matrix
+
+@pytest.mark.parametrize("mode,adapter_type,target", CASES,
+                         ids=[f"{m}-{t}-{g}" if t else m for m, t, g in CASES])
+def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(tmp_path, tiny_model_dir, mode, adapter_type,
+                                                                    target):
+    torch.set_num_threads(1)
+    model = tiny_model_dir("llama")
+    keys = dict(max_steps=STEPS, evals_per_run=2, eval_fraction=0.15, **case_keys(mode, adapter_type, target))
+    prepared = tmp_path / "prepared"        # one data folder and one prepared dataset for both runs
+    runs = {}
+    for procs, stages in TOPOLOGIES:        # both at once: their start-up is mostly single-threaded
+        cfg = write_config(tmp_path, model, prepared_dir=str(prepared), pipeline_stages=stages,
+                           activation_checkpointing=stages == 2, output_dir=str(tmp_path / f"p{procs}"), **keys)
+        cfg = cfg.rename(cfg.with_name(f"cfg{procs}.toml"))
+        runs[procs] = start_train(cfg, procs)
+    finish(*runs.values())
+    ids, control = eval_rows(prepared, per_batch=2 * 2)     # micro_batch_size × gradient_accumulation_steps
+    losses = {}
+    for procs in runs:
+        out = tmp_path / f"p{procs}"
+        record = metrics(out)
+        assert sorted(record) == list(range(STEPS + 1))
+        losses[procs] = [record[s]["train/loss"] for s in range(1, STEPS + 1)]
+        got = {k: v for k, v in record[STEPS].items() if k.startswith("eval/")}
+        want = reference_eval_loss(mode, model, out / "epoch1", ids, control, tmp_path)
+        assert set(got) == set(want) and want["eval/loss_all"] > 0
+        rel = 2e-2 if mode == "qlora" else 1e-4       # QLoRA: both sides compute in bf16, in other orders
+        for name in want:
+            assert got[name] == pytest.approx(want[name], rel=rel), (procs, name)
+        if mode != "full":     # the adapter moved the model away from the base
+            assert record[STEPS]["eval/loss_all"] != pytest.approx(record[0]["eval/loss_all"], rel=1e-6)
+    assert losses[1] == pytest.approx(losses[2], rel=2e-2 if mode == "qlora" else 1e-4)

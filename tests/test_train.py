@@ -62,15 +62,18 @@ def run_train(cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=
 
 
 def start_train(cfg: Path, procs: int = 1, *extra) -> subprocess.Popen:
-    """run_train without waiting: a few small runs side by side use both cores (start-up is serial)."""
-    return subprocess.Popen(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()),
-                                         *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    """run_train without waiting (stderr to CFG.err): a few small runs side by side use both cores,
+    where one run's start-up is mostly serial Python."""
+    with open(cfg.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()),
+                                             *extra], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    proc.err_path = cfg.with_suffix(".err")
+    return proc
 
 
 def finish(*procs: subprocess.Popen) -> None:
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+        assert proc.wait(timeout=600) == 0, proc.err_path.read_text()[-3000:]
 
 
 def metrics(out_dir: Path) -> dict[int, dict]:
@@ -151,13 +154,11 @@ def test_eval_steps_include_first_and_last():
 def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
     """1 process and 2 processes × 2 stages give the same losses; losses fall; adapters help both classes."""
     model = tiny_model_dir("llama")
-    runs = {}
-    for procs, stages in ((1, 1), (2, 2)):
-        cfg = write_config(tmp_path / f"p{procs}", model, use_control_adapters=True, pipeline_stages=stages,
-                           epochs=2, lr=5e-3, activation_checkpointing=stages == 2)
-        run_train(cfg, procs)
-        runs[procs] = metrics(tmp_path / f"p{procs}" / "out")
-    one, two = runs[1], runs[2]
+    procs = [start_train(write_config(tmp_path / f"p{n}", model, use_control_adapters=True, pipeline_stages=stages,
+                                      epochs=2, lr=5e-3, activation_checkpointing=stages == 2), n)
+             for n, stages in ((1, 1), (2, 2))]      # side by side
+    finish(*procs)
+    one, two = metrics(tmp_path / "p1" / "out"), metrics(tmp_path / "p2" / "out")
     steps = sorted(s for s in one if s > 0)
     assert len(steps) >= 6
     l1 = [one[s]["train/loss"] for s in steps]

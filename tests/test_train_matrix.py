@@ -10,6 +10,7 @@ and the two topologies must train the same model (same per-step losses).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ import transformers
 from safetensors.torch import load_file
 
 from tests.test_export_support import dense_w
-from tests.test_train import finish, metrics, start_train, write_config
+from tests.test_train import metrics, start_train, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -151,30 +152,59 @@ def reference_eval_loss(mode: str, model_dir: Path, folder: Path, ids: torch.Ten
 
 
 # ---------------------------------------------------------------- the matrix
+def case_id(case) -> str:
+    mode, adapter_type, target = case
+    return f"{mode}-{adapter_type}-{target}" if adapter_type else mode
 
-@pytest.mark.parametrize("mode,adapter_type,target", CASES,
-                         ids=[f"{m}-{t}-{g}" if t else m for m, t, g in CASES])
-def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(tmp_path, tiny_model_dir, mode, adapter_type,
-                                                                    target):
-    torch.set_num_threads(1)
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """Every case on both topologies, run three processes at a time (start-up is mostly serial
+    Python, so two cores stay busy): {(case id, procs): (finished process, stderr, output_dir,
+    prepared_dir)}. One data folder; one prepared dataset for the control cases, one for the others."""
+    root = tmp_path_factory.mktemp("matrix")
     model = tiny_model_dir("llama")
-    keys = dict(max_steps=STEPS, evals_per_run=2, eval_fraction=0.15, **case_keys(mode, adapter_type, target))
-    prepared = tmp_path / "prepared"        # one data folder and one prepared dataset for both runs
-    runs = {}
-    for procs, stages in TOPOLOGIES:        # both at once: their start-up is mostly single-threaded
-        cfg = write_config(tmp_path, model, prepared_dir=str(prepared), pipeline_stages=stages,
-                           activation_checkpointing=stages == 2, output_dir=str(tmp_path / f"p{procs}"), **keys)
-        cfg = cfg.rename(cfg.with_name(f"cfg{procs}.toml"))
-        runs[procs] = start_train(cfg, procs)
-    finish(*runs.values())
-    ids, control = eval_rows(prepared, per_batch=2 * 2)     # micro_batch_size × gradient_accumulation_steps
+    jobs = []
+    for case in CASES:
+        prepared = root / ("prepared-control" if case[0] == "control" else "prepared-plain")
+        for procs, stages in TOPOLOGIES:
+            out = root / case_id(case) / f"p{procs}"
+            cfg = write_config(root, model, max_steps=STEPS, evals_per_run=2, eval_fraction=0.15,
+                               prepared_dir=str(prepared), output_dir=str(out), pipeline_stages=stages,
+                               activation_checkpointing=stages == 2, **case_keys(*case))
+            cfg = cfg.rename(root / f"cfg-{case_id(case)}-{procs}.toml")
+            jobs.append(((case_id(case), procs), cfg, out, prepared))
+    jobs.sort(key=lambda job: -job[0][1])               # the 2-process runs first, the 1-process ones fill in
+    pending, running, results = list(jobs), [], {}
+    while pending or running:
+        busy = sum(job[0][1] for job, _ in running)
+        ready = next((job for job in pending if busy + job[0][1] <= 3), None)
+        if ready is not None:
+            pending.remove(ready)
+            running.append((ready, start_train(ready[1], ready[0][1])))
+            continue
+        for job, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((job, proc))
+                results[job[0]] = (proc, proc.err_path.read_text(), job[2], job[3])
+        time.sleep(0.05)
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny_model_dir, tmp_path, case):
+    torch.set_num_threads(1)
+    mode = case[0]
+    model = tiny_model_dir("llama")
     losses = {}
-    for procs in runs:
-        out = tmp_path / f"p{procs}"
+    for procs, _ in TOPOLOGIES:
+        proc, err, out, prepared = trained[case_id(case), procs]
+        assert proc.returncode == 0, err[-3000:]
         record = metrics(out)
         assert sorted(record) == list(range(STEPS + 1))
         losses[procs] = [record[s]["train/loss"] for s in range(1, STEPS + 1)]
         got = {k: v for k, v in record[STEPS].items() if k.startswith("eval/")}
+        ids, control = eval_rows(prepared, per_batch=2 * 2)   # micro_batch_size × gradient_accumulation_steps
         want = reference_eval_loss(mode, model, out / "epoch1", ids, control, tmp_path)
         assert set(got) == set(want) and want["eval/loss_all"] > 0
         rel = 2e-2 if mode == "qlora" else 1e-4       # QLoRA: both sides compute in bf16, in other orders

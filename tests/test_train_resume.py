@@ -48,6 +48,7 @@ def reference(runs):
 
 
 def _copy(first_run: Path, tmp_path: Path) -> Path:
+    """A copy of the first run's folder (data, config, output) whose config points at the copy."""
     shutil.copytree(first_run, tmp_path / "run", symlinks=True)
     # the copied config's paths point into first_run: rewrite them to the copy
     cfg = tmp_path / "run" / "cfg.toml"
@@ -78,25 +79,45 @@ def test_resume_applies_a_new_lr_from_the_next_step(first_run, tmp_path, tiny_mo
     assert state["run"]["lr"] == 1e-3
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty_state", "missing_rng", "flipped_byte"])
-def test_a_damaged_newest_checkpoint_resumes_from_the_previous(first_run, reference, tmp_path, tiny_model_dir, damage):
-    run = _copy(first_run, tmp_path)
-    newest = run / "out" / "checkpoints" / "step00000004"
-    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
-    if damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    elif damage == "empty_state":
-        (newest / "state.json").write_text("")
-    elif damage == "missing_rng":
-        (newest / "rng-rank0.pt").unlink()
-    else:
-        data = bytearray(victim.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        victim.write_bytes(bytes(data))
-    out = _resume(run, tiny_model_dir("llama"))
-    lines = [line for line in out.stderr.splitlines() if line.startswith("cap-train: checkpoint")]
-    assert len(lines) == 1 and "step00000004" in lines[0] and "Traceback" not in out.stderr
-    assert "resumed from" in out.stderr and "step00000003" in out.stderr
+DAMAGES = ("truncated", "empty_state", "missing_rng", "flipped_byte")
+
+
+@pytest.fixture(scope="module")
+def damaged(runs, tmp_path_factory, tiny_model_dir):
+    """A copy of the first run per kind of damage to its newest checkpoint, each resumed to step 6
+    (two at a time): {damage: (finished process, run folder)}."""
+    first, _ = runs
+    model = tiny_model_dir("llama")
+    resumed = {}
+    for damage in DAMAGES:
+        run = _copy(first, tmp_path_factory.mktemp(damage))
+        newest = run / "out" / "checkpoints" / "step00000004"
+        victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+        if damage == "truncated":
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        elif damage == "empty_state":
+            (newest / "state.json").write_text("")
+        elif damage == "missing_rng":
+            (newest / "rng-rank0.pt").unlink()
+        else:
+            data = bytearray(victim.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            victim.write_bytes(bytes(data))
+        resumed[damage] = (start_train(_config(run, model, max_steps=6), 1, "--resume-from-checkpoint"), run)
+        if len(resumed) % 2 == 0:
+            for proc, _ in list(resumed.values())[-2:]:
+                proc.wait(timeout=600)
+    return resumed
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous(damaged, reference, damage):
+    proc, run = damaged[damage]
+    err = proc.err_path.read_text()
+    assert proc.wait(timeout=600) == 0, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("cap-train: checkpoint")]
+    assert len(lines) == 1 and "step00000004" in lines[0] and "Traceback" not in err
+    assert "resumed from" in err and "step00000003" in err
     assert (run / "out" / "checkpoints" / ".damaged-step00000004").is_dir()
     _assert_same_weights(reference, run / "out")
     rec, ref = metrics(run / "out"), metrics(reference)

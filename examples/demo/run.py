@@ -38,8 +38,9 @@ def write_config(model_dir: Path, out: Path, steps: int | None) -> Path:
     text = text.replace("@SMOLLM2@", str(model_dir)).replace("'../../out/demo'", repr(str(out / "train")))
     for name in ("positive.jsonl", "negative.jsonl"):
         text = text.replace(f"'{name}'", repr(str(HERE / name)))
-    if steps:
+    if steps:   # a short run (tests): evals before and after only
         text = text.replace("epochs = 2", f"epochs = 2\nmax_steps = {steps}")
+        text = text.replace("evals_per_run = 5", "evals_per_run = 2")
     path = out / "config.toml"
     path.write_text(text)
     return path

@@ -13,6 +13,7 @@ The first failure stops the run: the other ranks get SIGTERM, then SIGKILL after
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -26,6 +27,16 @@ from common.files import HOST
 POLL_S = 0.05
 SETTLE_S = 3.0      # after a rank that only lost its peer exits, how long to wait for the cause to show
 GRACE_S = 10.0      # SIGTERM → SIGKILL
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it ends, even by SIGKILL, so a
+    worker never outlives its launcher (an orphaned rank would hold its CPU, GPU or port)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher was gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from cap_train import resume as resuming
 from cap_train.checkpoint import FORMAT, Checkpoints, checkpoint_files, file_record, load_rng, read_state, save_rng
 from cap_train.data import Batches, prepared_splits
+from cap_train.launch import die_with_parent
 from cap_train.logs import EXIT_USER, RankOutput, report_crash
 from cap_train.loss import PipelineLoss
 from cap_train.metrics import Metrics
@@ -402,6 +403,17 @@ def clean_outputs(output_dir: Path) -> None:
         remove_stale_temps(output_dir, name)
 
 
+def skip_shm_comm_op(deepspeed) -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op at every start.
+
+    cap reduces with gloo (CPU) or NCCL; that op only serves DeepSpeed's inference all-reduce. Building
+    it needs a compiler and takes a file lock under ~/.cache/torch_extensions that a worker killed
+    during the build leaves behind, after which every later start waits on it forever.
+    DeepSpeed's own gate for the op is its table of compatible ops (kept in the module, so edits stay).
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def run(config: str, resume_from: str | None, restart_epoch: bool, add_prefix_space: bool,
         output: RankOutput) -> None:
     import logging
@@ -410,6 +422,7 @@ def run(config: str, resume_from: str | None, restart_epoch: bool, add_prefix_sp
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would bury cap's progress line
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
+    skip_shm_comm_op(deepspeed)
     # A long timeout: rank 0 may be preparing a large dataset while the others wait.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                timeout=datetime.timedelta(hours=4))
@@ -445,6 +458,7 @@ def main(argv=None) -> None:
     parser.add_argument("--add-prefix-space", action="store_true")
     parser.add_argument("--log-dir", default=None, help="folder for this rank's rank<r>.log")
     args = parser.parse_args(argv)
+    die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     output = RankOutput(args.log_dir, rank)
     try:

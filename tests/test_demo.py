@@ -1,5 +1,7 @@
 """The demo and the example configs: every bundled config loads; the demo pipeline steers SmolLM2."""
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +55,16 @@ def test_demo_pipeline_steers_smollm2(tmp_path):
     """The README's main job with fewer steps: every stage runs, the training loss and the class +1
     eval loss fall (class −1, already near the base model's, moves later: the full demo shows it),
     verify passes (the demo stops otherwise), the merged model loads and generates."""
-    out = subprocess.run([sys.executable, "-m", "examples.demo.run", "--steps", "10", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "examples.demo.run", "--steps", "10", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1500)
+    finally:  # a timeout or an interrupt leaves no cap-train behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]

@@ -66,14 +66,22 @@ def start_train(cfg: Path, procs: int = 1, *extra) -> subprocess.Popen:
     where one run's start-up is mostly serial Python."""
     with open(cfg.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()),
-                                             *extra], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+                                             *extra], stdout=subprocess.DEVNULL, stderr=err, env=ENV,
+                                start_new_session=True)
     proc.err_path = cfg.with_suffix(".err")
     return proc
 
 
-def finish(*procs: subprocess.Popen) -> None:
-    for proc in procs:
-        assert proc.wait(timeout=600) == 0, proc.err_path.read_text()[-3000:]
+def finish(*procs: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait for every run; whatever still runs when this ends (a failure, a timeout) is killed."""
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=timeout) == 0, proc.err_path.read_text()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def metrics(out_dir: Path) -> dict[int, dict]:

@@ -61,7 +61,7 @@ def write_base(folder: Path, layers: int, hidden: int, inter: int, shard_layers:
 
 
 def write_control(folder: Path, layers: int, hidden: int, rank: int, seed: int = 1) -> None:
-    from common.adapters.io import control_tensors, save_adapter
+    from cap_common.adapters.io import control_tensors, save_adapter
     g = torch.Generator().manual_seed(seed)
     states = {i: {"A": torch.randn(rank, hidden, generator=g) * 0.02, "B": torch.randn(hidden, rank, generator=g) * 0.02}
               for i in range(layers)}
@@ -137,7 +137,7 @@ def main() -> None:
 
     from cap_export import convert
     from cap_export.inputs import Base, load_control
-    from common.adapters.io import lora_key
+    from cap_common.adapters.io import lora_key
 
     full = (args.layers, args.hidden, args.intermediate, args.rank) == (32, 4096, 14336, 16)
     print(f"shapes: {args.layers} layers, H {args.hidden}, I {args.intermediate}, rank {args.rank} "

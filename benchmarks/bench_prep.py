@@ -66,7 +66,7 @@ def main():
     import transformers
 
     from cap_prep import build, load_manifest, prepare
-    from common.config import config_from_dict
+    from cap_common.config import config_from_dict
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-prep-"))
     work.mkdir(parents=True, exist_ok=True)

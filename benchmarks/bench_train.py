@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--model DIR] [--seq 512] [--steps 12] [--rank 16] [--dtype D]
 
-Default model: SmolLM2-135M-Instruct (common.smollm2). Both sides train rank-r adapters on a
+Default model: SmolLM2-135M-Instruct (examples/demo/smollm2.py). Both sides train rank-r adapters on a
 frozen base with micro batch 1, seq L, one optimizer step per sequence, no eval, no checkpoints:
 - cap: `cap-train` (1 process) with control adapters, reading its own metrics.jsonl
   (tokens/s = median over steps after the first two; peak = the worker's peak RSS or CUDA peak);
@@ -123,7 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     if args.model is None:
-        from common.smollm2 import materialize
+        from examples.demo.smollm2 import materialize
         args.model = materialize()
     config = json.loads((args.model / "config.json").read_text())
     import transformers

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cap_export import PROG, note
-from common.cli import user_errors
+from cap_common.cli import user_errors
 
 _path = click.Path(path_type=Path)
 _exists = click.Path(exists=True, path_type=Path)
@@ -28,7 +28,7 @@ def _mib(n: int) -> str:
 def _direction(inverse: bool, exact_inverse: bool, adapter_type: str) -> str:
     """--inverse: class −1 exactly as trained (−W' for full / symmetrise / antisymmetrise, the
     exact inverse for spectral); --exact-inverse: (I + W')⁻¹ − I for every type (Woodbury)."""
-    from common.errors import CapError
+    from cap_common.errors import CapError
     if inverse and exact_inverse:
         raise CapError("--inverse and --exact-inverse exclude each other")
     if exact_inverse:
@@ -177,7 +177,7 @@ def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mi
     """
     from cap_export import merge as merging
     from cap_export.inputs import Base, check_output, folder_size, load_lora, staged_output
-    from common.errors import CapError
+    from cap_common.errors import CapError
 
     start = time.time()
     inputs = {"BASE": base_dir, "LORA": lora_dir}
@@ -252,7 +252,7 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
     from cap_export import convert
     from cap_export import verify as verifying
     from cap_export.inputs import Base, approximation_note, check_fits, load_control, read_provenance, temporary_folder
-    from common.errors import CapError
+    from cap_common.errors import CapError
 
     start = time.time()
     if not tolerance >= 0:

@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from cap_export.inputs import PROVENANCE, Base, Control, staged_output
-from common.adapters.factors import thin_svd_truncate
-from common.adapters.io import lora_key, non_finite, save_adapter
-from common.errors import CapError
-from common.files import write_json
+from cap_common.adapters.factors import thin_svd_truncate
+from cap_common.adapters.io import lora_key, non_finite, save_adapter
+from cap_common.errors import CapError
+from cap_common.files import write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CHUNK = 1 << 22   # float64 elements converted at once when multiplying by a weight (32 MiB)

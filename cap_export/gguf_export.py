@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from cap_export.inputs import Base, Lora, check_lora_family
-from common.adapters.io import non_finite
-from common.errors import CapError
+from cap_common.adapters.io import non_finite
+from cap_common.errors import CapError
 
 # model_type → (llama.cpp architecture, whether its converter permutes q/k rows for rotary).
 # Mistral and Mixtral convert as llama.cpp's "llama" architecture.

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from cap_export import note
-from common.adapters import factors
-from common.adapters.io import (CONFIG_NAME, WEIGHTS_NAME, check_types, control_state_by_layer, is_int, is_number,
+from cap_common.adapters import factors
+from cap_common.adapters.io import (CONFIG_NAME, WEIGHTS_NAME, check_types, control_state_by_layer, is_int, is_number,
                                 load_adapter)
-from common.errors import CapError
-from common.files import make_temp_dir, remove_stale_temps, temp_name, user_os_errors
-from common.models.families import WHOLE, Family, family_of, load_hf_config, tensor_sources
-from common.models.loading import Checkpoint
+from cap_common.errors import CapError
+from cap_common.files import make_temp_dir, remove_stale_temps, temp_name, user_os_errors
+from cap_common.models.families import WHOLE, Family, family_of, load_hf_config, tensor_sources
+from cap_common.models.loading import Checkpoint
 
 PROVENANCE = "cap_export.json"   # beside an exported LoRA or merged model: what it was made from
 LORA_PREFIX = "base_model.model."

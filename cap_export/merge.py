@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from cap_export.inputs import PROVENANCE, Base, Lora, check_lora_family
-from common.adapters.io import non_finite
-from common.errors import CapError
-from common.files import os_error_message, write_json
-from common.models.loading import INDEX
+from cap_common.adapters.io import non_finite
+from cap_common.errors import CapError
+from cap_common.files import os_error_message, write_json
+from cap_common.models.loading import INDEX
 
 _CHUNK = 1 << 22                         # float64 elements per block of rows (32 MiB)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import torch
 
 from cap_export.inputs import PROVENANCE, Base, Control, load_lora, read_provenance
-from common.adapters.io import CONFIG_NAME
-from common.errors import CapError
+from cap_common.adapters.io import CONFIG_NAME
+from cap_common.errors import CapError
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog while the river runs bright under the morning light.",
@@ -43,9 +43,9 @@ class Report:
 def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
     """logits(input_ids [B,T], c) of cap's forward: the base model with `control` applied to
     positions of class c (0 = the base model itself)."""
-    from common.models.layers import DecoderLayerPipe
-    from common.models.pipeline import StageBuilder
-    from common.models.loading import open_model
+    from cap_common.models.layers import DecoderLayerPipe
+    from cap_common.models.pipeline import StageBuilder
+    from cap_common.models.loading import open_model
 
     source = open_model(base_dir)
     if dtype == torch.float64 and source.family.experts:

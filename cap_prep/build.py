@@ -38,8 +38,8 @@ from cap_prep.pack import DocTable, Packer, Rows
 from cap_prep.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, load_manifest, write_manifest
 from cap_prep.sources import InputFile, find_files, read_documents
 from cap_prep.tokenize import DocumentEncoder, TokenOptions, load_tokenizer, resolve_options
-from common.errors import CapError
-from common.files import user_os_errors
+from cap_common.errors import CapError
+from cap_common.files import user_os_errors
 
 SHARD_BYTES = 256 << 20      # a shard holds at most this many bytes of rows
 CHUNK_BYTES = 32 << 20       # rows packed and written per step

@@ -39,8 +39,8 @@ from typing import Callable, Iterator
 
 from cap_prep.shards import FORMAT_VERSION, MANIFEST
 from cap_prep.sources import InputFile
-from common.errors import CapError
-from common.files import HOST, pid_alive, remove_stale_temps, temp_name, user_os_errors
+from cap_common.errors import CapError
+from cap_common.files import HOST, pid_alive, remove_stale_temps, temp_name, user_os_errors
 
 HASH_CACHE = ".file-hashes.json"
 HEARTBEAT_S = 5.0

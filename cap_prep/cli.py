@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from common.cli import CONFIG_HELP, user_errors
-from common.config import load_config
+from cap_common.cli import CONFIG_HELP, user_errors
+from cap_common.config import load_config
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="CONFIG: " + CONFIG_HELP)

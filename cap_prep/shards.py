@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from common.errors import CapError
-from common.files import user_os_errors, write_json
+from cap_common.errors import CapError
+from cap_common.files import user_os_errors, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

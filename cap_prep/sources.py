@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 FORMATS = (".txt", ".json", ".jsonl", ".parquet")
 PARQUET_BATCH_ROWS = 4096

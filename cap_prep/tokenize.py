@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cap_prep.windows import Windows
-from common.errors import CapError
+from cap_common.errors import CapError
 
 
 @dataclass(frozen=True)

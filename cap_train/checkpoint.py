@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common.files import write_json_atomic
+from cap_common.files import write_json_atomic
 
 STATE = "state.json"
 FORMAT = 2

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import click
 
-from common.cli import user_errors
-from common.config import Config, load_config
-from common.errors import CapError
+from cap_common.cli import user_errors
+from cap_common.config import Config, load_config
+from cap_common.errors import CapError
 
 
 def _gpus() -> int:

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from cap_train.order import TrainOrder
-from common.config import Config
-from common.errors import CapError
+from cap_common.config import Config
+from cap_common.errors import CapError
 
 
 def prepared_splits(cfg: Config, rank: int):

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER
-from common.files import HOST
+from cap_common.files import HOST
 
 POLL_S = 0.05
 SETTLE_S = 3.0      # after a rank that only lost its peer exits, how long to wait for the cause to show

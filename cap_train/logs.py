@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from common.files import HOST
+from cap_common.files import HOST
 
 EXIT_CRASH, EXIT_USER, EXIT_PEER_LOST = 1, 2, 3
 # Text of errors a rank sees when a peer died or vanished: gloo's socket errors, NCCL's aborts, timeouts.

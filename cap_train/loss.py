@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import fused_linear_cross_entropy
+from cap_kernels.fused_linear_ce import fused_linear_cross_entropy
 
 IGNORE = -100
 

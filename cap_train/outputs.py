@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from common.adapters.control import ControlAdapter
-from common.adapters.io import adapter_config_for, control_key, lora_key, save_adapter, save_weights
-from common.adapters.lora import LoraLinear
-from common.files import make_temp_dir, temp_name, write_json
-from common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe
+from cap_common.adapters.control import ControlAdapter
+from cap_common.adapters.io import adapter_config_for, control_key, lora_key, save_adapter, save_weights
+from cap_common.adapters.lora import LoraLinear
+from cap_common.files import make_temp_dir, temp_name, write_json
+from cap_common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 APPLIED = ("lr", "beta1", "beta2", "eps", "warmup", "warmup_fraction", "lr_scheduler", "min_lr", "max_grad_norm",
            "lora_weight_decay", "lora_weight_decay_type", "lora_max_norm", "lora_dropout", "epochs", "max_steps",

@@ -37,10 +37,10 @@ from cap_train.optim import ClippedAdam
 from cap_train.order import TrainOrder
 from cap_train.outputs import adapter_tensors, adapter_norms, write_epoch_output
 from cap_train.schedule import lr_lambda
-from common.adapters.regularize import regularize_model_
-from common.config import Config, load_config
-from common.errors import CapError
-from common.files import HOST, os_error_message, remove_stale_temps, user_os_errors, write_json_atomic
+from cap_common.adapters.regularize import regularize_model_
+from cap_common.config import Config, load_config
+from cap_common.errors import CapError
+from cap_common.files import HOST, os_error_message, remove_stale_temps, user_os_errors, write_json_atomic
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -127,7 +127,7 @@ class Trainer:
 
     def _pipeline_module(self):
         from deepspeed.pipe import PipelineModule
-        from common.models.pipeline import PARTITION_METHOD, layer_specs
+        from cap_common.models.pipeline import PARTITION_METHOD, layer_specs
         cfg = self.cfg
         model = PipelineModule(layers=layer_specs(cfg, DTYPES[cfg.model_dtype], self.device, loss_fn=self.loss),
                                topology=self.topology, loss_fn=None, partition_method=PARTITION_METHOD,

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from common.errors import CapError
-from common.files import os_error_message
+from cap_common.errors import CapError
+from cap_common.files import os_error_message
 
 CONFIG_HELP = "TOML config shared by cap-prep, cap-train and cap-export (keys: README.md, 'Config reference')."
 

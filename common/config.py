@@ -3,7 +3,7 @@
 `load_config(path)` parses and validates everything up front and returns a frozen `Config`.
 Every key of qlora-pipe-lite's README is here with the same default and meaning, plus cap's own
 (marked "cap:" in the help). Each key is declared once, with its parser and help text; the README's
-config reference is generated from these declarations (`python -m common.config --reference`).
+config reference is generated from these declarations (`python -m cap_common.config --reference`).
 Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 REQUIRED = object()
 

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 HOST = socket.gethostname()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cross_entropy import (ce_rows_backward, ce_rows_forward, default_chunk_rows,
+from cap_kernels.cross_entropy import (ce_rows_backward, ce_rows_forward, default_chunk_rows,
                                    resolve_impl)
 
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.adapters import factors
-from common.adapters.control import ControlAdapter
-from common.adapters.io import (adapter_config_for, control_state_by_layer, control_tensors, load_adapter,
+from cap_common.adapters import factors
+from cap_common.adapters.control import ControlAdapter
+from cap_common.adapters.io import (adapter_config_for, control_state_by_layer, control_tensors, load_adapter,
                                 save_adapter)
-from common.adapters.lora import LoraLinear, inject_lora
-from common.adapters.regularize import regularize_model_, regularize_pair_, regularize_spectral_
-from common.config import Config
-from common.errors import CapError
+from cap_common.adapters.lora import LoraLinear, inject_lora
+from cap_common.adapters.regularize import regularize_model_, regularize_pair_, regularize_spectral_
+from cap_common.config import Config
+from cap_common.errors import CapError
 
 TYPES = ("full", "symmetrise", "antisymmetrise", "spectral")
 H, R, ALPHA = 16, 4, 3.0

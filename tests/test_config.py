@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from cap_train.cli import main as train_main
-from common.config import Config, load_config, reference_markdown
-from common.errors import CapError
+from cap_common.config import Config, load_config, reference_markdown
+from cap_common.errors import CapError
 
 MINIMAL = """
 model_dir = '{model}'
@@ -185,7 +185,7 @@ def test_reference_covers_every_key():
         if f.name not in ("source", "datasets"):
             assert f"`{f.name}`" in table
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert table in readme, "README's config reference is stale: regenerate with python -m common.config"
+    assert table in readme, "README's config reference is stale: regenerate with python -m cap_common.config"
 
 
 @pytest.mark.parametrize("command", ["cap-prep", "cap-train", "cap-export"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
+from cap_common.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # (config, model_type, layers) of the real model each example is written for

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from cap_export import convert
 from cap_export.cli import main
 from cap_export.inputs import Base, family_without_base, load_control, writer_keys
-from common.adapters.io import lora_key
+from cap_common.adapters.io import lora_key
 from tests.test_export_support import single_thread, ALPHA, LAYERS, RANK, TYPES, dense_w, save_control  # noqa: F401
 
 SCALE = ALPHA / RANK

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from cap_export.cli import main
-from common.adapters.io import lora_key, save_adapter
+from cap_common.adapters.io import lora_key, save_adapter
 from tests.test_export_support import single_thread, save_control  # noqa: F401
 
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -20,7 +20,7 @@ from cap_export import convert
 from cap_export.cli import main
 from cap_export.inputs import Base, load_control, load_lora, staged_output
 from cap_export.merge import merge
-from common.models import FAMILIES
+from cap_common.models import FAMILIES
 from tests import assets
 from tests.test_export_support import hf_model, reference_logits, save_control, single_thread, token_ids  # noqa: F401
 
@@ -182,7 +182,7 @@ def test_verify_multiplicative_and_full_inverse_note(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_smollm2_additive_merge_verify(tmp_path):
-    from common.smollm2 import materialize
+    from examples.demo.smollm2 import materialize
     model = materialize()
     ckpt = save_control(tmp_path / "ckpt", "full", "writers", layers=[3, 17, 29], hidden=576, rank=8, alpha=4.0)
     r, gap = _verify(model, ckpt)

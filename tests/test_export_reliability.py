@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from cap_export.cli import main
-from common.adapters.io import lora_key, save_adapter
-from common.files import HOST
+from cap_common.adapters.io import lora_key, save_adapter
+from cap_common.files import HOST
 from tests.test_export_support import single_thread, save_control  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Shared helpers for the cap-export tests (no tests here): random Control Adapters saved as
 training writes them, and an independent reference of "the adapter as trained" — transformers'
 model with forward hooks that add x·Dᵀ to each writer's (or block's) output, D the dense W' built
-here in float64 from the saved tensors (no code from common.adapters.factors)."""
+here in float64 from the saved tensors (no code from cap_common.adapters.factors)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from common.adapters.io import control_tensors, save_adapter
-from common.models import FAMILIES
+from cap_common.adapters.io import control_tensors, save_adapter
+from cap_common.models import FAMILIES
 
 @pytest.fixture(autouse=True)
 def single_thread():

@@ -21,8 +21,9 @@ if not torch.cuda.is_available():  # before triton is first imported: its own ji
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from kernels import cross_entropy, cross_entropy_sum, fused_linear_cross_entropy  # noqa: E402
-from kernels.cross_entropy import _interpreting, default_chunk_rows, resolve_impl, triton  # noqa: E402
+from cap_kernels.cross_entropy import cross_entropy, cross_entropy_sum  # noqa: E402
+from cap_kernels.fused_linear_ce import fused_linear_cross_entropy  # noqa: E402
+from cap_kernels.cross_entropy import _interpreting, default_chunk_rows, resolve_impl, triton  # noqa: E402
 
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch"),
@@ -302,11 +303,12 @@ def test_imports_and_runs_without_triton(monkeypatch):
     import importlib
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    for name in ("kernels", "kernels.cross_entropy", "kernels.fused_linear_ce"):
+    for name in ("cap_kernels.cross_entropy", "cap_kernels.fused_linear_ce"):
         monkeypatch.delitem(sys.modules, name)
-    fresh = importlib.import_module("kernels")
-    assert sys.modules["kernels.cross_entropy"].triton is None
-    assert sys.modules["kernels.cross_entropy"].resolve_impl("auto", torch.device("cuda")) == "torch"
+    fresh = importlib.import_module("cap_kernels.cross_entropy")
+    importlib.import_module("cap_kernels.fused_linear_ce")
+    assert sys.modules["cap_kernels.cross_entropy"].triton is None
+    assert sys.modules["cap_kernels.cross_entropy"].resolve_impl("auto", torch.device("cuda")) == "torch"
     x, y = make_batch(3, 10, ignored=(1,))
     torch.testing.assert_close(fresh.cross_entropy(x, y).double(), reference(x, y)[0], rtol=1e-5,
                                atol=0)
@@ -315,7 +317,7 @@ def test_imports_and_runs_without_triton(monkeypatch):
 AOT_COMPILE = """
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from kernels.cross_entropy import _ce_forward_kernel, _ce_grad_kernel
+from cap_kernels.cross_entropy import _ce_forward_kernel, _ce_grad_kernel
 common = dict(labels_ptr="*i64", n_cols="i32", ignore_index="i32", scale="fp32", softcap="fp32",
               HAS_SOFTCAP="constexpr", BLOCK="constexpr")
 fwd = dict(x_ptr="*bf16", x_stride="i32", loss_ptr="*fp32", lse_ptr="*fp32", **common)

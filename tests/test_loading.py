@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import config_from_dict
-from common.errors import CapError
-from common.models import build_pipeline_layers, loading
+from cap_common.config import config_from_dict
+from cap_common.errors import CapError
+from cap_common.models import build_pipeline_layers, loading
 from tests import assets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,8 +135,8 @@ def test_missing_shard_and_missing_checkpoint(tiny_model_dir, tmp_path):
 PROBE = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
-    from common.config import config_from_dict
-    from common.models import load_stage, open_model
+    from cap_common.config import config_from_dict
+    from cap_common.models import load_stage, open_model
 
     def status(key):
         for line in open("/proc/self/status"):

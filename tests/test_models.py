@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 
-from common.adapters.control import orthonormal
-from common.adapters.factors import spectral_factors
-from common.adapters.lora import LoraLinear
-from common.config import config_from_dict
-from common.models import (FAMILIES, DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, build_pipeline_layers,
+from cap_common.adapters.control import orthonormal
+from cap_common.adapters.factors import spectral_factors
+from cap_common.adapters.lora import LoraLinear
+from cap_common.config import config_from_dict
+from cap_common.models import (FAMILIES, DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, build_pipeline_layers,
                            labels_and_classes, layer_specs, stage_parts)
 from tests import assets
 
@@ -142,7 +142,7 @@ def test_stage_parts_are_contiguous_and_balanced(n_layers, stages):
 
 def test_unsupported_model_type_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "num_hidden_layers": 2}')
-    from common.errors import CapError
+    from cap_common.errors import CapError
     with pytest.raises(CapError) as e:
         build_pipeline_layers(make_cfg(tmp_path, tmp_path), torch.float32)
     msg = str(e.value)
@@ -381,7 +381,7 @@ def test_full_fine_tune_trains_everything_in_bf16_and_ties_embeddings(model_dir,
 
 # ---------------------------------------------------------------- DeepSpeed specs
 def test_layer_specs_are_lazy_and_typed(model_dir, tmp_path, monkeypatch):
-    from common.models import loading
+    from cap_common.models import loading
     reads = []
     monkeypatch.setattr(loading.Checkpoint, "read",
                         lambda self, name, what="", _read=loading.Checkpoint.read: reads.append(name) or _read(self, name, what))

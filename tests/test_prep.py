@@ -17,7 +17,7 @@ import pytest
 import transformers
 
 from cap_prep import build, load_manifest, open_split, prepare
-from common.config import config_from_dict
+from cap_common.config import config_from_dict
 from tests.assets import sample_text
 
 L = 24

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cap_prep import cache, dataset_folder
-from common.config import load_config
-from common.files import HOST
+from cap_common.config import load_config
+from cap_common.files import HOST
 from tests.test_prep import documents, write_all_formats, write_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 
 from cap_prep import sources
 from cap_prep.sources import InputFile, _split_lines, _text_of, read_documents
-from common.errors import CapError
+from cap_common.errors import CapError
 
 
 def whole_file_json(path: Path) -> list[str]:

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from cap_prep import build, load_manifest, prepare, sources, windows
 from cap_prep.tokenize import DocumentEncoder, resolve_options
-from common import smollm2
-from common.config import config_from_dict
+from cap_common import smollm2
+from cap_common.config import config_from_dict
 from tests.assets import sample_text
 from tests.test_prep import L, read, reference_pack, reference_tokens
 

@@ -120,7 +120,7 @@ def test_order_is_a_partition_reshuffled_per_epoch():
 def test_resume_plan_groups_the_changed_keys():
     """Applied keys pass; data and model keys need the flag (data restarts the epoch); fixed never."""
     from cap_train.resume import plan
-    from common.errors import CapError
+    from cap_common.errors import CapError
     old = {"lr": 1e-3, "epochs": 1, "data": "a", "lora_alpha": 4.0, "lora_rank": 4, "processes": 2,
            "model shape": {"hidden_size": 64}}
     same = plan(old, dict(old), False, "ckpt")

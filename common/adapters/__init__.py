@@ -6,11 +6,11 @@
 - regularize.py: decoupled weight decay / max-norm on W = s·B·A after each optimizer step
 - io.py:         adapter folders (adapter_model.safetensors + adapter_config.json), key layout
 """
-from common.adapters.control import ControlAdapter
-from common.adapters.io import (adapter_config_for, control_key, control_state_by_layer, control_tensors,
+from cap_common.adapters.control import ControlAdapter
+from cap_common.adapters.io import (adapter_config_for, control_key, control_state_by_layer, control_tensors,
                                 load_adapter, lora_key, save_adapter)
-from common.adapters.lora import LoraLinear, inject_lora
-from common.adapters.regularize import regularize_model_, regularize_pair_, regularize_spectral_
+from cap_common.adapters.lora import LoraLinear, inject_lora
+from cap_common.adapters.regularize import regularize_model_, regularize_pair_, regularize_spectral_
 
 __all__ = ["ControlAdapter", "LoraLinear", "inject_lora", "regularize_model_", "regularize_pair_",
            "regularize_spectral_", "save_adapter", "load_adapter", "adapter_config_for", "control_key",

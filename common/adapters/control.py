@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from common.adapters import factors
+from cap_common.adapters import factors
 
 TYPES = factors.CONTROL_TYPES
 

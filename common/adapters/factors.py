@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 CONTROL_TYPES = ("full", "symmetrise", "antisymmetrise", "spectral")
 

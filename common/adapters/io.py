@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.adapters.factors import CONTROL_TYPES
-from common.errors import CapError
-from common.files import follow_umask, fsync, make_temp_dir, temp_name, write_json
+from cap_common.adapters.factors import CONTROL_TYPES
+from cap_common.errors import CapError
+from cap_common.files import follow_umask, fsync, make_temp_dir, temp_name, write_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

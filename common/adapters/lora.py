@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from common.adapters import factors
+from cap_common.adapters import factors
 
 
 class LoraLinear(nn.Module):

@@ -28,9 +28,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from common.adapters import factors
-from common.adapters.control import ControlAdapter
-from common.adapters.lora import LoraLinear
+from cap_common.adapters import factors
+from cap_common.adapters.control import ControlAdapter
+from cap_common.adapters.lora import LoraLinear
 
 KINDS = ("nuclear", "l2", "l1")
 _ZERO_NORM = 1e-12  # ‖W‖_F below this counts as zero for l1 (no direction to shrink along)

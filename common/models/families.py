@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 # A checkpoint source: (tensor name relative to the layer prefix, index into the module tensor).
 Source = tuple[str, tuple]

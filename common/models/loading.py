@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common.errors import CapError
-from common.models.families import WHOLE, Family, Source, load_hf_config, tensor_sources
+from cap_common.errors import CapError
+from cap_common.models.families import WHOLE, Family, Source, load_hf_config, tensor_sources
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -26,12 +26,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from common.adapters.control import ControlAdapter
-from common.adapters.lora import inject_lora
-from common.config import Config
-from common.errors import CapError
-from common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, LossFn
-from common.models.loading import (ModelSource, load_decoder_layer, load_embedding, load_final_norm,
+from cap_common.adapters.control import ControlAdapter
+from cap_common.adapters.lora import inject_lora
+from cap_common.config import Config
+from cap_common.errors import CapError
+from cap_common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, LossFn
+from cap_common.models.loading import (ModelSource, load_decoder_layer, load_embedding, load_final_norm,
                                    load_lm_head, open_model, release_host_memory, rotary_embedding)
 
 PARTITION_METHOD = "type:DecoderLayerPipe"

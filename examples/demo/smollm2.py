@@ -3,7 +3,7 @@
 That package ships `SmolLM2-135M-Instruct.Q4_1.gguf` (Llama architecture, 30 layers, H 576,
 vocab 49152). `materialize()` dequantizes it once with transformers' GGUF loader into an ordinary
 Hugging Face folder (bf16 safetensors + tokenizer) under the cache dir and returns that folder.
-Cache dir: $CAP_CACHE_DIR, else ~/.cache/cap.  Usage: `python -m common.smollm2 [--out DIR]`.
+Cache dir: $CAP_CACHE_DIR, else ~/.cache/cap.  Usage: `python -m examples.demo.smollm2 [--out DIR]`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.errors import CapError
+from cap_common.errors import CapError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

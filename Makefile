@@ -9,7 +9,7 @@ export CAP_CACHE_DIR ?= $(HOME)/.cache/cap
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM ?= true
 
-.PHONY: demo test test-fast gpu-check clean
+.PHONY: demo test test-fast lint format gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,17 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m examples.demo.run
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -ra
+
+# ruff's settings are in pyproject.toml; `make format` applies what `lint` checks.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

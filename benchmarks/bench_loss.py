@@ -13,6 +13,7 @@ fit are reported as OOM (CUDA OutOfMemoryError, CPU allocation failure or killed
     python benchmarks/bench_loss.py                                   # GPU: seq 2k/8k/32k × V 32k/128k
     python benchmarks/bench_loss.py --hidden 256 --seqs 2048,8192 --vocabs 32000 --dtype fp32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,7 @@ def step(method, h, w, y, args):
     """One forward + backward; returns the loss as a float."""
     h.grad = w.grad = None
     if method == "fused":
-        loss = fused_linear_cross_entropy(h, w, y, softcap=args.softcap, chunk_size=args.chunk_size,
-                                          impl=args.impl)
+        loss = fused_linear_cross_entropy(h, w, y, softcap=args.softcap, chunk_size=args.chunk_size, impl=args.impl)
     else:
         logits = h @ w.T
         logits = logits if args.no_upcast else logits.float()
@@ -89,6 +89,7 @@ def measure_cuda(method, seq, vocab, args):
 def rss_bytes():
     try:
         import psutil
+
         return psutil.Process().memory_info().rss
     except ImportError:  # ru_maxrss is a high-water mark, so this over-states "before"
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -143,7 +144,7 @@ def main(argv=None):
     raw = list(sys.argv[1:] if argv is None else argv)
     if "--child" in raw:
         i = raw.index("--child")
-        del raw[i:i + 2]
+        del raw[i : i + 2]
     args.argv = raw
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
@@ -154,12 +155,19 @@ def main(argv=None):
         return
 
     measure = measure_cuda if device == "cuda" else measure_cpu
-    how = ("torch.cuda.max_memory_allocated, CUDA events" if device == "cuda"
-           else "ru_maxrss − RSS before (fresh process per run), perf_counter")
-    print(f"device={device} dtype={args.dtype} hidden={args.hidden} train_weight={args.train_weight} "
-          f"impl={args.impl} upcast={not args.no_upcast}; peak memory: {how}")
-    head = f"{'seq':>6} {'vocab':>7} | {'unfused MiB':>11} {'fused MiB':>9} {'mem ×':>6} | " \
-           f"{'unfused ms':>10} {'fused ms':>8} {'time ×':>6} | {'loss Δ':>8}"
+    how = (
+        "torch.cuda.max_memory_allocated, CUDA events"
+        if device == "cuda"
+        else "ru_maxrss − RSS before (fresh process per run), perf_counter"
+    )
+    print(
+        f"device={device} dtype={args.dtype} hidden={args.hidden} train_weight={args.train_weight} "
+        f"impl={args.impl} upcast={not args.no_upcast}; peak memory: {how}"
+    )
+    head = (
+        f"{'seq':>6} {'vocab':>7} | {'unfused MiB':>11} {'fused MiB':>9} {'mem ×':>6} | "
+        f"{'unfused ms':>10} {'fused ms':>8} {'time ×':>6} | {'loss Δ':>8}"
+    )
     print(head)
     print("-" * len(head))
     for vocab in (int(v) for v in args.vocabs.split(",")):
@@ -170,9 +178,12 @@ def main(argv=None):
             mem = format(unfused["peak_mib"] / max(fused["peak_mib"], 1e-9), "6.1f") if both else "-"
             tim = format(fused["ms"] / unfused["ms"], "6.2f") if both else "-"
             dl = format(abs(fused["loss"] - unfused["loss"]), "8.1e") if both else "-"
-            print(f"{seq:>6} {vocab:>7} | {fmt(unfused, 'peak_mib', '11.0f')} "
-                  f"{fmt(fused, 'peak_mib', '9.0f')} {mem:>6} | {fmt(unfused, 'ms', '10.1f')} "
-                  f"{fmt(fused, 'ms', '8.1f')} {tim:>6} | {dl:>8}", flush=True)
+            print(
+                f"{seq:>6} {vocab:>7} | {fmt(unfused, 'peak_mib', '11.0f')} "
+                f"{fmt(fused, 'peak_mib', '9.0f')} {mem:>6} | {fmt(unfused, 'ms', '10.1f')} "
+                f"{fmt(fused, 'ms', '8.1f')} {tim:>6} | {dl:>8}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Generates `--mb` megabytes of English-like documents as .jsonl files, then times
 and prints tokens/s for both and their ratio (target: cap-prep >= 0.8x the bare tokenizer).
 The tokenizer is the tests' tiny byte-level BPE unless --tokenizer names a folder with one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,15 @@ def model_folder(work: Path, tokenizer: str | None) -> Path:
     folder.mkdir()
     if tokenizer is None:
         from tests.assets import tiny_tokenizer
+
         tiny_tokenizer(folder)
     else:
         for f in Path(tokenizer).iterdir():
-            if f.is_file() and (f.name.startswith("tokenizer") or f.suffix in (".model", ".txt")
-                                or f.name in ("special_tokens_map.json", "vocab.json", "config.json")):
+            if f.is_file() and (
+                f.name.startswith("tokenizer")
+                or f.suffix in (".model", ".txt")
+                or f.name in ("special_tokens_map.json", "vocab.json", "config.json")
+            ):
                 shutil.copy(f, folder / f.name)
     if not (folder / "config.json").exists():
         (folder / "config.json").write_text("{}")
@@ -65,8 +70,8 @@ def main():
 
     import transformers
 
-    from cap_prep import build, load_manifest, prepare
     from cap_common.config import config_from_dict
+    from cap_prep import build, load_manifest, prepare
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-prep-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -79,20 +84,28 @@ def main():
             with open(data / f"part-{i}.jsonl", "w") as f:
                 f.writelines(json.dumps({"text": docs[j]}) + "\n" for j in part)
         mb = sum(len(d) for d in docs) / 1e6
-        print(f"text: {mb:.1f} MB in {len(docs):,} documents; cores: {os.cpu_count()}; "
-              f"tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}")
+        print(
+            f"text: {mb:.1f} MB in {len(docs):,} documents; cores: {os.cpu_count()}; "
+            f"tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}"
+        )
 
         tok = transformers.AutoTokenizer.from_pretrained(model)
         encode = tok.backend_tokenizer.encode_batch_fast
         t0 = time.perf_counter()
         bare_tokens = 0
         for i in range(0, len(docs), build.BATCH_DOCS):
-            bare_tokens += sum(len(e) for e in encode(docs[i:i + build.BATCH_DOCS], add_special_tokens=True))
+            bare_tokens += sum(len(e) for e in encode(docs[i : i + build.BATCH_DOCS], add_special_tokens=True))
         bare_s = time.perf_counter() - t0
 
-        raw = {"model_dir": str(model), "output_dir": str(work / "out"), "lr": 1e-4, "lora_rank": 1,
-               "sequence_len": args.sequence_len, "eval_fraction": 0.01,
-               "datasets": [{"dataset_path": str(data / "*.jsonl")}]}
+        raw = {
+            "model_dir": str(model),
+            "output_dir": str(work / "out"),
+            "lr": 1e-4,
+            "lora_rank": 1,
+            "sequence_len": args.sequence_len,
+            "eval_fraction": 0.01,
+            "datasets": [{"dataset_path": str(data / "*.jsonl")}],
+        }
         cfg = config_from_dict(raw, work / "cfg.toml")
         t0 = time.perf_counter()
         folder = prepare(cfg, force=True, quiet=True)
@@ -101,10 +114,14 @@ def main():
         prep_tokens = sum(d[s]["tokens"] for d in m["datasets"] for s in ("train", "eval"))
 
         bare_rate, prep_rate = bare_tokens / bare_s, prep_tokens / prep_s
-        print(f"bare tokenizer (encode_batch_fast, in memory): {bare_tokens:,} tokens in {bare_s:.1f} s = "
-              f"{bare_rate / 1e6:.2f} M tokens/s")
-        print(f"cap-prep (read + hash + tokenize + pack + write): {prep_tokens:,} tokens in {prep_s:.1f} s = "
-              f"{prep_rate / 1e6:.2f} M tokens/s")
+        print(
+            f"bare tokenizer (encode_batch_fast, in memory): {bare_tokens:,} tokens in {bare_s:.1f} s = "
+            f"{bare_rate / 1e6:.2f} M tokens/s"
+        )
+        print(
+            f"cap-prep (read + hash + tokenize + pack + write): {prep_tokens:,} tokens in {prep_s:.1f} s = "
+            f"{prep_rate / 1e6:.2f} M tokens/s"
+        )
         print(f"ratio cap-prep / bare: {prep_rate / bare_rate:.2f} (target >= 0.8)")
     finally:
         if args.keep is None:

@@ -14,6 +14,7 @@ tokens and sequences it wrote. The text has paragraphs, indented lines, long spa
 non-ASCII words and emoji. The tokenizer is the tests' tiny byte-level BPE unless --tokenizer
 names a folder with a tokenizer.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,25 +117,34 @@ def run_measured(cmd: list[str], **popen) -> tuple[int, float]:
         return code, int(peak.read() or 0) / 1024
 
 
-def run_prep(work: Path, name: str, data: Path, model: Path, sequence_len: int, code: Path = REPO,
-             keep: bool = False) -> dict:
-    out = work / ("out" if code == REPO else f"out-{code.name}") / name    # separate caches per checkout
+def run_prep(
+    work: Path, name: str, data: Path, model: Path, sequence_len: int, code: Path = REPO, keep: bool = False
+) -> dict:
+    out = work / ("out" if code == REPO else f"out-{code.name}") / name  # separate caches per checkout
     cfg = out.parent / f"{name}.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(f'model_dir = "{model}"\noutput_dir = "{out}"\nlr = 1e-4\nlora_rank = 1\n'
-                   f'sequence_len = {sequence_len}\neval_fraction = 0.01\n'
-                   f'[[datasets]]\ndataset_path = "{data}/*"\n')
+    cfg.write_text(
+        f'model_dir = "{model}"\noutput_dir = "{out}"\nlr = 1e-4\nlora_rank = 1\n'
+        f'sequence_len = {sequence_len}\neval_fraction = 0.01\n'
+        f'[[datasets]]\ndataset_path = "{data}/*"\n'
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(code), str(REPO)]))}
     with open(cfg.with_suffix(".out"), "w+") as stdout_file, open(cfg.with_suffix(".err"), "w+") as err:
         t0 = time.perf_counter()
-        returncode, peak_mb = run_measured([sys.executable, "-m", "cap_prep.cli", str(cfg)], cwd=code, env=env,
-                                           stdout=stdout_file, stderr=err)
+        returncode, peak_mb = run_measured(
+            [sys.executable, "-m", "cap_prep.cli", str(cfg)], cwd=code, env=env, stdout=stdout_file, stderr=err
+        )
         elapsed = time.perf_counter() - t0
         stdout_file.seek(0)
         err.seek(0)
         stdout, stderr = stdout_file.read(), err.read()
-    result = {"name": name, "input_mb": sum(p.stat().st_size for p in data.iterdir()) / 1e6, "seconds": elapsed,
-              "rc": returncode, "peak_rss_mb": peak_mb}
+    result = {
+        "name": name,
+        "input_mb": sum(p.stat().st_size for p in data.iterdir()) / 1e6,
+        "seconds": elapsed,
+        "rc": returncode,
+        "peak_rss_mb": peak_mb,
+    }
     if returncode == 0:
         folder = Path(stdout.strip().splitlines()[-1])
         m = json.loads((folder / "manifest.json").read_text())
@@ -156,18 +166,27 @@ def main():
     ap.add_argument("--only", choices=("many", "single"), default=None)
     ap.add_argument("--tokenizer", default=None, help="folder with a fast tokenizer (default: the tests' tiny one)")
     ap.add_argument("--sequence-len", type=int, default=2048)
-    ap.add_argument("--keep", default=None, help="work folder to keep, with the inputs and the prepared folders "
-                                                 "(default: a temp folder, removed)")
-    ap.add_argument("--code", default=str(REPO), help="folder whose cap_prep package to run (e.g. an older "
-                                                       "checkout, to compare); default: this one")
+    ap.add_argument(
+        "--keep",
+        default=None,
+        help="work folder to keep, with the inputs and the prepared folders (default: a temp folder, removed)",
+    )
+    ap.add_argument(
+        "--code",
+        default=str(REPO),
+        help="folder whose cap_prep package to run (e.g. an older checkout, to compare); default: this one",
+    )
     args = ap.parse_args()
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-prep-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         model = model_folder(work, args.tokenizer) if not (work / "model").exists() else work / "model"
-        print(f"cpu: {os.cpu_count()} cores; python {sys.version.split()[0]}; "
-              f"tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}; sequence_len {args.sequence_len}", flush=True)
+        print(
+            f"cpu: {os.cpu_count()} cores; python {sys.version.split()[0]}; "
+            f"tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}; sequence_len {args.sequence_len}",
+            flush=True,
+        )
         jobs = []
         for fmt in args.formats.split(","):
             if args.only in (None, "many"):
@@ -181,8 +200,10 @@ def main():
                 write(data, fmt, nbytes, Text(seed=len(name)))
                 print(f"{name}: generated in {time.perf_counter() - t0:.0f} s", flush=True)
             r = run_prep(work, name, data, model, args.sequence_len, Path(args.code).resolve(), args.keep is not None)
-            line = (f"{name:14s} input {r['input_mb']:8.1f} MB  peak RSS {r['peak_rss_mb']:8.1f} MB  "
-                    f"time {r['seconds']:7.1f} s")
+            line = (
+                f"{name:14s} input {r['input_mb']:8.1f} MB  peak RSS {r['peak_rss_mb']:8.1f} MB  "
+                f"time {r['seconds']:7.1f} s"
+            )
             if r["rc"] == 0:
                 line += f"  tokens {r['tokens']:,}  sequences {r['sequences']:,}"
             else:

@@ -11,6 +11,7 @@ frozen base with micro batch 1, seq L, one optimizer step per sequence, no eval,
 Prints both, the ratio, and achieved FLOP/s (4·N·tokens/s: forward + activation gradients of a
 frozen base) ÷ this machine's measured matmul FLOP/s in the same dtype.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,17 @@ def matmul_flops(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 10)
         a @ b
     if device == "cuda":
         torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def write_data(folder: Path, tokens_needed: int) -> Path:
     from tests.assets import sample_text
+
     lines = sample_text(max(200, tokens_needed // 8), seed=3)
     path = folder / "data.jsonl"
     with open(path, "w") as f:
         for i in range(0, len(lines), 20):
-            f.write(json.dumps({"text": " ".join(lines[i:i + 20])}) + "\n")
+            f.write(json.dumps({"text": " ".join(lines[i : i + 20])}) + "\n")
     return path
 
 
@@ -71,8 +73,9 @@ model_dtype = '{dtype}'
 dataset_path = 'data.jsonl'
 """)
     t = time.time()
-    subprocess.run([sys.executable, "-m", "cap_train.cli", str(cfg)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [sys.executable, "-m", "cap_train.cli", str(cfg)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     rows = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["train/tokens_per_s"] for r in rows if r["step"] > 2]
     peak = max(r.get("memory/peak_cuda_gib", r.get("memory/peak_rss_gib", 0)) for r in rows)
@@ -101,14 +104,21 @@ for step in range(steps):
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     if device == "cuda": torch.cuda.synchronize()
     rates.append(seq / (time.perf_counter() - t))
-peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+if device == "cuda":
+    peak = torch.cuda.max_memory_allocated() / 2**30
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps({"tokens_per_s": statistics.median(rates[2:]), "peak_gib": peak}))
 """
 
 
 def run_peer(model: Path, seq: int, steps: int, rank: int, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PEER, str(model), str(seq), str(steps), str(rank), dtype],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PEER, str(model), str(seq), str(steps), str(rank), dtype],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -118,31 +128,45 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                    help="default: bfloat16 on CUDA, float32 on CPU (bf16 GEMMs are ~60x slower without AVX512-BF16)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="default: bfloat16 on CUDA, float32 on CPU (bf16 GEMMs are ~60x slower without AVX512-BF16)",
+    )
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     if args.model is None:
         from examples.demo.smollm2 import materialize
+
         args.model = materialize()
     config = json.loads((args.model / "config.json").read_text())
     import transformers
+
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(args.model)).parameters())
+        n_params = sum(
+            p.numel()
+            for p in transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.from_pretrained(args.model)
+            ).parameters()
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak_flops = matmul_flops(getattr(torch, args.dtype), device)
     with tempfile.TemporaryDirectory() as tmp:
         cap = run_cap(args.model, Path(tmp), args.seq, args.steps, args.rank, args.dtype)
     peer = run_peer(args.model, args.seq, args.steps, args.rank, args.dtype)
-    print(f"model {config.get('model_type')} {n_params / 1e6:.0f}M params, seq {args.seq}, rank {args.rank}, "
-          f"{args.dtype}, {device}, {os.cpu_count()} cores")
+    print(
+        f"model {config.get('model_type')} {n_params / 1e6:.0f}M params, seq {args.seq}, rank {args.rank}, "
+        f"{args.dtype}, {device}, {os.cpu_count()} cores"
+    )
     print(f"{'':24}{'tokens/s':>12}{'peak GiB':>12}{'FLOP/s ÷ matmul peak':>24}")
     for name, r in (("cap-train (control)", cap), ("transformers+PEFT LoRA", peer)):
         mfu = 4 * n_params * r["tokens_per_s"] / peak_flops
         print(f"{name:24}{r['tokens_per_s']:>12.1f}{r['peak_gib']:>12.2f}{mfu:>24.1%}")
-    print(f"ratio cap/peer: tokens/s {cap['tokens_per_s'] / peer['tokens_per_s']:.2f}×, "
-          f"peak memory {cap['peak_gib'] / peer['peak_gib']:.2f}×   (measured matmul peak {peak_flops / 1e9:.1f} GFLOP/s)")
+    print(
+        f"ratio cap/peer: tokens/s {cap['tokens_per_s'] / peer['tokens_per_s']:.2f}×, "
+        f"peak memory {cap['peak_gib'] / peer['peak_gib']:.2f}×   (measured matmul peak {peak_flops / 1e9:.1f} GFLOP/s)"
+    )
 
 
 if __name__ == "__main__":

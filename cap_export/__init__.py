@@ -1,4 +1,5 @@
 """cap-export: turn trained adapters into PEFT LoRA, merged models and GGUF."""
+
 import click
 
 PROG = "cap-export"

@@ -1,4 +1,11 @@
-"""cap-export: convert, merge, verify and GGUF-export trained adapters (see README, 'cap-export')."""
+"""cap-export: convert, merge, verify and GGUF-export trained adapters (see README, 'cap-export').
+
+The command line only: each of the five commands checks its arguments, calls the modules that do
+the work and reports. Over 300 lines because the commands' options, help texts and result lines
+live here; the work modules are imported inside each command, so `cap-export --help` never
+imports torch.
+"""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from cap_export import PROG, note
 from cap_common.cli import user_errors
+from cap_export import PROG, note
 
 _path = click.Path(path_type=Path)
 _exists = click.Path(exists=True, path_type=Path)
@@ -29,6 +36,7 @@ def _direction(inverse: bool, exact_inverse: bool, adapter_type: str) -> str:
     """--inverse: class −1 exactly as trained (−W' for full / symmetrise / antisymmetrise, the
     exact inverse for spectral); --exact-inverse: (I + W')⁻¹ − I for every type (Woodbury)."""
     from cap_common.errors import CapError
+
     if inverse and exact_inverse:
         raise CapError("--inverse and --exact-inverse exclude each other")
     if exact_inverse:
@@ -39,21 +47,41 @@ def _direction(inverse: bool, exact_inverse: bool, adapter_type: str) -> str:
 
 
 def _direction_words(direction: str) -> str:
-    return {"forward": "class +1 (I + W')", "inverse": "class −1, exact inverse (I + W')⁻¹",
-            "negate": "class −1 as trained, I − W'"}[direction]
+    return {
+        "forward": "class +1 (I + W')",
+        "inverse": "class −1, exact inverse (I + W')⁻¹",
+        "negate": "class −1 as trained, I − W'",
+    }[direction]
 
 
 force_option = click.option("--force", is_flag=True, help="replace OUT if it exists and is not empty")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                            show_default=True, help="dtype of the saved LoRA tensors")
-inverse_option = click.option("--inverse", is_flag=True,
-                              help="class −1 as trained: −W' (full/symmetrise/antisymmetrise) or the exact inverse (spectral)")
-exact_inverse_option = click.option("--exact-inverse", is_flag=True,
-                                    help="the exact inverse (I + W')⁻¹ − I for any type (Woodbury; spectral: closed form)")
-cohere_option = click.option("--cohere", is_flag=True,
-                             help="accepted for qlora-pipe-lite compatibility; the family comes from config.json")
-mixtral_option = click.option("--mixtral", type=int, default=None, metavar="N",
-                              help="accepted for qlora-pipe-lite compatibility; the family comes from config.json")
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="dtype of the saved LoRA tensors",
+)
+inverse_option = click.option(
+    "--inverse",
+    is_flag=True,
+    help="class −1 as trained: −W' (full/symmetrise/antisymmetrise) or the exact inverse (spectral)",
+)
+exact_inverse_option = click.option(
+    "--exact-inverse",
+    is_flag=True,
+    help="the exact inverse (I + W')⁻¹ − I for any type (Woodbury; spectral: closed form)",
+)
+cohere_option = click.option(
+    "--cohere", is_flag=True, help="accepted for qlora-pipe-lite compatibility; the family comes from config.json"
+)
+mixtral_option = click.option(
+    "--mixtral",
+    type=int,
+    default=None,
+    metavar="N",
+    help="accepted for qlora-pipe-lite compatibility; the family comes from config.json",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,8 +103,13 @@ def main():
 @main.command()
 @click.argument("ckpt", type=_path)
 @click.argument("out", type=_path)
-@click.option("--base", "base_dir", type=_path, default=None,
-              help="base model folder (config.json is enough); names the writers (Mixtral experts) and checks shapes")
+@click.option(
+    "--base",
+    "base_dir",
+    type=_path,
+    default=None,
+    help="base model folder (config.json is enough); names the writers (Mixtral experts) and checks shapes",
+)
 @inverse_option
 @exact_inverse_option
 @dtype_option
@@ -92,8 +125,10 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
     exact rank-2r factors). Merge with `cap-export merge --multiplicative`: M ← M + B·(A·M).
     """
     from cap_export import convert
-    from cap_export.inputs import (Base, check_fits, check_output, family_without_base, load_control, recorded_base,
-                                   writer_keys)
+    from cap_export.adapters import load_control
+    from cap_export.base import Base, writer_keys
+    from cap_export.compat import check_fits, family_without_base, recorded_base
+    from cap_export.staging import check_output
 
     start = time.time()
     inputs = {"CKPT": ckpt, "--base": base_dir}
@@ -108,12 +143,20 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
         family, config, how = base.family, base.config, f"family {base.family.model_type} from {base_dir}/config.json"
     else:
         family, config, how = family_without_base(control.config, control.hidden_size, mixtral, cohere)
-    converted = convert.multiplicative(control, writer_keys(family, config), family.model_type, direction, dtype,
-                                       str(Path(base_dir).resolve()) if base_dir else "")
+    converted = convert.multiplicative(
+        control,
+        writer_keys(family, config),
+        family.model_type,
+        direction,
+        dtype,
+        str(Path(base_dir).resolve()) if base_dir else "",
+    )
     convert.save(converted, out, force, inputs)
-    click.echo(f"{PROG} multiplicative: {converted.modules} modules on {len(control.layers)} layers, rank "
-               f"{converted.rank}, {_direction_words(direction)}, {dtype} ({how}) → {out} "
-               f"[{time.time() - start:.1f} s]")
+    click.echo(
+        f"{PROG} multiplicative: {converted.modules} modules on {len(control.layers)} layers, rank "
+        f"{converted.rank}, {_direction_words(direction)}, {dtype} ({how}) → {out} "
+        f"[{time.time() - start:.1f} s]"
+    )
 
 
 @main.command()
@@ -122,8 +165,9 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
 @click.argument("out", type=_path)
 @inverse_option
 @exact_inverse_option
-@click.option("--rank", type=int, default=None,
-              help="truncate each ΔM to its best rank-R approximation (thin SVD of the factors)")
+@click.option(
+    "--rank", type=int, default=None, help="truncate each ΔM to its best rank-R approximation (thin SVD of the factors)"
+)
 @dtype_option
 @force_option
 @cohere_option
@@ -136,7 +180,10 @@ def additive(base_dir, ckpt, out, inverse, exact_inverse, rank, dtype, force, co
     scaling 1. Exact at the adapter's rank (r, or 2r for symmetrised types); no SVD unless --rank.
     """
     from cap_export import convert
-    from cap_export.inputs import Base, approximation_note, check_fits, check_output, load_control, recorded_base
+    from cap_export.adapters import load_control
+    from cap_export.base import Base
+    from cap_export.compat import approximation_note, check_fits, recorded_base
+    from cap_export.staging import check_output
 
     start = time.time()
     inputs = {"BASE": base_dir, "CKPT": ckpt}
@@ -154,17 +201,23 @@ def additive(base_dir, ckpt, out, inverse, exact_inverse, rank, dtype, force, co
         note(gap)
     full_rank = control.rank * (2 if control.adapter_type in ("symmetrise", "antisymmetrise") else 1)
     exact = "exact" if rank is None or rank >= full_rank else f"truncated from {full_rank}"
-    click.echo(f"{PROG} additive: {converted.modules} modules on {len(control.layers)} layers of a "
-               f"{base.family.model_type} model, rank {converted.rank} ({exact}), {_direction_words(direction)}, "
-               f"{dtype} → {out} [{time.time() - start:.1f} s]")
+    click.echo(
+        f"{PROG} additive: {converted.modules} modules on {len(control.layers)} layers of a "
+        f"{base.family.model_type} model, rank {converted.rank} ({exact}), {_direction_words(direction)}, "
+        f"{dtype} → {out} [{time.time() - start:.1f} s]"
+    )
 
 
 @main.command()
 @click.argument("base_dir", metavar="BASE", type=_path)
 @click.argument("lora_dir", metavar="LORA", type=_path)
 @click.argument("out", type=_path)
-@click.option("--multiplicative", "multiplicative_flag", is_flag=True,
-              help="merge as M ← M + s·B·(A·M) (automatic for LoRAs marked multiplicative)")
+@click.option(
+    "--multiplicative",
+    "multiplicative_flag",
+    is_flag=True,
+    help="merge as M ← M + s·B·(A·M) (automatic for LoRAs marked multiplicative)",
+)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="factor F on the LoRA: M ← M + F·s·B·A")
 @force_option
 @cohere_option
@@ -175,9 +228,11 @@ def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mi
 
     Works one tensor at a time: memory stays well under one shard.
     """
-    from cap_export import merge as merging
-    from cap_export.inputs import Base, check_output, folder_size, load_lora, staged_output
     from cap_common.errors import CapError
+    from cap_export import merge as merging
+    from cap_export.adapters import load_lora
+    from cap_export.base import Base
+    from cap_export.staging import check_output, folder_size, staged_output
 
     start = time.time()
     inputs = {"BASE": base_dir, "LORA": lora_dir}
@@ -192,24 +247,33 @@ def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mi
         note(mode_note)
     with staged_output(out, force, inputs=inputs) as tmp:
         summary = merging.merge(base, lora, tmp, multiplicative_mode, scale)
-    click.echo(f"{PROG} merge: {summary['modules']} LoRA modules into {summary['tensors']} tensors of "
-               f"{summary['shards']} shard(s), {'multiplicative' if multiplicative_mode else 'additive'}, "
-               f"scale {scale:g}; copied {', '.join(summary['copied']) or 'no other files'} → {out} "
-               f"({_mib(folder_size(out))}) [{time.time() - start:.1f} s]")
+    click.echo(
+        f"{PROG} merge: {summary['modules']} LoRA modules into {summary['tensors']} tensors of "
+        f"{summary['shards']} shard(s), {'multiplicative' if multiplicative_mode else 'additive'}, "
+        f"scale {scale:g}; copied {', '.join(summary['copied']) or 'no other files'} → {out} "
+        f"({_mib(folder_size(out))}) [{time.time() - start:.1f} s]"
+    )
 
 
 @main.command()
 @click.argument("lora_dir", metavar="LORA", type=_path)
 @click.argument("out", type=_path)
 @click.option("--base", "base_dir", type=_path, required=True, help="base model folder (its config.json)")
-@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-              help="GGUF tensor type of lora_a / lora_b")
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16"]),
+    default="f32",
+    show_default=True,
+    help="GGUF tensor type of lora_a / lora_b",
+)
 @force_option
 @user_errors(PROG)
 def gguf(lora_dir, out, base_dir, outtype, force):
     """PEFT LoRA folder LORA → GGUF LoRA adapter file OUT for llama.cpp (`--lora OUT`)."""
+    from cap_export.adapters import load_lora
+    from cap_export.base import Base
     from cap_export.gguf_export import export_gguf
-    from cap_export.inputs import Base, check_output, load_lora, staged_output
+    from cap_export.staging import check_output, staged_output
 
     start = time.time()
     inputs = {"LORA": lora_dir, "--base": base_dir}
@@ -218,9 +282,11 @@ def gguf(lora_dir, out, base_dir, outtype, force):
     lora = load_lora(lora_dir)
     with staged_output(out, force, is_file=True, inputs=inputs) as tmp_file:
         summary = export_gguf(lora, base, tmp_file, outtype)
-    click.echo(f"{PROG} gguf: {summary['tensors']} tensors, architecture {summary['architecture']}, "
-               f"alpha {summary['alpha']:g}, {outtype} → {out} ({_mib(Path(out).stat().st_size)}) "
-               f"[{time.time() - start:.1f} s]")
+    click.echo(
+        f"{PROG} gguf: {summary['tensors']} tensors, architecture {summary['architecture']}, "
+        f"alpha {summary['alpha']:g}, {outtype} → {out} ({_mib(Path(out).stat().st_size)}) "
+        f"[{time.time() - start:.1f} s]"
+    )
 
 
 @main.command()
@@ -230,13 +296,28 @@ def gguf(lora_dir, out, base_dir, outtype, force):
 @click.option("--inverse", is_flag=True, help="class −1 as trained (see additive --inverse)")
 @click.option("--exact-inverse", is_flag=True, help="class −1 compared with an exact-inverse export")
 @click.option("--rank", type=int, default=None, help="with no EXPORTED: convert at this rank (see additive --rank)")
-@click.option("--text", "text_file", type=_exists, default=None,
-              help="sample text, one sample per non-empty line (default: a few built-in sentences)")
+@click.option(
+    "--text",
+    "text_file",
+    type=_exists,
+    default=None,
+    help="sample text, one sample per non-empty line (default: a few built-in sentences)",
+)
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="tokens per sample at most")
-@click.option("--tolerance", type=float, default=1e-3, show_default=True,
-              help="largest acceptable max |Δlogit|; above it the exit code is 1")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default="float32",
-              show_default=True, help="dtype both models run in")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="largest acceptable max |Δlogit|; above it the exit code is 1",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="dtype both models run in",
+)
 @user_errors(PROG)
 def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file, max_tokens, tolerance, dtype):
     """Run BASE with the adapter as trained and as exported; print max |Δlogit| and mean KL.
@@ -249,10 +330,14 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
     """
     import tempfile
 
+    from cap_common.errors import CapError
     from cap_export import convert
     from cap_export import verify as verifying
-    from cap_export.inputs import Base, approximation_note, check_fits, load_control, read_provenance, temporary_folder
-    from cap_common.errors import CapError
+    from cap_export.adapters import load_control
+    from cap_export.base import Base
+    from cap_export.compat import approximation_note, check_fits
+    from cap_export.folders import read_provenance
+    from cap_export.staging import temporary_folder
 
     start = time.time()
     if not tolerance >= 0:
@@ -282,18 +367,26 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
             what = str(exported)
         report, kind = verifying.run_verify(base, control, exported, direction, texts, scratch, max_tokens, dtype)
     c = -1 if direction in ("inverse", "negate") else +1
-    click.echo(f"{PROG} verify: {base.family.model_type} ({base.family.block} block), {control.adapter_type} adapter "
-               f"on '{control.target}', class {c:+d}; exported: {kind}: {what}")
-    click.echo(f"  {report.tokens} tokens in {dtype}: max |Δlogit| = {report.max_abs:.3g}, mean KL = "
-               f"{report.mean_kl:.3g} nats (the adapter itself moves logits by up to {report.effect:.3g})")
+    click.echo(
+        f"{PROG} verify: {base.family.model_type} ({base.family.block} block), {control.adapter_type} adapter "
+        f"on '{control.target}', class {c:+d}; exported: {kind}: {what}"
+    )
+    click.echo(
+        f"  {report.tokens} tokens in {dtype}: max |Δlogit| = {report.max_abs:.3g}, mean KL = "
+        f"{report.mean_kl:.3g} nats (the adapter itself moves logits by up to {report.effect:.3g})"
+    )
     notes = [approximation_note(control.target, base.family)]
     if direction == "inverse" and control.adapter_type != "spectral":
-        notes.append("class −1 of this adapter type was trained as I − W'; the export is the exact inverse "
-                     "(I + W')⁻¹, which differs by O(W'²) (export with --inverse to match training)")
+        notes.append(
+            "class −1 of this adapter type was trained as I − W'; the export is the exact inverse "
+            "(I + W')⁻¹, which differs by O(W'²) (export with --inverse to match training)"
+        )
     stored = verifying.stored_dtype(exported)
     if stored in ("bfloat16", "float16"):
-        notes.append(f"the merged weights are stored in {stored}: rounding M + ΔM to {stored} alone moves logits "
-                     f"by amounts of this order; the LoRA itself (additive) is the exact form")
+        notes.append(
+            f"the merged weights are stored in {stored}: rounding M + ΔM to {stored} alone moves logits "
+            f"by amounts of this order; the LoRA itself (additive) is the exact form"
+        )
     if record.get("scale", 1.0) != 1.0:
         notes.append(f"the export was merged with --scale {record['scale']:g}; the trained model has scale 1")
     for line in filter(None, notes):
@@ -303,12 +396,13 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
             click.echo(f"  NOT FINITE: {problem} [{time.time() - start:.1f} s]")
         sys.exit(1)
     ok = report.max_abs <= tolerance
-    click.echo(f"  {'OK' if ok else 'ABOVE TOLERANCE'}: max |Δlogit| {report.max_abs:.3g} "
-               f"{'≤' if ok else '>'} {tolerance:g} [{time.time() - start:.1f} s]")
+    click.echo(
+        f"  {'OK' if ok else 'ABOVE TOLERANCE'}: max |Δlogit| {report.max_abs:.3g} "
+        f"{'≤' if ok else '>'} {tolerance:g} [{time.time() - start:.1f} s]"
+    )
     if not ok:
         sys.exit(1)
 
 
 if __name__ == "__main__":
     main()
-

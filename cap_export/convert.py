@@ -1,4 +1,4 @@
-"""Control Adapter → LoRA on the residual writers, exactly, from the factors (DESIGN §4).
+"""Control Adapter → LoRA on the residual writers, exactly, from the factors (docs/math.md, sections 3–4).
 
 A writer M [H, in] (o_proj, down_proj, each Mixtral expert's w2) writes M·x into the residual
 stream. The adapter as trained on the writers turns that into (I + W')·M·x, with W' = U·V
@@ -11,6 +11,7 @@ No H×H or H×in matrix is ever formed; V·M is a k-row product read one shard a
 `rank` truncates each (U, V·M) by thin_svd_truncate (QR of each factor + SVD of a k×k core), which
 is the best rank-R approximation of ΔM = U·V·M (Eckart–Young).
 """
+
 from __future__ import annotations
 
 import re
@@ -20,21 +21,24 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cap_export.inputs import PROVENANCE, Base, Control, staged_output
 from cap_common.adapters.factors import thin_svd_truncate
 from cap_common.adapters.io import lora_key, non_finite, save_adapter
+from cap_common.dtypes import torch_dtype
 from cap_common.errors import CapError
 from cap_common.files import write_json
+from cap_export.adapters import Control
+from cap_export.base import Base
+from cap_export.folders import PROVENANCE
+from cap_export.staging import staged_output
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CHUNK = 1 << 22   # float64 elements converted at once when multiplying by a weight (32 MiB)
+_CHUNK = 1 << 22  # float64 elements converted at once when multiplying by a weight (32 MiB)
 
 
 @dataclass
 class Converted:
     tensors: dict[str, torch.Tensor]
-    config: dict          # adapter_config.json (PEFT LoraConfig-shaped)
-    provenance: dict      # cap_export.json: what it was made from
+    config: dict  # adapter_config.json (PEFT LoraConfig-shaped)
+    provenance: dict  # cap_export.json: what it was made from
     modules: int
     rank: int
 
@@ -45,11 +49,19 @@ def lora_config(ranks: dict[str, int], layers: list[int], base_path: str, **extr
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != r}
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
-        "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
-        "layers_to_transform": sorted(layers), "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, **extra,
+        "layers_to_transform": sorted(layers),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        **extra,
     }
     if pattern:
         config["rank_pattern"], config["alpha_pattern"] = pattern, dict(pattern)
@@ -64,7 +76,7 @@ def layer_and_path(name: str) -> tuple[int, str]:
 
 def _stored(t: torch.Tensor, dtype: str, key: str, control: Control) -> torch.Tensor:
     """t cast to the saved dtype; a value that is not finite there (float16 overflows past 65504) is refused."""
-    out = t.to(DTYPES[dtype]).contiguous()
+    out = t.to(torch_dtype(dtype)).contiguous()
     bad = non_finite(out)
     if bad:
         hint = "; float16 overflows above 65504, use --dtype float32 or bfloat16" if dtype == "float16" else ""
@@ -73,16 +85,31 @@ def _stored(t: torch.Tensor, dtype: str, key: str, control: Control) -> torch.Te
 
 
 def _provenance(kind: str, control: Control, direction: str, rank, dtype: str, family: str, base=None) -> dict:
-    return {"kind": kind, "source": str(control.folder.resolve()), "base": str(base) if base else None,
-            "model_type": family, "control_adapter_type": control.adapter_type,
-            "control_adapter_target": control.target, "direction": direction, "rank": rank, "dtype": dtype}
+    return {
+        "kind": kind,
+        "source": str(control.folder.resolve()),
+        "base": str(base) if base else None,
+        "model_type": family,
+        "control_adapter_type": control.adapter_type,
+        "control_adapter_target": control.target,
+        "direction": direction,
+        "rank": rank,
+        "dtype": dtype,
+    }
 
 
-def multiplicative(control: Control, writer_keys: list[str], model_type: str, direction: str = "forward",
-                   dtype: str = "float32", base_path: str = "", progress: bool = True) -> Converted:
+def multiplicative(
+    control: Control,
+    writer_keys: list[str],
+    model_type: str,
+    direction: str = "forward",
+    dtype: str = "float32",
+    base_path: str = "",
+    progress: bool = True,
+) -> Converted:
     """Multiplicative LoRA: on every writer of every adapted layer, lora_A = V [k,H], lora_B = U [H,k].
 
-    writer_keys: the writers' checkpoint names relative to a layer (inputs.writer_keys). The
+    writer_keys: the writers' checkpoint names relative to a layer (cap_export.base.writer_keys). The
     adapter_config carries "multiplicative": true so that `merge` applies M ← M + B·(A·M)."""
     tensors, ranks = {}, {}
     for layer in tqdm(control.layers, desc="multiplicative", unit="layer", disable=not progress or None):
@@ -93,10 +120,16 @@ def multiplicative(control: Control, writer_keys: list[str], model_type: str, di
                 key = lora_key(layer, path, name)
                 tensors[key] = _stored(t, dtype, key, control)
             ranks[f"model.layers.{layer}.{path}"] = U.shape[1]
-    config = lora_config(ranks, control.layers, base_path or control.config.get("base_model_name_or_path", ""),
-                         multiplicative=True)
-    return Converted(tensors, config, _provenance("multiplicative", control, direction, None, dtype, model_type),
-                     len(ranks), config["r"])
+    config = lora_config(
+        ranks, control.layers, base_path or control.config.get("base_model_name_or_path", ""), multiplicative=True
+    )
+    return Converted(
+        tensors,
+        config,
+        _provenance("multiplicative", control, direction, None, dtype, model_type),
+        len(ranks),
+        config["r"],
+    )
 
 
 def left_multiply(V: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -104,12 +137,18 @@ def left_multiply(V: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     step = max(1, _CHUNK // max(1, M.shape[1]))
     out = torch.zeros(V.shape[0], M.shape[1], dtype=V.dtype)
     for start in range(0, M.shape[0], step):
-        out += V[:, start:start + step] @ M[start:start + step].to(V.dtype)
+        out += V[:, start : start + step] @ M[start : start + step].to(V.dtype)
     return out
 
 
-def additive(control: Control, base: Base, direction: str = "forward", rank: int | None = None,
-             dtype: str = "float32", progress: bool = True) -> Converted:
+def additive(
+    control: Control,
+    base: Base,
+    direction: str = "forward",
+    rank: int | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> Converted:
     """Additive PEFT LoRA: per writer M, lora_B = U, lora_A = V·M (scaling 1), exact at rank k;
     with `rank`, the best rank-R approximation of U·V·M from the factors."""
     if rank is not None and rank < 1:
@@ -118,8 +157,10 @@ def additive(control: Control, base: Base, direction: str = "forward", rank: int
     for name in names:
         shape = base.shape(name)
         if shape[0] != control.hidden_size:
-            raise CapError(f"{base.folder}: writer {name} has shape {shape}; expected [{control.hidden_size}, in] "
-                           f"(output = hidden size)")
+            raise CapError(
+                f"{base.folder}: writer {name} has shape {shape}; expected [{control.hidden_size}, in] "
+                f"(output = hidden size)"
+            )
     layer_factors = {layer: control.factors(layer, direction) for layer in control.layers}
     tensors, ranks = {}, {}
     bar = tqdm(total=len(names), desc="additive", unit="matrix", disable=not progress or None)

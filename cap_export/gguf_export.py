@@ -15,6 +15,7 @@ What llama.cpp's adapter loader checks, and what this writes:
   is multiplied by s·r/α.
 Multiplicative LoRAs are refused: llama.cpp only adds B·A to a weight.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,9 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cap_export.inputs import Base, Lora, check_lora_family
 from cap_common.adapters.io import non_finite
 from cap_common.errors import CapError
+from cap_export.adapters import Lora
+from cap_export.base import Base
+from cap_export.compat import check_lora_family
 
 # model_type → (llama.cpp architecture, whether its converter permutes q/k rows for rotary).
 # Mistral and Mixtral convert as llama.cpp's "llama" architecture.
@@ -73,8 +76,9 @@ def gguf_tensors(lora: Lora, base: Base) -> tuple[str, float, dict[str, tuple[to
     def gguf_name(hf_name: str) -> str:
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         if name is None:
-            raise CapError(f"{lora.folder}: no llama.cpp tensor for '{hf_name}' "
-                           f"({gguf.MODEL_ARCH_NAMES[arch]} architecture)")
+            raise CapError(
+                f"{lora.folder}: no llama.cpp tensor for '{hf_name}' ({gguf.MODEL_ARCH_NAMES[arch]} architecture)"
+            )
         return name
 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -95,8 +99,10 @@ def gguf_tensors(lora: Lora, base: Base) -> tuple[str, float, dict[str, tuple[to
     for stacked, by_expert in experts.items():
         count = getattr(base.config, "num_local_experts", None) or len(by_expert)
         if sorted(by_expert) != list(range(count)):
-            raise CapError(f"{lora.folder}: {stacked}: LoRA pairs for experts {sorted(by_expert)}; llama.cpp needs "
-                           f"all {count} (experts are stored stacked)")
+            raise CapError(
+                f"{lora.folder}: {stacked}: LoRA pairs for experts {sorted(by_expert)}; llama.cpp needs "
+                f"all {count} (experts are stored stacked)"
+            )
         pairs = [by_expert[e] for e in range(count)]
         if len({a.shape for a, _ in pairs}) != 1:
             raise CapError(f"{lora.folder}: {stacked}: experts have different LoRA ranks (llama.cpp stacks them)")
@@ -107,8 +113,10 @@ def gguf_tensors(lora: Lora, base: Base) -> tuple[str, float, dict[str, tuple[to
 def export_gguf(lora: Lora, base: Base, path, outtype: str = "f32", progress: bool = True) -> dict:
     """Write the GGUF adapter file `path`; returns a summary."""
     if lora.marked_multiplicative:
-        raise CapError(f"{lora.folder}: a multiplicative LoRA; llama.cpp applies LoRA additively — export the "
-                       f"Control Adapter with `cap-export additive` and convert that")
+        raise CapError(
+            f"{lora.folder}: a multiplicative LoRA; llama.cpp applies LoRA additively — export the "
+            f"Control Adapter with `cap-export additive` and convert that"
+        )
     check_lora_family(lora, base)
     arch, alpha, tensors = gguf_tensors(lora, base)
     arrays = {}

@@ -10,6 +10,7 @@ time, and written back over their own bytes. Memory stays near the largest touch
 under one shard. The index json is rewritten (sizes recomputed from the headers) and every other
 file of the base folder (config, tokenizer, generation config, chat template) is copied.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cap_export.inputs import PROVENANCE, Base, Lora, check_lora_family
 from cap_common.adapters.io import non_finite
 from cap_common.errors import CapError
 from cap_common.files import os_error_message, write_json
 from cap_common.models.loading import INDEX
+from cap_export.adapters import Lora
+from cap_export.base import Base
+from cap_export.compat import check_lora_family
+from cap_export.folders import PROVENANCE
 
-_CHUNK = 1 << 22                         # float64 elements per block of rows (32 MiB)
+_CHUNK = 1 << 22  # float64 elements per block of rows (32 MiB)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
@@ -60,8 +64,10 @@ def plan(base: Base, lora: Lora, multiplicative: bool, scale: float) -> dict[str
             hint = ""
             if not multiplicative and list(A.shape) == [A.shape[0], out] and out != inp:
                 hint = " (it looks multiplicative: pass --multiplicative)"
-            raise CapError(f"{lora.folder}: {module}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
-                           f"base weight [{out}, {inp}]; expected lora_A {want_a}, lora_B [{out}, {A.shape[0]}]{hint}")
+            raise CapError(
+                f"{lora.folder}: {module}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
+                f"base weight [{out}, {inp}]; expected lora_A {want_a}, lora_B [{out}, {A.shape[0]}]{hint}"
+            )
         edits.setdefault(stored, []).append(Edit(module, index, A, B, scale * lora.scale(module)))
     return edits
 
@@ -81,8 +87,10 @@ def apply_edit(W: torch.Tensor, edit: Edit, multiplicative: bool, where: str = "
         block = (W[r].to(torch.float64) + B[r] @ A).to(W.dtype)
         bad = non_finite(block)
         if bad:
-            raise CapError(f"{where}: merging {edit.module} gives {bad} in rows {r.start}–{r.start + len(block) - 1} "
-                           f"(as {str(W.dtype).removeprefix('torch.')}; is the base weight finite?)")
+            raise CapError(
+                f"{where}: merging {edit.module} gives {bad} in rows {r.start}–{r.start + len(block) - 1} "
+                f"(as {str(W.dtype).removeprefix('torch.')}; is the base weight finite?)"
+            )
         W[r] = block
 
 
@@ -133,8 +141,7 @@ def _tensor_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
-def merge(base: Base, lora: Lora, out: Path, multiplicative: bool, scale: float = 1.0,
-          progress: bool = True) -> dict:
+def merge(base: Base, lora: Lora, out: Path, multiplicative: bool, scale: float = 1.0, progress: bool = True) -> dict:
     """Write the merged model into the (empty) folder `out`; returns a summary."""
     check_lora_family(lora, base)
     edits = plan(base, lora, multiplicative, scale)
@@ -161,9 +168,16 @@ def merge(base: Base, lora: Lora, out: Path, multiplicative: bool, scale: float 
         if path.is_file() and path.name not in (INDEX, PROVENANCE) and not path.name.endswith(_WEIGHT_SUFFIXES):
             _copy(path, out / path.name)
             copied.append(path.name)
-    record = {"kind": "merged", "base": str(base.folder.resolve()), "lora": str(lora.folder.resolve()),
-              "multiplicative": multiplicative, "scale": scale, "model_type": base.family.model_type,
-              "source": lora.provenance.get("source"), "direction": lora.provenance.get("direction", "forward"),
-              "lora_kind": lora.provenance.get("kind")}
+    record = {
+        "kind": "merged",
+        "base": str(base.folder.resolve()),
+        "lora": str(lora.folder.resolve()),
+        "multiplicative": multiplicative,
+        "scale": scale,
+        "model_type": base.family.model_type,
+        "source": lora.provenance.get("source"),
+        "direction": lora.provenance.get("direction", "forward"),
+        "lora_kind": lora.provenance.get("kind"),
+    }
     write_json(out / PROVENANCE, record)
     return {"shards": len(shards), "tensors": len(edits), "modules": len(lora.pairs), "copied": copied}

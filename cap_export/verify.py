@@ -8,18 +8,21 @@
 Both run in float32 on the CPU by default. KL is KL(trained ‖ exported) per position, averaged.
 Non-finite logits (either side) or KL are reported as problems: NaN is never taken for agreement.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from cap_export.inputs import PROVENANCE, Base, Control, load_lora, read_provenance
 from cap_common.adapters.io import CONFIG_NAME
+from cap_common.dtypes import torch_dtype
 from cap_common.errors import CapError
+from cap_export.adapters import Control, load_lora
+from cap_export.base import Base
+from cap_export.folders import PROVENANCE, read_provenance
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog while the river runs bright under the morning light.",
@@ -28,34 +31,39 @@ SAMPLE_TEXT = (
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
     "Dear team, thank you for the careful review. I will send the revised draft before Friday.",
 )
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class Report:
-    max_abs: float          # max |logit_trained − logit_exported| over all positions and tokens
-    mean_kl: float          # mean over positions of KL(trained ‖ exported)
-    effect: float           # max |logit_trained − logit_base|: how much the adapter moves the logits
+    max_abs: float  # max |logit_trained − logit_exported| over all positions and tokens
+    mean_kl: float  # mean over positions of KL(trained ‖ exported)
+    effect: float  # max |logit_trained − logit_base|: how much the adapter moves the logits
     tokens: int
-    problems: tuple[str, ...] = ()   # which logits, or the KL, are not finite
+    problems: tuple[str, ...] = ()  # which logits, or the KL, are not finite
 
 
 def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
     """logits(input_ids [B,T], c) of cap's forward: the base model with `control` applied to
     positions of class c (0 = the base model itself)."""
     from cap_common.models.layers import DecoderLayerPipe
-    from cap_common.models.pipeline import StageBuilder
     from cap_common.models.loading import open_model
+    from cap_common.models.pipeline import StageBuilder
+    from cap_common.models.spec import ModelSpec
 
     source = open_model(base_dir)
     if dtype == torch.float64 and source.family.experts:
-        source.config._experts_implementation = "eager"     # grouped_mm has no float64
-    # The few settings StageBuilder reads from a training Config.
-    cfg = SimpleNamespace(mode="control", load_in_4bit=False, layers_to_transform=control.layers,
-                          lora_weight_dtype="float32", seed=0, lora_rank=control.rank, alpha=control.alpha,
-                          lora_alpha=control.alpha, control_adapter_type=control.adapter_type, lora_dropout=0.0,
-                          control_adapter_target=control.target, target_modules=None, model_dir=base_dir)
-    builder = StageBuilder(cfg, dtype, "cpu", source=source)
+        source.config._experts_implementation = "eager"  # grouped_mm has no float64
+    spec = ModelSpec.control_adapter(
+        base_dir,
+        dtype,
+        source=control.folder,
+        rank=control.rank,
+        alpha=control.alpha,
+        adapter_type=control.adapter_type,
+        target=control.target,
+        layers=control.layers,
+    )
+    builder = StageBuilder(spec, "cpu", source=source)
     modules = [builder.build(p) for p in range(builder.num_layers + 2)]
     for module in modules:
         if isinstance(module, DecoderLayerPipe) and module.adapter is not None:
@@ -86,6 +94,7 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
         lora = load_lora(exported)
         if lora.marked_multiplicative:
             from cap_export.merge import merge
+
             merged = tmp / "merged"
             merged.mkdir()
             merge(base, lora, merged, multiplicative=True, progress=False)
@@ -95,7 +104,9 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
             try:
                 import peft
             except ImportError:
-                raise CapError("verifying a LoRA folder needs PEFT (pip install peft); or verify a merged folder") from None
+                raise CapError(
+                    "verifying a LoRA folder needs PEFT (pip install peft); or verify a merged folder"
+                ) from None
             model = transformers.AutoModelForCausalLM.from_pretrained(base.folder, dtype=dtype, **attn)
             model = peft.PeftModel.from_pretrained(model, exported)
             kind = "additive LoRA (PEFT)"
@@ -107,7 +118,7 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
         raise CapError(f"{exported}: neither a LoRA folder ({CONFIG_NAME}) nor a model folder (config.json)")
     model.eval()
     if dtype == torch.float64 and base.family.experts:
-        model.config._experts_implementation = "eager"      # grouped_mm has no float64
+        model.config._experts_implementation = "eager"  # grouped_mm has no float64
 
     @torch.no_grad()
     def logits(input_ids: torch.Tensor) -> torch.Tensor:
@@ -119,6 +130,7 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
 def stored_dtype(exported: Path) -> str | None:
     """The weight dtype a merged model folder declares in its config.json (None for a LoRA folder)."""
     import json
+
     exported = Path(exported)
     if (exported / CONFIG_NAME).is_file() or not (exported / "config.json").is_file():
         return None
@@ -161,8 +173,11 @@ def compare(trained, exported, batches: list[torch.Tensor], c: int) -> Report:
         want = trained(ids, c)
         got = exported(ids)
         plain = trained(ids, 0)
-        for side, logits in (("trained model (the adapter as trained)", want), ("exported model", got),
-                             ("base model", plain)):
+        for side, logits in (
+            ("trained model (the adapter as trained)", want),
+            ("exported model", got),
+            ("base model", plain),
+        ):
             if not bool(torch.isfinite(logits).all()):
                 problems[side] = f"the {side}'s logits are not finite (NaN or Inf)"
         max_abs = _max(max_abs, float((want - got).abs().max()))
@@ -172,7 +187,9 @@ def compare(trained, exported, batches: list[torch.Tensor], c: int) -> Report:
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
         n += ids.numel()
     if not problems and not math.isfinite(kl_sum):
-        problems["kl"] = "the KL(trained ‖ exported) is not finite (the export gives probability 0 where training does not)"
+        problems["kl"] = (
+            "the KL(trained ‖ exported) is not finite (the export gives probability 0 where training does not)"
+        )
     return Report(max_abs, kl_sum / n, effect, n, tuple(problems.values()))
 
 
@@ -183,17 +200,27 @@ def resolve(adapter: Path, exported: Path | None) -> tuple[Path, Path | None]:
     if exported is None and record.get("source") and record.get("kind") in ("additive", "multiplicative", "merged"):
         return Path(record["source"]), adapter
     if exported is None and record.get("kind"):
-        raise CapError(f"{adapter}/{PROVENANCE}: does not record the Control Adapter it was made from; "
-                       f"pass the adapter and the export: verify BASE CKPT EXPORTED")
+        raise CapError(
+            f"{adapter}/{PROVENANCE}: does not record the Control Adapter it was made from; "
+            f"pass the adapter and the export: verify BASE CKPT EXPORTED"
+        )
     return adapter, exported
 
 
-def run_verify(base: Base, control: Control, exported: Path, direction: str, texts: list[str], scratch: Path,
-               max_tokens: int = 128, dtype: str = "float32") -> tuple[Report, str]:
+def run_verify(
+    base: Base,
+    control: Control,
+    exported: Path,
+    direction: str,
+    texts: list[str],
+    scratch: Path,
+    max_tokens: int = 128,
+    dtype: str = "float32",
+) -> tuple[Report, str]:
     """Compare on `texts`; a multiplicative LoRA is merged into `scratch`, a temporary folder the caller removes."""
-    torch_dtype = DTYPES[dtype]
+    run_dtype = torch_dtype(dtype)
     batches = sample_ids(base.folder, texts, max_tokens)
-    trained = trained_model(base.folder, control, torch_dtype)
-    logits, kind, _ = exported_model(base, exported, torch_dtype, Path(scratch))
+    trained = trained_model(base.folder, control, run_dtype)
+    logits, kind, _ = exported_model(base, exported, run_dtype, Path(scratch))
     report = compare(trained, logits, batches, -1 if direction in ("inverse", "negate") else +1)
     return report, kind

@@ -1,4 +1,4 @@
-"""cap-prep: tokenize and pack datasets into memory-mappable Arrow shards (DESIGN.md 1.2).
+"""cap-prep: tokenize and pack datasets into memory-mappable Arrow shards (docs/formats.md, section 2).
 
 What cap-train uses:
     prepare(cfg, force=False, quiet=False) -> Path    build or reuse; returns the prepared folder
@@ -10,6 +10,7 @@ Modules: sources (input files, streamed), tokenize (tokenizer and document token
 documents tokenized in windows, exactly), pack (sequences), shards (Arrow files, manifest, readers),
 cache (fingerprint, lock, atomic publish), build (the pipeline), report (summary table), cli (the command).
 """
+
 from cap_prep.build import dataset_folder, prepare
 from cap_prep.shards import Split, load_manifest, open_split
 

@@ -16,7 +16,11 @@
    many train sequences (in packing order); eval is not capped. Shards are written in stream
    order (cap-train shuffles); the manifest is written last.
 Every random choice is numpy's default_rng([seed, purpose, dataset]), so reruns are identical.
+Over 300 lines: the steps above share the on-disk token store and the per-document tables, which
+live here with them; the parts that stand alone are their own modules (sources, tokenize,
+windows, pack, shards, cache, lock).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,19 +37,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cap_prep import cache, report, windows
+from cap_common.errors import CapError
+from cap_common.files import user_os_errors
+from cap_prep import cache, lock, report, windows
 from cap_prep.pack import DocTable, Packer, Rows
 from cap_prep.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, load_manifest, write_manifest
 from cap_prep.sources import InputFile, find_files, read_documents
 from cap_prep.tokenize import DocumentEncoder, TokenOptions, load_tokenizer, resolve_options
-from cap_common.errors import CapError
-from cap_common.files import user_os_errors
 
-SHARD_BYTES = 256 << 20      # a shard holds at most this many bytes of rows
-CHUNK_BYTES = 32 << 20       # rows packed and written per step
-BATCH_DOCS = 2048            # documents per tokenizer call ...
-BATCH_CHARS = 4_000_000      # ... or this many characters, whichever comes first
-_CLASS, _EVAL, _MIX, _CAP = 1, 2, 3, 4    # purposes of the seeded generators
+SHARD_BYTES = 256 << 20  # a shard holds at most this many bytes of rows
+CHUNK_BYTES = 32 << 20  # rows packed and written per step
+BATCH_DOCS = 2048  # documents per tokenizer call ...
+BATCH_CHARS = 4_000_000  # ... or this many characters, whichever comes first
+_CLASS, _EVAL, _MIX, _CAP = 1, 2, 3, 4  # purposes of the seeded generators
 
 
 def rng(cfg, purpose: int, index: int = 0) -> np.random.Generator:
@@ -88,18 +92,22 @@ def prepare(cfg, *, force: bool = False, quiet: bool = False, shard_bytes: int =
     if not force and cache.is_complete(folder):
         hashes.save()
         splits = load_manifest(folder)["splits"]
-        say(f"cap-prep: reusing {folder} (same inputs, tokenizer and settings: {splits['train']['sequences']} train "
-            f"+ {splits['eval']['sequences']} eval sequences; checked in {time.monotonic() - t0:.2f} s)")
+        say(
+            f"cap-prep: reusing {folder} (same inputs, tokenizer and settings: {splits['train']['sequences']} train "
+            f"+ {splits['eval']['sequences']} eval sequences; checked in {time.monotonic() - t0:.2f} s)"
+        )
         return folder
 
     tok = load_tokenizer(cfg.model_dir, cfg.add_prefix_space)
     options = resolve_options(tok, cfg.sequence_prefix, cfg.mask_tokens, str(cfg.source))
     if cfg.sequence_len < len(options.prefix) + 1:
-        raise CapError(f"{cfg.source}: sequence_len = {cfg.sequence_len} leaves no room for tokens after the "
-                       f"{len(options.prefix)}-token sequence_prefix (needs at least {len(options.prefix) + 1})")
+        raise CapError(
+            f"{cfg.source}: sequence_len = {cfg.sequence_len} leaves no room for tokens after the "
+            f"{len(options.prefix)}-token sequence_prefix (needs at least {len(options.prefix) + 1})"
+        )
     encoders = [DocumentEncoder(tok, options, ds.document_suffix, _where(cfg, d)) for d, ds in enumerate(cfg.datasets)]
 
-    with cache.build_folder(cfg.prepared_root, fp, force, say) as tmp:
+    with lock.build_folder(cfg.prepared_root, fp, force, say) as tmp:
         if tmp is None:
             return folder
         say(f"cap-prep: building {folder}")
@@ -116,9 +124,9 @@ def prepare(cfg, *, force: bool = False, quiet: bool = False, shard_bytes: int =
 class Tokenized:
     """One dataset after tokenization: its documents' place in the token store."""
 
-    start: np.ndarray    # [n] int64
-    length: np.ndarray   # [n] int64
-    empty: int           # documents skipped as empty
+    start: np.ndarray  # [n] int64
+    length: np.ndarray  # [n] int64
+    empty: int  # documents skipped as empty
     files: int
     bytes: int
 
@@ -190,19 +198,22 @@ def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, sha
     return manifest
 
 
-def _build_from(store: TokenStore, cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str,
-                shard_bytes: int, quiet: bool) -> dict:
+def _build_from(
+    store: TokenStore, cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, shard_bytes: int, quiet: bool
+) -> dict:
     tokenized = [_tokenize_dataset(cfg, d, files, encoders[d], store, quiet) for d, files in enumerate(inputs)]
     store.finish()
 
-    tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]     # (train, eval) DocTables
+    tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]  # (train, eval) DocTables
     masked = np.zeros(options.vocab_size, dtype=bool)
     masked[options.mask] = True
     splits, per_dataset = {}, [{} for _ in cfg.datasets]
     for s, split in enumerate(SPLITS):
         streams = _streams(cfg, [t[s] for t in tables], s)
-        packers = [Packer(store.gather, docs, cfg.sequence_len, options.prefix, options.pad_id, masked,
-                          cfg.drop_tails) for docs in streams]
+        packers = [
+            Packer(store.gather, docs, cfg.sequence_len, options.prefix, options.pad_id, masked, cfg.drop_tails)
+            for docs in streams
+        ]
         keep = _cap(cfg, [len(p) for p in packers]) if split == "train" else [None] * len(packers)
         counts = Counts(len(cfg.datasets), len(options.prefix))
         writer = ShardWriter(tmp, split, cfg.sequence_len, shard_bytes // (5 * cfg.sequence_len))
@@ -211,7 +222,7 @@ def _build_from(store: TokenStore, cfg, inputs, encoders, options: TokenOptions,
             for r0 in range(0, len(packer), step):
                 rows = packer.rows(r0, min(r0 + step, len(packer)))
                 if kept is not None:
-                    rows = rows.select(kept[r0:r0 + step])
+                    rows = rows.select(kept[r0 : r0 + step])
                 writer.write(rows.input_ids, rows.control_class)
                 counts.add(rows)
         splits[split] = counts.split_summary(writer.close(), sum(len(p) for p in packers))
@@ -222,33 +233,56 @@ def _build_from(store: TokenStore, cfg, inputs, encoders, options: TokenOptions,
         "fingerprint": fp,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sequence_len": cfg.sequence_len,
-        "tokenizer": {"name": options.name, "vocab_size": options.vocab_size, "bos_id": options.bos_id,
-                      "eos_id": options.eos_id, "pad_id": options.pad_id,
-                      "files": cache.tokenizer_hashes(cfg.model_dir)},
+        "tokenizer": {
+            "name": options.name,
+            "vocab_size": options.vocab_size,
+            "bos_id": options.bos_id,
+            "eos_id": options.eos_id,
+            "pad_id": options.pad_id,
+            "files": cache.tokenizer_hashes(cfg.model_dir),
+        },
         "prefix_ids": options.prefix.tolist(),
         "mask_ids": options.mask.tolist(),
         "prep_config": cache.prep_keys(cfg),
         "datasets": [
-            {"dataset_path": ds.dataset_path, "control_class": ds.control_class,
-             "files": t.files, "bytes": t.bytes, "documents": len(t.length), "empty_documents": t.empty,
-             **per_dataset[d]}
-            for d, (ds, t) in enumerate(zip(cfg.datasets, tokenized))],
+            {
+                "dataset_path": ds.dataset_path,
+                "control_class": ds.control_class,
+                "files": t.files,
+                "bytes": t.bytes,
+                "documents": len(t.length),
+                "empty_documents": t.empty,
+                **per_dataset[d],
+            }
+            for d, (ds, t) in enumerate(zip(cfg.datasets, tokenized))
+        ],
         "splits": splits,
     }
 
 
-def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEncoder, store: TokenStore,
-                      quiet: bool) -> Tokenized:
+def _tokenize_dataset(
+    cfg, d: int, files: list[InputFile], encoder: DocumentEncoder, store: TokenStore, quiet: bool
+) -> Tokenized:
     """Stream the dataset's documents through the tokenizer in batches, appending tokens to `store`;
     a document longer than windows.LONG_DOC_CHARS goes alone, in windows (encode_long)."""
     total_bytes = sum(f.size for f in files)
     offset = store.count
     lengths, counts = [], {"empty": 0, "tokens": 0}
     batch, chars, read = [], 0, 0
-    in_flight = None     # (future of the tokenizer's encodings, input bytes read up to that batch)
+    in_flight = None  # (future of the tokenizer's encodings, input bytes read up to that batch)
     # bars only on a terminal (None), so logs and captured output stay clean
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"dataset {d}", disable=True if quiet else None,
-              file=sys.stderr, dynamic_ncols=True) as bar, ThreadPoolExecutor(1) as tokenizer_thread:
+    with (
+        tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=f"dataset {d}",
+            disable=True if quiet else None,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar,
+        ThreadPoolExecutor(1) as tokenizer_thread,
+    ):
 
         def collect(job):
             future, read_until = job
@@ -305,8 +339,10 @@ def _tokenize_dataset(cfg, d: int, files: list[InputFile], encoder: DocumentEnco
     empty = counts["empty"]
     length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if len(length) == 0:
-        raise CapError(f"{_where(cfg, d)}: no documents left in '{cfg.datasets[d].dataset_path}' "
-                       f"({len(files)} file(s), {empty} empty document(s))")
+        raise CapError(
+            f"{_where(cfg, d)}: no documents left in '{cfg.datasets[d].dataset_path}' "
+            f"({len(files)} file(s), {empty} empty document(s))"
+        )
     start = offset + np.cumsum(length) - length
     return Tokenized(start, length, empty, len(files), total_bytes)
 
@@ -356,8 +392,8 @@ class Counts:
         self.rows = self.padding = self.positive = self.negative = 0
 
     def add(self, rows: Rows) -> None:
-        ds, cls = rows.dataset, rows.control_class[:, self.P:]
-        shifted = ds.astype(np.int64) + 1                      # 0 = padding, d + 1 = dataset d
+        ds, cls = rows.dataset, rows.control_class[:, self.P :]
+        shifted = ds.astype(np.int64) + 1  # 0 = padding, d + 1 = dataset d
         tokens = np.bincount(shifted.reshape(-1), minlength=self.n + 1)
         self.rows += len(ds)
         self.padding += int(tokens[0])
@@ -372,7 +408,7 @@ class Counts:
         present = np.zeros((len(ds), self.n + 1), dtype=bool)
         present[r, shifted[r, c]] = True
         self.per["sequences"] += present[:, 1:].sum(0)
-        cut = rows.dropped_tails > 0          # the cut document is the row's last body token
+        cut = rows.dropped_tails > 0  # the cut document is the row's last body token
         np.add.at(self.per["dropped_tails"], ds[cut, -1], rows.dropped_tails[cut])
         np.add.at(self.per["dropped_tail_tokens"], ds[cut, -1], rows.dropped_tokens[cut])
 
@@ -381,9 +417,12 @@ class Counts:
 
     def split_summary(self, shards: list[dict], packed: int) -> dict:
         return {
-            "sequences": self.rows, "sequences_before_max": packed,
-            "tokens": int(self.per["tokens"].sum()), "masked_tokens": int(self.per["masked_tokens"].sum()),
-            "prefix_tokens": self.rows * self.P, "padding_tokens": self.padding,
+            "sequences": self.rows,
+            "sequences_before_max": packed,
+            "tokens": int(self.per["tokens"].sum()),
+            "masked_tokens": int(self.per["masked_tokens"].sum()),
+            "prefix_tokens": self.rows * self.P,
+            "padding_tokens": self.padding,
             "loss_tokens": {"+1": self.positive, "-1": self.negative},
             "dropped_tails": int(self.per["dropped_tails"].sum()),
             "dropped_tail_tokens": int(self.per["dropped_tail_tokens"].sum()),

@@ -1,4 +1,5 @@
 """cap-prep CONFIG: tokenize and pack the config's [[datasets]] into a prepared folder (README, 'cap-prep')."""
+
 from __future__ import annotations
 
 import click
@@ -9,8 +10,11 @@ from cap_common.config import load_config
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="CONFIG: " + CONFIG_HELP)
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--add-prefix-space", is_flag=True,
-              help="Tokenize with add_prefix_space (same as add_prefix_space = true in CONFIG).")
+@click.option(
+    "--add-prefix-space",
+    is_flag=True,
+    help="Tokenize with add_prefix_space (same as add_prefix_space = true in CONFIG).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if a complete prepared folder exists.")
 @user_errors("cap-prep")
 def main(config, add_prefix_space, force):

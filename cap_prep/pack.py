@@ -11,6 +11,7 @@ So drop_tails is the same cutting over each document's *kept* length (`kept_leng
 The last body of a stream is padded to C with pad_id (class 0). Body tokens carry their
 document's class (+1/-1) unless their id is in mask_tokens (class 0).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ import numpy as np
 class DocTable:
     """The documents of one stream, in packing order; their tokens live in a flat token store."""
 
-    start: np.ndarray    # [n] int64 offset of each document in the store
-    length: np.ndarray   # [n] int64 tokens (suffix included)
-    klass: np.ndarray    # [n] int8  +1 / -1
+    start: np.ndarray  # [n] int64 offset of each document in the store
+    length: np.ndarray  # [n] int64 tokens (suffix included)
+    klass: np.ndarray  # [n] int8  +1 / -1
     dataset: np.ndarray  # [n] int16 index of the dataset it came from
 
     def take(self, index: np.ndarray) -> "DocTable":
@@ -32,8 +33,9 @@ class DocTable:
 
     @staticmethod
     def concat(tables: list["DocTable"]) -> "DocTable":
-        return DocTable(*(np.concatenate([getattr(t, f) for t in tables]) for f in
-                          ("start", "length", "klass", "dataset")))
+        return DocTable(
+            *(np.concatenate([getattr(t, f) for t in tables]) for f in ("start", "length", "klass", "dataset"))
+        )
 
     def __len__(self) -> int:
         return len(self.length)
@@ -58,7 +60,7 @@ def kept_lengths(length: np.ndarray, capacity: int, drop_tails: bool) -> np.ndar
         i = int(nxt[i])
     starts = np.asarray(starts, dtype=np.int64)
     stops = nxt[starts]
-    full = stops <= n                                # runs that reach capacity (the last may not)
+    full = stops <= n  # runs that reach capacity (the last may not)
     starts, stops = starts[full], stops[full]
     kept = length.copy()
     kept[stops - 1] = capacity - (ends[stops - 1] - ends[starts])
@@ -69,29 +71,42 @@ def kept_lengths(length: np.ndarray, capacity: int, drop_tails: bool) -> np.ndar
 class Rows:
     """A block of packed sequences and what the manifest counts about them."""
 
-    input_ids: np.ndarray      # [n, L] int32
+    input_ids: np.ndarray  # [n, L] int32
     control_class: np.ndarray  # [n, L] int8
-    dataset: np.ndarray        # [n, C] int16, the dataset of each body token, -1 = padding
+    dataset: np.ndarray  # [n, C] int16, the dataset of each body token, -1 = padding
     dropped_tails: np.ndarray  # [n] int64, documents whose tail was dropped at the end of the row
     dropped_tokens: np.ndarray  # [n] int64, tokens in those tails
 
     def select(self, keep: np.ndarray) -> "Rows":
-        return Rows(self.input_ids[keep], self.control_class[keep], self.dataset[keep],
-                    self.dropped_tails[keep], self.dropped_tokens[keep])
+        return Rows(
+            self.input_ids[keep],
+            self.control_class[keep],
+            self.dataset[keep],
+            self.dropped_tails[keep],
+            self.dropped_tokens[keep],
+        )
 
 
 class Packer:
     """Cuts one stream of documents into sequences; `rows(r0, r1)` builds sequences r0..r1-1."""
 
-    def __init__(self, gather, docs: DocTable, sequence_len: int, prefix: np.ndarray,
-                 pad_id: int, masked: np.ndarray, drop_tails: bool):
+    def __init__(
+        self,
+        gather,
+        docs: DocTable,
+        sequence_len: int,
+        prefix: np.ndarray,
+        pad_id: int,
+        masked: np.ndarray,
+        drop_tails: bool,
+    ):
         """gather(starts, counts): the token store's runs store[s:s + c], concatenated ([sum] int32);
         masked: [vocab] bool, True for ids given class 0."""
         self.gather, self.docs = gather, docs
         self.L, self.prefix, self.pad_id, self.masked = sequence_len, prefix, pad_id, masked
         self.C = sequence_len - len(prefix)
         self.kept = kept_lengths(docs.length, self.C, drop_tails)
-        self.ends = np.concatenate([[0], np.cumsum(self.kept)])   # [n+1] stream offsets of documents
+        self.ends = np.concatenate([[0], np.cumsum(self.kept)])  # [n+1] stream offsets of documents
         self.total = int(self.ends[-1])
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""The dataset contract on disk (DESIGN.md 1.2): Arrow shards, the manifest, and the readers.
+"""The dataset contract on disk (docs/formats.md, section 2): Arrow shards, the manifest, and the readers.
 
 A prepared folder holds `manifest.json` and `train-NNNNN.arrow` / `eval-NNNNN.arrow`, each an
 uncompressed Arrow IPC *file* with the columns
@@ -8,6 +8,7 @@ written as a few record batches, so `open_split` gives zero-copy numpy views of 
 Shards are not fsynced (that costs as much as writing them); instead a folder only counts as
 complete when every shard has the size its manifest records (cache.is_complete).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,10 +28,15 @@ SPLITS = ("train", "eval")
 
 
 def schema(sequence_len: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("input_ids", pa.list_(pa.field("item", pa.int32(), nullable=False), sequence_len), nullable=False),
-        pa.field("control_class", pa.list_(pa.field("item", pa.int8(), nullable=False), sequence_len), nullable=False),
-    ], metadata={"cap.format_version": str(FORMAT_VERSION), "cap.sequence_len": str(sequence_len)})
+    return pa.schema(
+        [
+            pa.field("input_ids", pa.list_(pa.field("item", pa.int32(), nullable=False), sequence_len), nullable=False),
+            pa.field(
+                "control_class", pa.list_(pa.field("item", pa.int8(), nullable=False), sequence_len), nullable=False
+            ),
+        ],
+        metadata={"cap.format_version": str(FORMAT_VERSION), "cap.sequence_len": str(sequence_len)},
+    )
 
 
 class ShardWriter:
@@ -50,12 +56,15 @@ class ShardWriter:
             if self._writer is None:
                 self._open()
             take = min(len(input_ids) - done, self.max_rows - self._rows)
-            ids = input_ids[done:done + take]
-            cls = control_class[done:done + take]
-            batch = pa.record_batch([
-                pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), self.L),
-                pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1), pa.int8()), self.L),
-            ], schema=self.schema)
+            ids = input_ids[done : done + take]
+            cls = control_class[done : done + take]
+            batch = pa.record_batch(
+                [
+                    pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), self.L),
+                    pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1), pa.int8()), self.L),
+                ],
+                schema=self.schema,
+            )
             with _writing(self._path):
                 self._writer.write_batch(batch)
             self._rows += take
@@ -92,7 +101,7 @@ def _writing(path: Path):
         try:
             yield
         except OSError as e:
-            if e.errno and e.filename is None:      # pyarrow: "Error writing bytes to file. Detail: ..."
+            if e.errno and e.filename is None:  # pyarrow: "Error writing bytes to file. Detail: ..."
                 raise OSError(e.errno, os.strerror(e.errno)) from None
             raise
 
@@ -112,8 +121,10 @@ def load_manifest(folder: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CapError(f"{path}: cannot read the manifest ({e})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CapError(f"{path}: format version {manifest.get('format_version')!r}, this cap reads "
-                       f"{FORMAT_VERSION}; rerun cap-prep")
+        raise CapError(
+            f"{path}: format version {manifest.get('format_version')!r}, this cap reads "
+            f"{FORMAT_VERSION}; rerun cap-prep"
+        )
     return manifest
 
 

@@ -11,7 +11,10 @@ line by line, `.parquet` in row batches, `.json` one list element at a time (jso
 raw_decode over a buffer that grows geometrically while a value is incomplete), and a `.txt` file
 above `stream_above` bytes is handed on as blocks of text (incremental UTF-8 decoding), so memory
 holds one record's text at most, never a whole file.
+Over 300 lines because each of the four formats needs its own streaming reader and its own
+line- or record-precise error messages.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -26,8 +29,8 @@ from cap_common.errors import CapError
 
 FORMATS = (".txt", ".json", ".jsonl", ".parquet")
 PARQUET_BATCH_ROWS = 4096
-READ_BYTES = 1 << 20          # .txt / .json read size (a .json read doubles while one value is incomplete)
-_JSON_SLACK = 64              # characters a .json value must end before the end of what was read
+READ_BYTES = 1 << 20  # .txt / .json read size (a .json read doubles while one value is incomplete)
+_JSON_SLACK = 64  # characters a .json value must end before the end of what was read
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 _LINE_BREAK = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
@@ -55,8 +58,7 @@ def find_files(pattern: str, where: str) -> list[InputFile]:
             continue
         seen.add(p)
         if p.suffix.lower() not in FORMATS:
-            raise CapError(f"{where}: {raw}: unsupported file type '{p.suffix}' "
-                           f"(expected {', '.join(FORMATS)})")
+            raise CapError(f"{where}: {raw}: unsupported file type '{p.suffix}' (expected {', '.join(FORMATS)})")
         try:
             st = p.stat()
         except OSError as e:
@@ -101,7 +103,7 @@ def _open(path: Path):
 
 def _utf8_error(where: str, e: UnicodeDecodeError, offset: int = 0) -> CapError:
     """The message for invalid UTF-8 at byte `offset + e.start` of the file or line."""
-    return CapError(f"{where}: not valid UTF-8 (byte {offset + e.start}: {e.object[e.start:e.start + 1]!r})")
+    return CapError(f"{where}: not valid UTF-8 (byte {offset + e.start}: {e.object[e.start : e.start + 1]!r})")
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -130,7 +132,7 @@ class _Utf8:
                 data = self.handle.read(nbytes)
             except OSError as e:
                 raise CapError(f"{self.path}: cannot read ({e.strerror})") from None
-            pending = len(self.decoder.getstate()[0])     # bytes of a character cut by the last block
+            pending = len(self.decoder.getstate()[0])  # bytes of a character cut by the last block
             try:
                 text = self.decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
@@ -184,7 +186,7 @@ class _JsonText:
 
     def __init__(self, chars: _Utf8):
         self.chars, self.buf, self.pos = chars, "", 0
-        self.line, self.column = 1, 0           # of buf[0]: 1-based line, characters before it on its line
+        self.line, self.column = 1, 0  # of buf[0]: 1-based line, characters before it on its line
         self.decoder = json.JSONDecoder()
 
     def more(self, nbytes: int) -> bool:
@@ -201,14 +203,14 @@ class _JsonText:
             self.column = self.pos - self.buf.rfind("\n", 0, self.pos) - 1
         else:
             self.column += self.pos
-        self.buf, self.pos = self.buf[self.pos:], 0
+        self.buf, self.pos = self.buf[self.pos :], 0
 
     def peek(self) -> str:
         """Skip whitespace; the next character, or "" at the end of the file."""
         while True:
             self.pos = _JSON_WS.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or not self.more(READ_BYTES):
-                return self.buf[self.pos:self.pos + 1]
+                return self.buf[self.pos : self.pos + 1]
 
     def value(self):
         """Decode the JSON value at the cursor, reading more while it may be incomplete.
@@ -224,15 +226,16 @@ class _JsonText:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as e:
-                if self.chars.eof or not (e.msg.startswith("Unterminated string")
-                                          or e.pos >= len(self.buf) - _JSON_SLACK):
+                if self.chars.eof or not (
+                    e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - _JSON_SLACK
+                ):
                     raise self.malformed(e.msg, e.pos) from None
             else:
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if not number or self.chars.eof or end <= len(self.buf) - _JSON_SLACK:
-                    self.pos = end           # only a number can end where the text read so far ends
+                    self.pos = end  # only a number can end where the text read so far ends
                     if end > 4 * READ_BYTES:
-                        self.drop_parsed()   # a huge value: let its JSON text go now
+                        self.drop_parsed()  # a huge value: let its JSON text go now
                     return value
                 del value
             self.more(nbytes)
@@ -253,13 +256,14 @@ def _read_json(f: InputFile):
     with chars.handle:
         doc, bad_record = _JsonText(chars), None
         try:
-            if doc.more(READ_BYTES) and doc.buf[0] == "\ufeff":      # a second BOM: json.loads refuses it
+            if doc.more(READ_BYTES) and doc.buf[0] == "\ufeff":  # a second BOM: json.loads refuses it
                 raise doc.malformed("Unexpected UTF-8 BOM (decode using utf-8-sig)")
             if doc.peek() != "[":
                 value = doc.value()
                 if not doc.peek():
-                    raise CapError(f"{f.path}: expected a JSON list of objects with a \"text\" string, "
-                                   f"got {type(value).__name__}")
+                    raise CapError(
+                        f"{f.path}: expected a JSON list of objects with a \"text\" string, got {type(value).__name__}"
+                    )
                 json_lines = True
             else:
                 doc.pos += 1
@@ -271,7 +275,7 @@ def _read_json(f: InputFile):
                             try:
                                 text = _text_of(record, f"{f.path}: record {i}")
                             except CapError as e:
-                                bad_record = e           # reported once the rest of the file parses
+                                bad_record = e  # reported once the rest of the file parses
                             else:
                                 del record
                                 yield text, chars.offset - reported
@@ -290,7 +294,7 @@ def _read_json(f: InputFile):
         except _Malformed:
             chars.drain()
             raise
-    if json_lines:            # more than one top-level value: the file is read again as JSON lines
+    if json_lines:  # more than one top-level value: the file is read again as JSON lines
         yield from _read_json_lines(f)
     elif bad_record is not None:
         raise bad_record
@@ -300,11 +304,11 @@ def _split_lines(blocks: Iterable[str]) -> Iterator[str]:
     """The lines of the text in `blocks`, split exactly as str.splitlines() splits the whole text."""
     parts, after_cr = [], False
     for block in blocks:
-        if after_cr and block.startswith("\n"):      # the "\n" of a "\r\n" cut by the block
+        if after_cr and block.startswith("\n"):  # the "\n" of a "\r\n" cut by the block
             block = block[1:]
         after_cr, at = False, 0
         for m in _LINE_BREAK.finditer(block):
-            parts.append(block[at:m.start()])
+            parts.append(block[at : m.start()])
             yield "".join(parts)
             parts, at = [], m.end()
             after_cr = m.group() == "\r" and at == len(block)
@@ -321,7 +325,7 @@ def _read_json_lines(f: InputFile):
     reported = 0
     with chars.handle:
         n = 0
-        for line in _split_lines(chars.blocks()):     # (no enumerate: it would keep the last line alive)
+        for line in _split_lines(chars.blocks()):  # (no enumerate: it would keep the last line alive)
             n += 1
             if not line.strip():
                 continue
@@ -348,7 +352,7 @@ def _line_text(line: str, where: str) -> str:
 def _read_jsonl(f: InputFile):
     with _open(f.path) as handle:
         pending = n = 0
-        for raw in handle:                 # (no enumerate: it would keep the last line alive)
+        for raw in handle:  # (no enumerate: it would keep the last line alive)
             n += 1
             pending += len(raw)
             line = _decode(raw, f"{f.path}:{n}")
@@ -377,8 +381,11 @@ def _parquet_text_column(path: Path):
     if "text" not in schema.names:
         raise CapError(f"{path}: no \"text\" column (columns: {', '.join(schema.names[:8])})")
     kind = schema.field("text").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+    if not (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or getattr(pa.types, "is_string_view", lambda t: False)(kind)
+    ):
         raise CapError(f"{path}: column \"text\" has type {kind}, expected string")
     return pf
 

@@ -15,6 +15,7 @@ so the caller can read and convert other batches meanwhile (`encode_texts` / `to
 A document longer than windows.LONG_DOC_CHARS goes through `encode_long` instead: the same ids,
 from windows of the text (windows.py), written out as they come.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,20 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from cap_prep.windows import Windows
 from cap_common.errors import CapError
+from cap_prep.windows import Windows
 
 
 @dataclass(frozen=True)
 class TokenOptions:
     """The resolved token-level options shared by all datasets."""
 
-    vocab_size: int            # len(tokenizer): ids must be below it
+    vocab_size: int  # len(tokenizer): ids must be below it
     bos_id: int | None
     eos_id: int | None
-    pad_id: int                # padding: pad, else eos, else 0
-    prefix: np.ndarray         # [P] int32, starts every sequence (class 0)
-    mask: np.ndarray           # [K] int32, ids given class 0
+    pad_id: int  # padding: pad, else eos, else 0
+    prefix: np.ndarray  # [P] int32, starts every sequence (class 0)
+    mask: np.ndarray  # [K] int32, ids given class 0
     special_ids: tuple[int, ...]
     name: str
 
@@ -53,8 +54,9 @@ def load_tokenizer(model_dir: Path, add_prefix_space: bool = False):
     except Exception as e:  # noqa: BLE001 - any failure to load a user's tokenizer is a user error
         raise CapError(f"model_dir {model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     if getattr(tok, "backend_tokenizer", None) is None:
-        raise CapError(f"model_dir {model_dir}: cap-prep needs a fast tokenizer (tokenizer.json), "
-                       f"got {type(tok).__name__}")
+        raise CapError(
+            f"model_dir {model_dir}: cap-prep needs a fast tokenizer (tokenizer.json), got {type(tok).__name__}"
+        )
     if add_prefix_space:
         _set_prefix_space(tok.backend_tokenizer)
     return tok
@@ -86,8 +88,10 @@ def _set_prefix_space(backend) -> None:
     if pre is not None and fix(pre):
         backend.pre_tokenizer = pre
     else:
-        print(f"cap-prep: warning: add_prefix_space has no effect on this tokenizer's pre-tokenizer ({pre})",
-              file=sys.stderr)
+        print(
+            f"cap-prep: warning: add_prefix_space has no effect on this tokenizer's pre-tokenizer ({pre})",
+            file=sys.stderr,
+        )
 
 
 def special_ids(tok) -> tuple[int, ...]:
@@ -119,10 +123,14 @@ def resolve_options(tok, sequence_prefix, mask_tokens, where: str) -> TokenOptio
     specials = special_ids(tok)
     mask = specials if mask_tokens is True else (() if mask_tokens is False else mask_tokens)
     return TokenOptions(
-        vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad,
+        vocab_size=vocab,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
         prefix=check_ids(prefix, vocab, f"{where}: sequence_prefix = {sequence_prefix!r}"),
         mask=check_ids(mask, vocab, f"{where}: mask_tokens = {mask_tokens!r}"),
-        special_ids=specials, name=str(getattr(tok, "name_or_path", "")),
+        special_ids=specials,
+        name=str(getattr(tok, "name_or_path", "")),
     )
 
 
@@ -163,21 +171,24 @@ class DocumentEncoder:
         document rule and passed to write(int32 array) as they come; returns their number
         (0: the document is empty, nothing was written)."""
         w = self.windows
-        if not w.usable:    # a post-processor windows cannot reproduce: encode the whole text
+        if not w.usable:  # a post-processor windows cannot reproduce: encode the whole text
             text = source if isinstance(source, str) else "".join(source)
             flat, lengths, n_empty = self([text])
             if n_empty:
                 return 0
             write(flat)
             return len(flat)
-        pieces = itertools.chain([np.asarray(w.prefix, dtype=np.int32)], w.encode(source, self.suffix_text),
-                                 [np.asarray(w.suffix, dtype=np.int32)])
+        pieces = itertools.chain(
+            [np.asarray(w.prefix, dtype=np.int32)],
+            w.encode(source, self.suffix_text),
+            [np.asarray(w.suffix, dtype=np.int32)],
+        )
         n, last, first = 0, None, True
         for ids in pieces:
             if first and len(ids):
                 first = False
                 if ids[0] == self.bos:
-                    ids = ids[1:]      # the leading BOS (the sequence prefix supplies it)
+                    ids = ids[1:]  # the leading BOS (the sequence prefix supplies it)
             if len(ids):
                 write(ids)
                 n += len(ids)

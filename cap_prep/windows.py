@@ -31,6 +31,7 @@ Specials: the post-processor's template (e.g. BOS ... EOS) is read once from two
 with a post-processor of another form, or truncation or padding set on the tokenizer, `Windows`
 is not `usable` and the caller encodes documents whole.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,11 +39,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-LONG_DOC_CHARS = 1_000_000   # longer documents are tokenized in windows
-WINDOW_CHARS = 1 << 18       # characters per window
-OVERLAP_CHARS = 1 << 12      # characters two consecutive windows share (doubled while no cut is found)
-MARGIN_TOKENS = 16           # tokens that must agree on each side of a cut
-BATCH_WINDOWS = min(16, max(4, os.cpu_count() or 1))   # windows per encode_batch_fast call (tens of MB each)
+LONG_DOC_CHARS = 1_000_000  # longer documents are tokenized in windows
+WINDOW_CHARS = 1 << 18  # characters per window
+OVERLAP_CHARS = 1 << 12  # characters two consecutive windows share (doubled while no cut is found)
+MARGIN_TOKENS = 16  # tokens that must agree on each side of a cut
+BATCH_WINDOWS = min(16, max(4, os.cpu_count() or 1))  # windows per encode_batch_fast call (tens of MB each)
 _PROBES = ("Hello world, 123 tokens.", "a")
 
 
@@ -88,13 +89,13 @@ class _Text:
         if self.whole is not None:
             n = len(self.whole)
             text = self.whole[a:b]
-            return text + self.tail[max(0, a - n):max(0, b - n)] if b > n else text
-        return self.buf[a - self.base:b - self.base]
+            return text + self.tail[max(0, a - n) : max(0, b - n)] if b > n else text
+        return self.buf[a - self.base : b - self.base]
 
     def forget(self, a: int) -> None:
         """Characters before `a` are no longer needed (dropped once they are half the buffer)."""
         if self.whole is None and a - self.base > len(self.buf) // 2:
-            self.buf, self.base = self.buf[a - self.base:], a
+            self.buf, self.base = self.buf[a - self.base :], a
 
 
 def _chain(source: Iterable[str], tail: str) -> Iterator[str]:
@@ -118,15 +119,22 @@ class _Window:
 
 def _edge_tokens(enc, shift: int, lo: int, hi: int) -> list[tuple]:
     """(id, start, end, word) of an edge encoding's tokens lo..hi-1, offsets in document coordinates."""
-    return [(i, a + shift, b + shift, w)
-            for i, (a, b), w in zip(enc.ids[lo:hi], enc.offsets[lo:hi], enc.word_ids[lo:hi])]
+    return [
+        (i, a + shift, b + shift, w) for i, (a, b), w in zip(enc.ids[lo:hi], enc.offsets[lo:hi], enc.word_ids[lo:hi])
+    ]
 
 
 class Windows:
     """Encodes long texts in windows for one tokenizer backend (see the module docstring)."""
 
-    def __init__(self, backend, window: int | None = None, overlap: int | None = None,
-                 margin: int | None = None, batch_windows: int | None = None):
+    def __init__(
+        self,
+        backend,
+        window: int | None = None,
+        overlap: int | None = None,
+        margin: int | None = None,
+        batch_windows: int | None = None,
+    ):
         self.backend = backend
         self.window = window or WINDOW_CHARS
         self.overlap = overlap or OVERLAP_CHARS
@@ -135,17 +143,18 @@ class Windows:
         self.prefix, self.suffix = _template(backend)
         self.usable = self.prefix is not None and backend.truncation is None and backend.padding is None
         plain = backend.encode(_PROBES[0], add_special_tokens=False)
-        self.words = len(set(plain.word_ids)) > 1      # does the pre-tokenizer split words?
-        self.extensions = 0                             # windows extended for want of a cut (statistics)
+        self.words = len(set(plain.word_ids)) > 1  # does the pre-tokenizer split words?
+        self.extensions = 0  # windows extended for want of a cut (statistics)
 
     def _windows(self, text: _Text, plan: list[tuple[int, int, bool]], overlap: int, heads: bool = True):
         """Encode the windows (start, end, last) of `plan`, with their edges."""
         fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        windows = [_Window(np.asarray(e.ids, dtype=np.int32), s, t, last)
-                   for (s, t, last), e in zip(plan, fast([text.window(s, t) for s, t, _ in plan],
-                                                          add_special_tokens=False))]
+        windows = [
+            _Window(np.asarray(e.ids, dtype=np.int32), s, t, last)
+            for (s, t, last), e in zip(plan, fast([text.window(s, t) for s, t, _ in plan], add_special_tokens=False))
+        ]
         size = 2 * overlap
-        edges = []            # (window, is_head, edge start)
+        edges = []  # (window, is_head, edge start)
         for w in windows:
             if heads and w.start > 0:
                 edges.append((w, True, w.start))
@@ -157,12 +166,12 @@ class Windows:
             n = min(len(ids), len(w.ids))
             if head:
                 k = _agree(ids[:n], w.ids[:n])
-                if a + size < w.end:    # the edge's last agreeing token may be one cut by the edge's end
+                if a + size < w.end:  # the edge's last agreeing token may be one cut by the edge's end
                     k = max(0, k - 1)
                 w.head = _edge_tokens(enc, a, 0, k)
             else:
                 k = _agree(ids[::-1][:n], w.ids[::-1][:n])
-                if a > w.start:         # likewise its first one
+                if a > w.start:  # likewise its first one
                     k = max(0, k - 1)
                 w.tail = _edge_tokens(enc, a, len(ids) - k, len(ids))
                 w.tail_from = len(w.ids) - k
@@ -174,7 +183,7 @@ class Windows:
         W, overlap = self.window, self.overlap
         end = text.available(W)
         a = self._windows(text, [(0, end, text.ends_by(end))], overlap)[0]
-        taken = 0                    # a's tokens before this index are already out
+        taken = 0  # a's tokens before this index are already out
         while not a.last:
             # the next windows, each starting `overlap` before the previous one ends
             plan, s = [], a.end - overlap
@@ -199,10 +208,12 @@ class Windows:
             overlap *= 2
             end = text.available(a.end + overlap)
             grown = self._windows(text, [(a.start, end, text.ends_by(end))], overlap, heads=False)[0]
-            keep = taken + self.margin      # the cut into a, and the tokens that agreed after it
+            keep = taken + self.margin  # the cut into a, and the tokens that agreed after it
             if taken and not np.array_equal(grown.ids[:keep], a.ids[:keep]):
-                raise WindowError(f"extending the window at characters {a.start}-{a.end} changed its tokens "
-                                  f"at the cut already made into it")
+                raise WindowError(
+                    f"extending the window at characters {a.start}-{a.end} changed its tokens "
+                    f"at the cut already made into it"
+                )
             a = grown
         yield a.ids[taken:]
 
@@ -217,7 +228,7 @@ class Windows:
             return None
         last_word_a = ta[-1][3] if self.words else object()
         first_word_b = tb[0][3] if self.words else object()
-        first = max(0, taken - a.tail_from)       # tail tokens already taken cannot be cut at
+        first = max(0, taken - a.tail_from)  # tail tokens already taken cannot be cut at
 
         def inside(t, excluded):
             return lo <= t[1] and t[2] <= hi and (t[3] != excluded or t[3] is None)
@@ -236,9 +247,9 @@ class Windows:
             j = starts_b[ta[k][1]]
             if j < m or j + m > len(tb):
                 continue
-            if not (all(ok_a[k - m:k + m]) and all(ok_b[j - m:j + m])):
+            if not (all(ok_a[k - m : k + m]) and all(ok_b[j - m : j + m])):
                 continue
-            if any(x[:3] != y[:3] for x, y in zip(ta[k - m:k + m], tb[j - m:j + m])):
+            if any(x[:3] != y[:3] for x, y in zip(ta[k - m : k + m], tb[j - m : j + m])):
                 continue
             if self.words and (ta[k - 1][3] == ta[k][3] or tb[j - 1][3] == tb[j][3]):
                 continue
@@ -277,8 +288,11 @@ def _template(backend) -> tuple[list[int], list[int]] | tuple[None, None]:
         full = backend.encode(probe, add_special_tokens=True).ids
         if not plain:
             return None, None
-        splits = {(tuple(full[:k]), tuple(full[k + len(plain):])) for k in range(len(full) - len(plain) + 1)
-                  if full[k:k + len(plain)] == plain}
+        splits = {
+            (tuple(full[:k]), tuple(full[k + len(plain) :]))
+            for k in range(len(full) - len(plain) + 1)
+            if full[k : k + len(plain)] == plain
+        }
         common = splits if common is None else common & splits
     if len(common) != 1:
         return None, None

@@ -14,6 +14,7 @@ Resume takes the newest checkpoint whose state.json reads and whose files match 
 sizes and sha256; a damaged one is renamed `.damaged-step…` (kept for inspection, said in one
 line) and the one before it is tried.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,8 +100,9 @@ def read_state(folder: Path) -> dict:
         state = json.loads((folder / STATE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{STATE} is unreadable ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in
-                                              ("step", "epoch", "step_in_epoch", "tokens")):
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(k), int) for k in ("step", "epoch", "step_in_epoch", "tokens")
+    ):
         raise ValueError(f"{STATE} lacks the position (step, epoch, step_in_epoch, tokens)")
     return state
 
@@ -143,8 +145,10 @@ def choose(ckpts: Checkpoints, say: Callable[[str], None]) -> Chosen | None:
         if problem is None:
             return Chosen(path, state)
         moved = ckpts.set_aside(path)
-        say(f"cap-train: checkpoint {path.name} is damaged ({problem}); moved it to {moved.name} and "
-            f"trying the one before it")
+        say(
+            f"cap-train: checkpoint {path.name} is damaged ({problem}); moved it to {moved.name} and "
+            f"trying the one before it"
+        )
     return None
 
 
@@ -153,13 +157,19 @@ def choose(ckpts: Checkpoints, say: Callable[[str], None]) -> Chosen | None:
 def rng_state() -> dict:
     import numpy as np
     import torch
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
     import numpy as np
     import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -169,6 +179,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_rng(folder: Path, rank: int) -> None:
     import torch
+
     tmp = folder / f"rng-rank{rank}.pt.tmp"
     torch.save(rng_state(), tmp)
     os.replace(tmp, folder / f"rng-rank{rank}.pt")
@@ -176,4 +187,5 @@ def save_rng(folder: Path, rank: int) -> None:
 
 def load_rng(folder: Path, rank: int) -> None:
     import torch
+
     set_rng_state(torch.load(folder / f"rng-rank{rank}.pt", weights_only=False))

@@ -6,6 +6,7 @@ OMP_NUM_THREADS = cores / N each) and reports a failing rank in one line. Multi-
 DeepSpeed hostfile (ssh) and DeepSpeed's launcher; --master-addr names the rank-0 node. Each
 rank's full output goes to <output_dir>/logs/<run>/rank<r>.log.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ def _gpus() -> int:
     if not any(Path("/dev").glob("nvidia[0-9]*")):
         return 0
     import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -38,8 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_args(config: str, *, resume_from=None, restart_epoch=False, add_prefix_space=False,
-                log_dir=None) -> list[str]:
+def worker_args(
+    config: str, *, resume_from=None, restart_epoch=False, add_prefix_space=False, log_dir=None
+) -> list[str]:
     args = [config]
     if resume_from:
         args += ["--resume-from", str(resume_from)]
@@ -79,32 +82,55 @@ def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str
     new = resume.run_record(cfg.to_dict(), resume.data_identity(cfg), processes, resume.model_shape(cfg.model_dir))
     plan = resume.plan(old, new, accept, str(chosen.path))
     if plan.applied:
-        say(f"cap-train: resuming at step {chosen.state['step']} with changed settings, in effect from the next "
-            f"step: {'; '.join(map(str, plan.applied))}")
+        say(
+            f"cap-train: resuming at step {chosen.state['step']} with changed settings, in effect from the next "
+            f"step: {'; '.join(map(str, plan.applied))}"
+        )
     if plan.accepted:
-        say(f"cap-train: accepted (--accept-config-change): {'; '.join(map(str, plan.accepted))}"
-            f"{'; the data restarts at the start of the current epoch' if plan.restart_epoch else ''}")
+        say(
+            f"cap-train: accepted (--accept-config-change): {'; '.join(map(str, plan.accepted))}"
+            f"{'; the data restarts at the start of the current epoch' if plan.restart_epoch else ''}"
+        )
     return str(chosen.path), plan.restart_epoch
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--num-gpus", type=click.IntRange(min=1), default=None,
-              help="Processes on this node (GPUs; on CPU, gloo processes sharing the cores). Default: all GPUs, or 1.")
+@click.option(
+    "--num-gpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes on this node (GPUs; on CPU, gloo processes sharing the cores). Default: all GPUs, or 1.",
+)
 @click.option("--master-addr", default=None, help="Address of the rank-0 node for multi-node runs.")
-@click.option("--master-port", type=int, default=None,
-              help="Port of the rank-0 process (default: a free port on one node, 29500 with --hostfile).")
-@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="DeepSpeed hostfile for multi-node training (ssh between nodes).")
-@click.option("--resume-from-checkpoint", is_flag=True,
-              help="Continue from the newest complete checkpoint in output_dir (checked; a damaged one is skipped).")
-@click.option("--accept-config-change", is_flag=True,
-              help="With --resume-from-checkpoint: continue although data or model keys changed "
-                   "(a changed dataset restarts the current epoch).")
+@click.option(
+    "--master-port",
+    type=int,
+    default=None,
+    help="Port of the rank-0 process (default: a free port on one node, 29500 with --hostfile).",
+)
+@click.option(
+    "--hostfile",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="DeepSpeed hostfile for multi-node training (ssh between nodes).",
+)
+@click.option(
+    "--resume-from-checkpoint",
+    is_flag=True,
+    help="Continue from the newest complete checkpoint in output_dir (checked; a damaged one is skipped).",
+)
+@click.option(
+    "--accept-config-change",
+    is_flag=True,
+    help="With --resume-from-checkpoint: continue although data or model keys changed "
+    "(a changed dataset restarts the current epoch).",
+)
 @click.option("--add-prefix-space", is_flag=True, help="Tokenize with add_prefix_space (when cap-prep runs from here).")
 @user_errors("cap-train")
-def main(config, num_gpus, master_addr, master_port, hostfile, resume_from_checkpoint, accept_config_change,
-         add_prefix_space):
+def main(
+    config, num_gpus, master_addr, master_port, hostfile, resume_from_checkpoint, accept_config_change, add_prefix_space
+):
     """Train the adapters (or full model) that CONFIG describes.
 
     CONFIG is the TOML file shared with cap-prep and cap-export; every key is listed in the
@@ -129,30 +155,47 @@ def main(config, num_gpus, master_addr, master_port, hostfile, resume_from_check
     env = dict(os.environ)
     if not gpus:
         env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))   # the user's setting wins
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))  # the user's setting wins
     log_dir = cfg.output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    args = worker_args(str(cfg.source), resume_from=resume_from, restart_epoch=restart_epoch,
-                       add_prefix_space=add_prefix_space, log_dir=log_dir)
-    click.echo(f"cap-train: {procs if not hostfile else 'hostfile'} process(es); each rank's full output: "
-               f"{log_dir}/rank<r>.log", err=True)
+    args = worker_args(
+        str(cfg.source),
+        resume_from=resume_from,
+        restart_epoch=restart_epoch,
+        add_prefix_space=add_prefix_space,
+        log_dir=log_dir,
+    )
+    click.echo(
+        f"cap-train: {procs if not hostfile else 'hostfile'} process(es); each rank's full output: "
+        f"{log_dir}/rank<r>.log",
+        err=True,
+    )
     if hostfile:
         rc = subprocess.call(deepspeed_command(args, hostfile, master_addr, master_port), env=env)
         if rc:
             click.echo(f"cap-train: a worker failed (exit code {rc}); see its message above and {log_dir}", err=True)
     else:
         from cap_train.launch import run_local
-        rc = run_local([sys.executable, "-u", "-m", "cap_train.worker", *args], procs, master_port or free_port(),
-                       env, str(log_dir))
+
+        rc = run_local(
+            [sys.executable, "-u", "-m", "cap_train.worker", *args],
+            procs,
+            master_port or free_port(),
+            env,
+            str(log_dir),
+        )
     sys.exit(rc)
 
 
 def _refuse_to_mix_runs(cfg: Config) -> None:
     """A fresh run must not write into (and prune) the checkpoints of an earlier run."""
     from cap_train.checkpoint import Checkpoints
+
     newest = Checkpoints(cfg.output_dir, cfg.max_checkpoints).newest()
     if newest is not None:
-        raise CapError(f"{cfg.source}: output_dir {cfg.output_dir} holds checkpoints of an earlier run (newest: "
-                       f"{newest.name}); continue it with --resume-from-checkpoint, or choose another output_dir")
+        raise CapError(
+            f"{cfg.source}: output_dir {cfg.output_dir} holds checkpoints of an earlier run (newest: "
+            f"{newest.name}); continue it with --resume-from-checkpoint, or choose another output_dir"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ A micro batch is what DeepSpeed's pipeline feeds in: ((input_ids [b,L] long, con
 labels). The first stage derives the shifted labels and classes itself (common.models.layers),
 so the second element is a placeholder DeepSpeed requires but cap never reads.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cap_train.order import TrainOrder
 from cap_common.config import Config
 from cap_common.errors import CapError
+from cap_train.order import TrainOrder
 
 
 def prepared_splits(cfg: Config, rank: int):

@@ -11,6 +11,7 @@ it, so LOCAL_RANK indexes the GPUs this process may use. Workers route their own
 - ranks that only lost a peer (exit 3) are never named as the cause when another rank failed.
 The first failure stops the run: the other ranks get SIGTERM, then SIGKILL after a grace period.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,12 +22,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER
 from cap_common.files import HOST
+from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER
 
 POLL_S = 0.05
-SETTLE_S = 3.0      # after a rank that only lost its peer exits, how long to wait for the cause to show
-GRACE_S = 10.0      # SIGTERM → SIGKILL
+SETTLE_S = 3.0  # after a rank that only lost its peer exits, how long to wait for the cause to show
+GRACE_S = 10.0  # SIGTERM → SIGKILL
 
 
 def die_with_parent() -> None:
@@ -43,7 +44,7 @@ def die_with_parent() -> None:
 class Failure:
     rank: int
     pid: int
-    code: int       # Popen.returncode: negative = killed by that signal
+    code: int  # Popen.returncode: negative = killed by that signal
 
     def describe(self) -> str:
         who = f"rank {self.rank} (pid {self.pid}) on {HOST}"
@@ -68,18 +69,27 @@ def _cause(failures: list[Failure]) -> Failure:
     return (own or failures)[0]
 
 
-def run_local(command: list[str], num_procs: int, master_port: int, env: dict[str, str],
-              log_dir: str | None) -> int:
+def run_local(command: list[str], num_procs: int, master_port: int, env: dict[str, str], log_dir: str | None) -> int:
     """Run `command` as ranks 0..num_procs-1 on this host; returns the exit code for cap-train."""
     procs = []
-    base = {**env, "WORLD_SIZE": str(num_procs), "LOCAL_SIZE": str(num_procs), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(master_port), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    base = {
+        **env,
+        "WORLD_SIZE": str(num_procs),
+        "LOCAL_SIZE": str(num_procs),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master_port),
+        "CROSS_RANK": "0",
+        "CROSS_SIZE": "1",
+    }
     try:
         for rank in range(num_procs):
-            procs.append(subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          stdin=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdin=subprocess.DEVNULL
+                )
+            )
         return _watch(procs, log_dir)
-    except BaseException:       # Ctrl-C, SIGTERM (SystemExit) or an error here: never leave workers behind
+    except BaseException:  # Ctrl-C, SIGTERM (SystemExit) or an error here: never leave workers behind
         _stop(procs)
         raise
 
@@ -102,7 +112,7 @@ def _watch(procs: list[subprocess.Popen], log_dir: str | None) -> int:
                     time.sleep(POLL_S)
                     continue
             _stop(procs)
-            for rank, p in enumerate(procs):   # collect what the stop revealed, for the record
+            for rank, p in enumerate(procs):  # collect what the stop revealed, for the record
                 if p.returncode not in (0, None) and all(f.rank != rank for f in failures):
                     failures.append(Failure(rank, p.pid, p.returncode))
             return _report(_cause(failures), log_dir, len(procs))
@@ -130,7 +140,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 def _report(cause: Failure, log_dir: str | None, num_procs: int) -> int:
     done = "stopped the other ranks" if num_procs > 1 else "stopped"
     logs = f"; full output of every rank: {log_dir}" if log_dir else ""
-    if cause.code in (EXIT_CRASH, EXIT_USER):      # the rank printed its own line already
+    if cause.code in (EXIT_CRASH, EXIT_USER):  # the rank printed its own line already
         return cause.code
     print(f"cap-train: {cause.describe()}; {done}{logs}", file=sys.stderr, flush=True)
     return 128 - cause.code if cause.code < 0 else cause.code

@@ -10,6 +10,7 @@ that failed (printed here for Python errors, by cap_train.launch for signals).
 Exit codes of a worker: 0 done; 2 a user error (one line printed); 1 a crash (one line printed,
 traceback in the log); 3 it lost a peer (printed nothing: another rank is the cause).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,18 @@ from cap_common.files import HOST
 
 EXIT_CRASH, EXIT_USER, EXIT_PEER_LOST = 1, 2, 3
 # Text of errors a rank sees when a peer died or vanished: gloo's socket errors, NCCL's aborts, timeouts.
-_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
-               "gloo/transport", "NCCL communicator was aborted", "remote process exited", "Socket Timeout",
-               "Timed out", "timed out")
+_PEER_SIGNS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "gloo/transport",
+    "NCCL communicator was aborted",
+    "remote process exited",
+    "Socket Timeout",
+    "Timed out",
+    "timed out",
+)
 
 
 class _Tee(io.TextIOBase):
@@ -40,7 +50,7 @@ class _Tee(io.TextIOBase):
                 try:
                     stream.write(text)
                     stream.flush()
-                except (OSError, ValueError):   # a full disk must not take the console with it
+                except (OSError, ValueError):  # a full disk must not take the console with it
                     pass
         return len(text)
 
@@ -67,8 +77,12 @@ class RankOutput:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             log_fd = os.open(Path(log_dir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         except OSError as e:
-            print(f"cap-train: warning (rank {rank}): cannot write logs in {log_dir} ({e.strerror}); "
-                  "output stays on the console", file=sys.stderr, flush=True)
+            print(
+                f"cap-train: warning (rank {rank}): cannot write logs in {log_dir} ({e.strerror}); "
+                "output stays on the console",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.log_path = Path(log_dir) / f"rank{rank}.log"
         sys.stdout.flush()
@@ -120,8 +134,9 @@ def lost_peer(error: BaseException) -> bool:
     """True for the errors a rank gets because another rank died (not a cause of its own)."""
     import torch.distributed as dist
 
-    dist_errors = tuple(getattr(dist, n) for n in ("DistBackendError", "DistNetworkError", "DistStoreError")
-                        if hasattr(dist, n))
+    dist_errors = tuple(
+        getattr(dist, n) for n in ("DistBackendError", "DistNetworkError", "DistStoreError") if hasattr(dist, n)
+    )
     if dist_errors and isinstance(error, dist_errors):
         return True
     text = str(error)
@@ -138,6 +153,7 @@ def report_crash(output: RankOutput, error: BaseException) -> int:
     if lost_peer(error):
         return EXIT_PEER_LOST
     first = (str(error).strip().splitlines() or [""])[0][:300]
-    output.console_line(f"cap-train: rank {output.rank} on {HOST} failed: {type(error).__name__}: {first} "
-                        f"(traceback: {output.where()})")
+    output.console_line(
+        f"cap-train: rank {output.rank} on {HOST} failed: {type(error).__name__}: {first} (traceback: {output.where()})"
+    )
     return EXIT_CRASH

@@ -4,6 +4,7 @@ Training: L = Σ_t ℓ_t / n over positions whose label is not −100 (a scalar 
 Eval: the vector [Σℓ, n, Σℓ₊, n₊, Σℓ₋, n₋] over all positions and per control class, so the
 trainer can form exact token means per class across micro batches and ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,11 @@ class PipelineLoss:
         out = []
         for c in (1, -1):
             y = labels.masked_fill(classes != c, IGNORE)
-            out += [fused_linear_cross_entropy(hidden, weight, y, logit_scale=logit_scale, softcap=softcap,
-                                               reduction="sum").double(), (y != IGNORE).sum().double()]
+            out += [
+                fused_linear_cross_entropy(
+                    hidden, weight, y, logit_scale=logit_scale, softcap=softcap, reduction="sum"
+                ).double(),
+                (y != IGNORE).sum().double(),
+            ]
         pos_s, pos_n, neg_s, neg_n = out
         return torch.stack([pos_s + neg_s, pos_n + neg_n, pos_s, pos_n, neg_s, neg_n])

@@ -1,6 +1,7 @@
 """What a run reports: TensorBoard scalars under <output_dir>/tensorboard/, the same values as
 JSON lines in <output_dir>/metrics.jsonl (one object per step, easy to grep or plot), and one
 console line per step."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ class Metrics:
         self.writer = self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a")
 
@@ -30,15 +32,19 @@ class Metrics:
             self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
             self.jsonl.flush()
 
-    def progress(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
-        """`step 12/400  loss 2.3456  lr 1.2e-05  1,234 tok/s  ETA 0:05:12`"""
+    def progress(self, step: int, loss: float, tokens_per_s: float, lr: float, mfu: float) -> None:
+        """`step 12/400  loss 2.3456  lr 1.2e-05  1,234 tok/s  MFU 41.2%  ETA 0:05:12`"""
         if not self.enabled:
             return
         done = step - self.start_step
         eta = (time.time() - self.t0) / max(done, 1) * (self.total_steps - step)
         h, rem = divmod(int(eta), 3600)
-        print(f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.3g}  {tokens_per_s:,.0f} tok/s  "
-              f"ETA {h}:{rem // 60:02d}:{rem % 60:02d}", file=sys.stderr, flush=True)
+        print(
+            f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.3g}  {tokens_per_s:,.0f} tok/s  MFU {mfu:.1%}  "
+            f"ETA {h}:{rem // 60:02d}:{rem % 60:02d}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.writer is not None:

@@ -6,6 +6,7 @@ gradient clipping on the global gradient norm over all pipeline stages:
 DeepSpeed's own clipping does not combine the stages' norms and does not report the norm, so
 DeepSpeed gets gradient_clipping = 0 and this optimizer clips (and remembers ‖g‖) in step().
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ class ClippedAdam(Adam):
         if grads:
             device = grads[0].device
         else:  # a stage without trainable parameters still joins the all-reduce (NCCL wants CUDA)
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            )
         sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in grads:
             sq += g.double().square().sum()

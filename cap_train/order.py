@@ -6,6 +6,7 @@ takes rows perm[k::D]; each rank's list is cut to S = ⌊N / (D·R)⌋ whole ste
 R = micro_batch_size · gradient_accumulation_steps rows (the rest of the epoch is dropped and
 reshuffled into the next one). The position saved in a checkpoint is (epoch, step within epoch).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,7 @@ class TrainOrder:
     def rows(self, epoch: int) -> np.ndarray:
         """This rank's row indices for `epoch`, cut to whole steps: shape [steps, accumulation, micro_batch]."""
         perm = _permutation(self.n_rows, self.seed, epoch)
-        mine = perm[self.dp_rank::self.dp_world][: self.steps_per_epoch * self.rows_per_step]
+        mine = perm[self.dp_rank :: self.dp_world][: self.steps_per_epoch * self.rows_per_step]
         return mine.reshape(self.steps_per_epoch, self.accumulation, self.micro_batch_size)
 
     def micro_batches(self, epoch: int, start_step: int = 0):

@@ -2,11 +2,13 @@
 
 Each stage's first data-parallel rank saves its part (`epoch<N>.parts/stage<s>.safetensors`);
 global rank 0 then writes the folder under a temp name and renames it into place:
-- control adapters: adapter_model.safetensors in the DESIGN.md key layout + adapter_config.json
+- control adapters: adapter_model.safetensors in cap's key layout + adapter_config.json
+  (docs/formats.md, section 4)
 - LoRA / QLoRA: the same two files in PEFT's layout (PeftModel.from_pretrained loads them)
 - full fine-tune: a Hugging Face model folder (one safetensors shard per stage + index,
   config and tokenizer files copied from model_dir)
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +25,17 @@ from cap_common.adapters.lora import LoraLinear
 from cap_common.files import make_temp_dir, temp_name, write_json
 from cap_common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe
 
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
+COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def _decoder_layers(model):
@@ -92,7 +103,7 @@ def _write_full_model(cfg, parts: list[Path], folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if folder.exists():   # replaced only once the new folder is complete
+    if folder.exists():  # replaced only once the new folder is complete
         old = folder.parent / temp_name(folder.name)
         os.rename(folder, old)
     os.rename(tmp, folder)
@@ -113,8 +124,10 @@ def _fill_full_model(cfg, parts: list[Path], tmp: Path) -> None:
         for k, t in tensors.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
-    write_json(tmp / "model.safetensors.index.json",
-               {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(
+        tmp / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+    )
     for name in COPIED:
         if (Path(cfg.model_dir) / name).is_file():
-            shutil.copyfile(Path(cfg.model_dir) / name, tmp / name)   # plain copy: umask permissions
+            shutil.copyfile(Path(cfg.model_dir) / name, tmp / name)  # plain copy: umask permissions

@@ -17,6 +17,7 @@ Every key of the config falls in one of four groups:
   under them.
 Paths (output_dir, prepared_dir) and add_prefix_space (its effect is in the fingerprint) are not compared.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,55 @@ from pathlib import Path
 
 from cap_common.errors import CapError
 
-APPLIED = ("lr", "beta1", "beta2", "eps", "warmup", "warmup_fraction", "lr_scheduler", "min_lr", "max_grad_norm",
-           "lora_weight_decay", "lora_weight_decay_type", "lora_max_norm", "lora_dropout", "epochs", "max_steps",
-           "checkpoint_interval_hours", "max_checkpoints", "evals_per_run", "eval_gradient_accumulation_steps",
-           "activation_checkpointing")
+APPLIED = (
+    "lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "warmup",
+    "warmup_fraction",
+    "lr_scheduler",
+    "min_lr",
+    "max_grad_norm",
+    "lora_weight_decay",
+    "lora_weight_decay_type",
+    "lora_max_norm",
+    "lora_dropout",
+    "epochs",
+    "max_steps",
+    "checkpoint_interval_hours",
+    "max_checkpoints",
+    "evals_per_run",
+    "eval_gradient_accumulation_steps",
+    "activation_checkpointing",
+)
 DATA = ("data", "micro_batch_size", "gradient_accumulation_steps", "seed")
 # cap-prep keys: named in the message when the fingerprint changed because of them
-PREP = ("datasets", "sequence_len", "sequence_prefix", "mask_tokens", "drop_tails", "mix_datasets", "max_sequences",
-        "eval_fraction", "add_prefix_space")
+PREP = (
+    "datasets",
+    "sequence_len",
+    "sequence_prefix",
+    "mask_tokens",
+    "drop_tails",
+    "mix_datasets",
+    "max_sequences",
+    "eval_fraction",
+    "add_prefix_space",
+)
 MODEL = ("model_dir", "model_dtype", "lora_alpha", "control_adapter_target", "use_column_major_topology")
-FIXED = ("use_control_adapters", "full_fine_tune", "load_in_4bit", "control_adapter_type", "lora_rank",
-         "target_modules", "layers_to_transform", "lora_weight_dtype", "pipeline_stages", "processes", "model shape")
+FIXED = (
+    "use_control_adapters",
+    "full_fine_tune",
+    "load_in_4bit",
+    "control_adapter_type",
+    "lora_rank",
+    "target_modules",
+    "layers_to_transform",
+    "lora_weight_dtype",
+    "pipeline_stages",
+    "processes",
+    "model shape",
+)
 
 
 @dataclass(frozen=True)
@@ -53,8 +92,15 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "vocab_size")
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def model_shape(model_dir: Path) -> dict:
@@ -69,6 +115,7 @@ def data_identity(cfg) -> str:
     file's content in order — but not where the files are (cap-prep's fingerprint without paths)."""
     from cap_prep import cache
     from cap_prep.build import find_inputs
+
     return cache.fingerprint(cfg, find_inputs(cfg), cache.FileHashes(cfg.prepared_root), paths=False)
 
 
@@ -77,7 +124,7 @@ def run_record(config: dict, data: str, processes: int | None, model_shape: dict
     datasets without their paths (their contents are in `data`)."""
     config = {**config, "datasets": [{k: v for k, v in d.items() if k != "dataset_path"} for d in config["datasets"]]}
     record = {**config, "data": data, "processes": processes, "model shape": model_shape}
-    return json.loads(json.dumps(record))   # as it reads back from state.json
+    return json.loads(json.dumps(record))  # as it reads back from state.json
 
 
 def changes(old: dict, new: dict) -> list[Change]:
@@ -94,22 +141,26 @@ def changes(old: dict, new: dict) -> list[Change]:
 class Plan:
     applied: list[Change]
     accepted: list[Change]
-    restart_epoch: bool     # the data changed: start the current epoch over in the new order
+    restart_epoch: bool  # the data changed: start the current epoch over in the new order
 
 
 def plan(old: dict, new: dict, accept: bool, where: str) -> Plan:
     """Decide what a resume from a checkpoint recorded as `old` does under `new`; CapError when it can't."""
     found = changes(old, new)
-    fixed_keys = FIXED + (("model_dtype",) if new.get("full_fine_tune") else ())   # the trained weights' dtype
+    fixed_keys = FIXED + (("model_dtype",) if new.get("full_fine_tune") else ())  # the trained weights' dtype
     fixed = [c for c in found if c.key in fixed_keys]
     if fixed:
-        raise CapError(f"{where}: cannot resume: {'; '.join(map(str, fixed))} (the checkpoint's tensors do not fit "
-                       f"this config: resume with the recorded values, or start a new run in another output_dir)")
+        raise CapError(
+            f"{where}: cannot resume: {'; '.join(map(str, fixed))} (the checkpoint's tensors do not fit "
+            f"this config: resume with the recorded values, or start a new run in another output_dir)"
+        )
     needs = [c for c in found if c.key in DATA + PREP + MODEL and c.key not in fixed_keys]
     if needs and not accept:
-        raise CapError(f"{where}: the config changed since this checkpoint: {'; '.join(map(str, needs))} "
-                       f"(pass --accept-config-change to continue anyway"
-                       f"{', restarting the data at the start of the current epoch' if _data(needs) else ''})")
+        raise CapError(
+            f"{where}: the config changed since this checkpoint: {'; '.join(map(str, needs))} "
+            f"(pass --accept-config-change to continue anyway"
+            f"{', restarting the data at the start of the current epoch' if _data(needs) else ''})"
+        )
     return Plan([c for c in found if c.key in APPLIED], needs, _data(needs))
 
 

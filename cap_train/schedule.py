@@ -9,13 +9,23 @@ t counts optimizer steps from 1.
       lr_t = min_lr + (lr − min_lr) · ½(1 + cos(π · p)),  p = (t − W) / (total − W) ∈ [0, 1]
   (the rms_ratio factor multiplies it, as warmup and decay act on different time scales).
 """
+
 from __future__ import annotations
 
 import math
 
 
-def lr_at(step: int, total_steps: int, *, lr: float, beta2: float, warmup: str = "rms_ratio",
-          warmup_fraction: float = 0.0, lr_scheduler: str = "constant", min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    *,
+    lr: float,
+    beta2: float,
+    warmup: str = "rms_ratio",
+    warmup_fraction: float = 0.0,
+    lr_scheduler: str = "constant",
+    min_lr: float = 0.0,
+) -> float:
     """Learning rate for optimizer step `step` (1-based) of `total_steps`."""
     t = max(step, 1)
     warm_steps = math.ceil(warmup_fraction * total_steps) if warmup == "linear" else 0
@@ -25,7 +35,7 @@ def lr_at(step: int, total_steps: int, *, lr: float, beta2: float, warmup: str =
     else:
         base = lr
     if warmup == "rms_ratio":
-        b = beta2 ** t
+        b = beta2**t
         return base * math.sqrt((1.0 - b) / (1.0 + b))
     if warmup == "linear" and t <= warm_steps:
         return lr * t / warm_steps
@@ -34,8 +44,20 @@ def lr_at(step: int, total_steps: int, *, lr: float, beta2: float, warmup: str =
 
 def lr_lambda(cfg, total_steps: int):
     """A torch LambdaLR multiplier (of cfg.lr) for step index s (0-based, = optimizer step s+1)."""
+
     def factor(s: int) -> float:
-        return lr_at(s + 1, total_steps, lr=cfg.lr, beta2=cfg.beta2, warmup=cfg.warmup,
-                     warmup_fraction=cfg.warmup_fraction, lr_scheduler=cfg.lr_scheduler,
-                     min_lr=cfg.min_lr) / cfg.lr
+        return (
+            lr_at(
+                s + 1,
+                total_steps,
+                lr=cfg.lr,
+                beta2=cfg.beta2,
+                warmup=cfg.warmup,
+                warmup_fraction=cfg.warmup_fraction,
+                lr_scheduler=cfg.lr_scheduler,
+                min_lr=cfg.min_lr,
+            )
+            / cfg.lr
+        )
+
     return factor

@@ -1,4 +1,5 @@
 """What the three CLIs share: the user-error boundary and the config option."""
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,7 @@ def user_errors(prog: str):
     """Decorator for a click command body: a CapError (or an OSError that escaped the code that
     knows the path, e.g. a full disk) becomes one line on stderr and exit code 2; SIGTERM and
     Ctrl-C unwind through the cleanup code and exit with 143 / 130."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -37,5 +39,7 @@ def user_errors(prog: str):
             except KeyboardInterrupt:
                 click.echo(f"{prog}: interrupted", err=True)
                 sys.exit(130)
+
         return run
+
     return wrap

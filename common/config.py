@@ -5,17 +5,20 @@ Every key of qlora-pipe-lite's README is here with the same default and meaning,
 (marked "cap:" in the help). Each key is declared once, with its parser and help text; the README's
 config reference is generated from these declarations (`python -m cap_common.config --reference`).
 Relative paths are resolved against the config file's folder.
+Over 300 lines because every key is declared here, each with its default, parser and help.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import tomllib
 
 from cap_common.errors import CapError
 
@@ -36,11 +39,13 @@ def integer(lo: int | None = None) -> Callable[[Any], int]:
         if not _is_int(v) or (lo is not None and v < lo):
             raise Invalid(f"expected an integer >= {lo}" if lo is not None else "expected an integer")
         return v
+
     return parse
 
 
 def number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False):
     """A finite float in [lo, hi] (open ends where asked); TOML ints are accepted."""
+
     def parse(v):
         lo_s = "(" if lo_open else "["
         hi_s = ")" if hi_open else "]"
@@ -52,6 +57,7 @@ def number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_o
         if hi is not None and (v > hi or (hi_open and v == hi)):
             raise Invalid(allowed)
         return float(v)
+
     return parse
 
 
@@ -72,6 +78,7 @@ def choice(*options: str) -> Callable[[Any], str]:
         if isinstance(v, bool) or v not in options:
             raise Invalid("expected one of " + ", ".join(repr(o) for o in options))
         return v
+
     return parse
 
 
@@ -136,9 +143,15 @@ class DatasetConfig:
     """One `[[datasets]]` entry."""
 
     dataset_path: str = key(help="glob of .txt (one document per file), .json, .jsonl or .parquet files")
-    control_class: int = key(1, choice(1, -1, 0), help="+1 enhance, -1 suppress, 0 neutral (each document randomly +1/-1, seeded)")
+    control_class: int = key(
+        1, choice(1, -1, 0), help="+1 enhance, -1 suppress, 0 neutral (each document randomly +1/-1, seeded)"
+    )
     document_suffix: str | tuple[int, ...] | None = key(
-        None, token_spec, help="appended to each document: default EOS if the tokenizer did not add one; '' nothing; a string to tokenize; token id(s)")
+        None,
+        token_spec,
+        help="appended to each document: default EOS if the tokenizer did not add one; '' nothing; "
+        "a string to tokenize; token id(s)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,10 +168,15 @@ class Config:
     beta1: float = key(0.9, number(0, 1, hi_open=True), help="Adam beta1")
     beta2: float = key(0.99, number(0, 1, hi_open=True), help="Adam beta2")
     eps: float = key(1e-6, number(0, lo_open=True), help="Adam epsilon")
-    warmup: str = key("rms_ratio", choice("rms_ratio", "linear", "none"),
-                      help="cap: 'rms_ratio' lr*sqrt((1-b2^t)/(1+b2^t)) as the reference; 'linear' over warmup_fraction; 'none'")
+    warmup: str = key(
+        "rms_ratio",
+        choice("rms_ratio", "linear", "none"),
+        help="cap: 'rms_ratio' lr*sqrt((1-b2^t)/(1+b2^t)) as the reference; 'linear' over warmup_fraction; 'none'",
+    )
     warmup_fraction: float = key(0.0, number(0, 1, hi_open=True), help="cap: fraction of steps for linear warmup")
-    lr_scheduler: str = key("constant", choice("constant", "cosine"), help="cap: after warmup, constant or cosine decay to min_lr")
+    lr_scheduler: str = key(
+        "constant", choice("constant", "cosine"), help="cap: after warmup, constant or cosine decay to min_lr"
+    )
     min_lr: float = key(0.0, number(0), help="cap: floor of the cosine decay")
     max_grad_norm: float = key(1.0, number(0), help="cap: gradient clipping norm, 0 = off")
     max_steps: int = key(0, integer(0), help="cap: stop after this many optimizer steps, 0 = no limit")
@@ -166,16 +184,33 @@ class Config:
     # batching and parallelism
     sequence_len: int = key(parse=integer(2), help="tokens per packed sequence")
     micro_batch_size: int = key(1, integer(1), help="cap: sequences per micro batch")
-    gradient_accumulation_steps: int = key(1, integer(1), help="micro batches per optimizer step (per data-parallel rank)")
-    eval_gradient_accumulation_steps: int | None = key(None, integer(1), help="micro batches per eval batch (default: gradient_accumulation_steps)")
+    gradient_accumulation_steps: int = key(
+        1, integer(1), help="micro batches per optimizer step (per data-parallel rank)"
+    )
+    eval_gradient_accumulation_steps: int | None = key(
+        None, integer(1), help="micro batches per eval batch (default: gradient_accumulation_steps)"
+    )
     pipeline_stages: int = key(1, integer(1), help="pipeline stages; must divide the world size")
-    use_column_major_topology: bool = key(False, boolean, help="place data-parallel peers on the same node (hidden states over NVLink, adapter grads over the network)")
+    use_column_major_topology: bool = key(
+        False,
+        boolean,
+        help="one replica's pipeline stages on neighbouring ranks, one node "
+        "(hidden states over NVLink, adapter grads over the network)",
+    )
     activation_checkpointing: bool = key(True, boolean, help="cap: recompute each decoder layer in backward")
-    model_dtype: str = key("bfloat16", choice("bfloat16", "float32"), help="cap: dtype of the (non-quantized) base weights")
+    model_dtype: str = key(
+        "bfloat16", choice("bfloat16", "float32"), help="cap: dtype of the (non-quantized) base weights"
+    )
     # adapters
     use_control_adapters: bool = key(False, boolean, help="train Control Adapters (else LoRA, or full fine-tune)")
-    control_adapter_type: str = key("full", choice("full", "symmetrise", "antisymmetrise", "spectral"), help="structure of W'")
-    control_adapter_target: str = key("block", choice("block", "writers"), help="cap: apply to the whole block delta, or to each residual writer (exactly exportable)")
+    control_adapter_type: str = key(
+        "full", choice("full", "symmetrise", "antisymmetrise", "spectral"), help="structure of W'"
+    )
+    control_adapter_target: str = key(
+        "block",
+        choice("block", "writers"),
+        help="cap: apply to the whole block delta, or to each residual writer (exactly exportable)",
+    )
     lora_rank: int | None = key(None, integer(1), help="adapter rank r (required for adapters)")
     lora_alpha: float | None = key(None, number(0, lo_open=True), help="scale = alpha / r (default sqrt(r), rsLoRA)")
     lora_dropout: float = key(0.0, number(0, 1, hi_open=True), help="dropout on the adapter input")
@@ -183,12 +218,18 @@ class Config:
     lora_weight_decay_type: str = key("nuclear", choice("nuclear", "l2", "l1"), help="regularizer of W")
     lora_max_norm: float = key(0.0, number(0), help="max Frobenius norm of W, 0 = off")
     lora_weight_dtype: str = key("float32", choice("float32", "bfloat16"), help="adapter parameter dtype")
-    target_modules: tuple[str, ...] | None = key(None, module_names, help="LoRA target modules (default: all linear layers); not with control adapters")
-    layers_to_transform: tuple[int, ...] | None = key(None, layer_range, help="'a:b' inclusive or a list (default: all layers)")
+    target_modules: tuple[str, ...] | None = key(
+        None, module_names, help="LoRA target modules (default: all linear layers); not with control adapters"
+    )
+    layers_to_transform: tuple[int, ...] | None = key(
+        None, layer_range, help="'a:b' inclusive or a list (default: all layers)"
+    )
     load_in_4bit: bool = key(False, boolean, help="quantize the base to 4-bit nf4 (QLoRA)")
     full_fine_tune: bool = key(False, boolean, help="train all weights in bf16")
     # checkpoints and eval
-    checkpoint_interval_hours: float = key(1.0, number(0, lo_open=True), help="hours between checkpoints (fractions allowed)")
+    checkpoint_interval_hours: float = key(
+        1.0, number(0, lo_open=True), help="hours between checkpoints (fractions allowed)"
+    )
     max_checkpoints: int = key(3, integer(1), help="checkpoints kept")
     eval_fraction: float = key(0.01, number(0, 1, hi_open=True), help="fraction of documents held out for eval")
     evals_per_run: int = key(11, integer(0), help="evals per run, including one before training and one at the end")
@@ -196,8 +237,12 @@ class Config:
     max_sequences: int | None = key(None, integer(1), help="cap on the number of sequences (default unlimited)")
     drop_tails: bool = key(False, boolean, help="drop the partial sequence at each document's end")
     mix_datasets: bool = key(False, boolean, help="let one sequence hold tokens of several datasets")
-    sequence_prefix: str | tuple[int, ...] | None = key(None, token_spec, help="tokens starting each sequence (default BOS if any)")
-    mask_tokens: bool | tuple[int, ...] = key(False, mask_spec, help="tokens given class 0 / label -100: true = all special tokens, or ids")
+    sequence_prefix: str | tuple[int, ...] | None = key(
+        None, token_spec, help="tokens starting each sequence (default BOS if any)"
+    )
+    mask_tokens: bool | tuple[int, ...] = key(
+        False, mask_spec, help="tokens given class 0 / label -100: true = all special tokens, or ids"
+    )
     add_prefix_space: bool = key(False, boolean, help="tokenizer add_prefix_space (also --add-prefix-space)")
     datasets: tuple[DatasetConfig, ...] = key(help="[[datasets]] tables")
     source: Path = dataclasses.field(default=Path("config.toml"), metadata={"internal": True})
@@ -228,12 +273,15 @@ class Config:
     def check_world_size(self, world_size: int) -> int:
         """Data-parallel degree = world / pipeline_stages; the stages must divide the world."""
         if world_size % self.pipeline_stages:
-            raise CapError(f"{self.source}: pipeline_stages = {self.pipeline_stages} must divide the world size "
-                           f"({world_size} processes)")
+            raise CapError(
+                f"{self.source}: pipeline_stages = {self.pipeline_stages} must divide the world size "
+                f"({world_size} processes)"
+            )
         return world_size // self.pipeline_stages
 
     def to_dict(self) -> dict:
         """Plain, JSON-able dict of every key (paths as strings)."""
+
         def plain(v):
             if isinstance(v, Path):
                 return str(v)
@@ -242,8 +290,10 @@ class Config:
             if dataclasses.is_dataclass(v):
                 return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
             return v
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not f.metadata.get("internal")}
+
+        return {
+            f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("internal")
+        }
 
 
 # ---------------------------------------------------------------- loading
@@ -285,6 +335,7 @@ def _model_layers(model_dir: Path, where: str) -> int | None:
 
 def _check_modes(c: Config, where: str, present: set[str]) -> None:
     """Checks that involve more than one key."""
+
     def err(msg):
         raise CapError(f"{where}: {msg}")
 
@@ -297,8 +348,10 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
     if not c.full_fine_tune and c.lora_rank is None:
         err(f"missing required key 'lora_rank' (needed for {c.mode} training)")
     if c.lora_weight_decay > 0 and c.lora_weight_dtype != "float32":
-        err(f"lora_weight_decay = {c.lora_weight_decay} needs lora_weight_dtype = 'float32' "
-            f"(got '{c.lora_weight_dtype}': bf16 cancels the decay)")
+        err(
+            f"lora_weight_decay = {c.lora_weight_decay} needs lora_weight_dtype = 'float32' "
+            f"(got '{c.lora_weight_dtype}': bf16 cancels the decay)"
+        )
     if c.full_fine_tune and (c.lora_weight_decay > 0 or c.lora_max_norm > 0):
         err("lora_weight_decay / lora_max_norm are not supported with full_fine_tune")
     if not c.use_control_adapters:
@@ -307,7 +360,10 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
                 err(f"{name} needs use_control_adapters = true")
         for i, d in enumerate(c.datasets):
             if d.control_class != 1:
-                err(f"datasets[{i}].control_class = {d.control_class}: classes -1 and 0 need use_control_adapters = true")
+                err(
+                    f"datasets[{i}].control_class = {d.control_class}: "
+                    "classes -1 and 0 need use_control_adapters = true"
+                )
     if c.warmup == "linear" and c.warmup_fraction == 0:
         err("warmup = 'linear' needs warmup_fraction > 0")
     if c.warmup != "linear" and c.warmup_fraction > 0:
@@ -356,17 +412,23 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     if not model_dir.is_dir():
         raise CapError(f"{where}: model_dir = '{raw['model_dir']}': folder not found ({model_dir})")
     if not (model_dir / "config.json").is_file():
-        raise CapError(f"{where}: model_dir = '{raw['model_dir']}': no config.json in {model_dir} "
-                       "(expected a Hugging Face model folder)")
+        raise CapError(
+            f"{where}: model_dir = '{raw['model_dir']}': no config.json in {model_dir} "
+            "(expected a Hugging Face model folder)"
+        )
     cfg = Config(**values, source=path)
     _check_modes(cfg, where, set(raw))
     n_layers = _model_layers(model_dir, where)
     if n_layers is not None:
         if cfg.layers_to_transform and cfg.layers_to_transform[-1] >= n_layers:
-            raise CapError(f"{where}: layers_to_transform = {raw['layers_to_transform']!r}: layer "
-                           f"{cfg.layers_to_transform[-1]} does not exist (the model has layers 0:{n_layers - 1})")
+            raise CapError(
+                f"{where}: layers_to_transform = {raw['layers_to_transform']!r}: layer "
+                f"{cfg.layers_to_transform[-1]} does not exist (the model has layers 0:{n_layers - 1})"
+            )
         if cfg.pipeline_stages > n_layers:
-            raise CapError(f"{where}: pipeline_stages = {cfg.pipeline_stages}: more stages than the model's {n_layers} layers")
+            raise CapError(
+                f"{where}: pipeline_stages = {cfg.pipeline_stages}: more stages than the model's {n_layers} layers"
+            )
     return cfg
 
 

@@ -5,6 +5,7 @@ Temporary names: `temp_name(name)` = `.{name}.tmp-{host}-{pid}-{nonce}`. A tempo
 whose host is this machine and whose pid is not running was left by a killed process;
 `remove_stale_temps(folder, name)` deletes those (and nothing a live process may still be writing).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +72,7 @@ def user_os_errors(path, doing: str = "cannot write") -> Iterator[None]:
         yield
     except OSError as e:
         where = e.filename if e.filename is not None else path
-        if e.filename2 is not None:      # copy / rename: name both ends
+        if e.filename2 is not None:  # copy / rename: name both ends
             where = f"{e.filename} → {e.filename2}"
         raise CapError(f"{where}: {doing} ({e.strerror or e})") from None
 

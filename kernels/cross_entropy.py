@@ -17,7 +17,10 @@ vocab tiles of BLOCK) and a torch path chunked over rows, so at most chunk × V 
 `impl="auto"` takes Triton for CUDA tensors when triton imports, torch otherwise; the env var
 CAP_LOSS_IMPL=triton|torch overrides "auto". When triton is imported with TRITON_INTERPRET=1 (set
 it before the first import of triton), impl="triton" runs the kernel on CPU tensors (the tests).
+Over 300 lines: the two implementations and their autograd function are kept side by side so
+their numerics can be read against each other.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +40,19 @@ MAX_BLOCK = 4096
 if tl is not None:
 
     @triton.jit
-    def _ce_forward_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, n_cols, ignore_index,
-                           scale, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    def _ce_forward_kernel(
+        x_ptr,
+        x_stride,
+        labels_ptr,
+        loss_ptr,
+        lse_ptr,
+        n_cols,
+        ignore_index,
+        scale,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One row: lse and ℓ = lse − z_y (0 for ignored rows), online over vocab tiles."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_stride
@@ -69,9 +83,22 @@ if tl is not None:
         tl.store(lse_ptr + row, lse)
 
     @triton.jit
-    def _ce_grad_kernel(x_ptr, x_stride, g_ptr, g_stride, labels_ptr, lse_ptr, gscale_ptr,
-                        gscale_stride, n_cols, ignore_index, scale, softcap,
-                        HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    def _ce_grad_kernel(
+        x_ptr,
+        x_stride,
+        g_ptr,
+        g_stride,
+        labels_ptr,
+        lse_ptr,
+        gscale_ptr,
+        gscale_stride,
+        n_cols,
+        ignore_index,
+        scale,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One row: dx = (softmax(z) − onehot(y))·dz/dx·gscale; g_ptr may alias x_ptr."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_stride
@@ -104,7 +131,7 @@ def _interpreting() -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto" | "triton" | "torch" → "triton" | "torch" for tensors on `device`."""
+    """ "auto" | "triton" | "torch" → "triton" | "torch" for tensors on `device`."""
     if impl == "auto":
         impl = os.environ.get("CAP_LOSS_IMPL", "auto") or "auto"
         if impl == "auto":
@@ -148,8 +175,9 @@ def _torch_transform(x: torch.Tensor, scale: float, softcap: float | None, need_
     return z, dz.mul_(scale) if scale != 1.0 else dz
 
 
-def ce_rows_forward(x, labels, *, scale=1.0, softcap=None, ignore_index=-100, impl="torch",
-                    block_size=None, chunk_rows=None):
+def ce_rows_forward(
+    x, labels, *, scale=1.0, softcap=None, ignore_index=-100, impl="torch", block_size=None, chunk_rows=None
+):
     """x [N,V] (row stride arbitrary, unit column stride), labels [N] → (ℓ [N], lse [N]) in fp32."""
     n, v = x.shape
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -157,47 +185,81 @@ def ce_rows_forward(x, labels, *, scale=1.0, softcap=None, ignore_index=-100, im
     if n == 0:
         return loss, lse
     if impl == "triton":
-        _ce_forward_kernel[(n,)](x, x.stride(0), labels, loss, lse, v, ignore_index, float(scale),
-                                 float(softcap or 1.0), **_meta(v, block_size, softcap))
+        _ce_forward_kernel[(n,)](
+            x,
+            x.stride(0),
+            labels,
+            loss,
+            lse,
+            v,
+            ignore_index,
+            float(scale),
+            float(softcap or 1.0),
+            **_meta(v, block_size, softcap),
+        )
         return loss, lse
     rows = chunk_rows or default_chunk_rows(v)
     for i in range(0, n, rows):
-        y = labels[i:i + rows]
-        z, _ = _torch_transform(x[i:i + rows], scale, softcap, need_dz=False)
+        y = labels[i : i + rows]
+        z, _ = _torch_transform(x[i : i + rows], scale, softcap, need_dz=False)
         valid = y != ignore_index
         lse_c = torch.logsumexp(z, dim=-1)
         z_y = z.gather(1, torch.where(valid, y, 0).long()[:, None])[:, 0]
-        loss[i:i + rows] = torch.where(valid, lse_c - z_y, 0.0)
-        lse[i:i + rows] = lse_c
+        loss[i : i + rows] = torch.where(valid, lse_c - z_y, 0.0)
+        lse[i : i + rows] = lse_c
     return loss, lse
 
 
-def ce_rows_backward(x, labels, lse, gscale, out, *, scale=1.0, softcap=None, ignore_index=-100,
-                     impl="torch", block_size=None, chunk_rows=None):
+def ce_rows_backward(
+    x,
+    labels,
+    lse,
+    gscale,
+    out,
+    *,
+    scale=1.0,
+    softcap=None,
+    ignore_index=-100,
+    impl="torch",
+    block_size=None,
+    chunk_rows=None,
+):
     """out [N,V] ← (softmax(z) − onehot(y))·dz/dx·gscale; gscale fp32 [1] or [N]; out may be x."""
     n, v = x.shape
     if n == 0:
         return out
     gscale = gscale.float().contiguous()
     if impl == "triton":
-        _ce_grad_kernel[(n,)](x, x.stride(0), out, out.stride(0), labels, lse, gscale,
-                              0 if gscale.numel() == 1 else 1, v, ignore_index, float(scale),
-                              float(softcap or 1.0), **_meta(v, block_size, softcap))
+        _ce_grad_kernel[(n,)](
+            x,
+            x.stride(0),
+            out,
+            out.stride(0),
+            labels,
+            lse,
+            gscale,
+            0 if gscale.numel() == 1 else 1,
+            v,
+            ignore_index,
+            float(scale),
+            float(softcap or 1.0),
+            **_meta(v, block_size, softcap),
+        )
         return out
     rows = chunk_rows or default_chunk_rows(v)
     for i in range(0, n, rows):
-        y = labels[i:i + rows]
-        z, dz = _torch_transform(x[i:i + rows], scale, softcap)
+        y = labels[i : i + rows]
+        z, dz = _torch_transform(x[i : i + rows], scale, softcap)
         valid = y != ignore_index
-        p = torch.sub(z, lse[i:i + rows, None]).exp_()
+        p = torch.sub(z, lse[i : i + rows, None]).exp_()
         p.scatter_add_(1, torch.where(valid, y, 0).long()[:, None], -valid[:, None].float())
-        gs = (gscale if gscale.numel() == 1 else gscale[i:i + rows])[:, None]
+        gs = (gscale if gscale.numel() == 1 else gscale[i : i + rows])[:, None]
         if isinstance(dz, torch.Tensor):
             p.mul_(dz)
         else:
             gs = gs * dz
         p.mul_(gs).masked_fill_(~valid[:, None], 0.0)
-        out[i:i + rows].copy_(p)
+        out[i : i + rows].copy_(p)
     return out
 
 
@@ -205,10 +267,17 @@ class _CrossEntropy(torch.autograd.Function):
     """logits [N,V], labels [N] → reduced loss; backward recomputes softmax from saved lse [N]."""
 
     @staticmethod
-    def forward(ctx, logits, labels, scale, softcap, ignore_index, reduction, impl,
-                inplace_backward, block_size, chunk_rows):
-        opts = dict(scale=scale, softcap=softcap, ignore_index=ignore_index, impl=impl,
-                    block_size=block_size, chunk_rows=chunk_rows)
+    def forward(
+        ctx, logits, labels, scale, softcap, ignore_index, reduction, impl, inplace_backward, block_size, chunk_rows
+    ):
+        opts = dict(
+            scale=scale,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            impl=impl,
+            block_size=block_size,
+            chunk_rows=chunk_rows,
+        )
         loss, lse = ce_rows_forward(logits, labels, **opts)
         n_valid = (labels != ignore_index).sum()
         ctx.save_for_backward(logits, labels, lse, n_valid)
@@ -230,10 +299,19 @@ class _CrossEntropy(torch.autograd.Function):
         return out, None, None, None, None, None, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, logit_scale: float = 1.0,
-                  softcap: float | None = None, ignore_index: int = -100, reduction: str = "mean",
-                  impl: str = "auto", inplace_backward: bool = False, block_size: int | None = None,
-                  chunk_size: int | None = None) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+    inplace_backward: bool = False,
+    block_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Cross entropy of logits [..., V] against labels [...] (already shifted), computed in fp32.
 
     reduction "mean" → scalar Σℓ/max(n_valid,1); "sum" → scalar Σℓ; "none" → ℓ shaped like labels.
@@ -252,8 +330,18 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, logit_scale: fl
     y = labels.reshape(-1)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
-    loss = _CrossEntropy.apply(x, y.contiguous(), float(logit_scale), softcap, ignore_index,
-                               reduction, impl, inplace_backward, block_size, chunk_size)
+    loss = _CrossEntropy.apply(
+        x,
+        y.contiguous(),
+        float(logit_scale),
+        softcap,
+        ignore_index,
+        reduction,
+        impl,
+        inplace_backward,
+        block_size,
+        chunk_size,
+    )
     return loss.view(labels.shape) if reduction == "none" else loss
 
 

@@ -14,12 +14,12 @@ Peak extra memory: one [C, V] chunk (plus fp32 temporaries of that size on the t
 ∂L/∂h and, for a trainable head, ∂L/∂W — accumulated in W's dtype (fp32 matmul accumulation within
 a chunk, rounded to W's dtype between chunks) to avoid a second [V, H] buffer.
 """
+
 from __future__ import annotations
 
 import torch
 
-from cap_kernels.cross_entropy import (ce_rows_backward, ce_rows_forward, default_chunk_rows,
-                                   resolve_impl)
+from cap_kernels.cross_entropy import ce_rows_backward, ce_rows_forward, default_chunk_rows, resolve_impl
 
 
 def _matmul_operand(weight: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,7 @@ class _FusedLinearCE(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward scales them by g."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, softcap, ignore_index, reduction, chunk_rows,
-                impl, need_h, need_w):
+    def forward(ctx, hidden, weight, labels, scale, softcap, ignore_index, reduction, chunk_rows, impl, need_h, need_w):
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1).contiguous()
         n = h.shape[0]
@@ -49,16 +48,16 @@ class _FusedLinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         w = _matmul_operand(weight)
         for i in range(0, n, chunk_rows):
-            h_c, y_c = h[i:i + chunk_rows].to(w.dtype), y[i:i + chunk_rows]
+            h_c, y_c = h[i : i + chunk_rows].to(w.dtype), y[i : i + chunk_rows]
             logits = h_c @ w.T
             loss, lse = ce_rows_forward(logits, y_c, chunk_rows=chunk_rows, **opts)
             total += loss.sum()
             if need_h or need_w:  # from here on `logits` holds ∂L/∂X_c
                 ce_rows_backward(logits, y_c, lse, gscale, logits, chunk_rows=chunk_rows, **opts)
                 if need_h and grad_h.dtype == w.dtype:
-                    torch.mm(logits, w, out=grad_h[i:i + chunk_rows])
+                    torch.mm(logits, w, out=grad_h[i : i + chunk_rows])
                 elif need_h:
-                    grad_h[i:i + chunk_rows] = logits @ w
+                    grad_h[i : i + chunk_rows] = logits @ w
                 if need_w:
                     if w is weight:
                         grad_w.addmm_(logits.T, h_c)
@@ -80,10 +79,18 @@ class _FusedLinearCE(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               logit_scale: float = 1.0, softcap: float | None = None,
-                               ignore_index: int = -100, reduction: str = "mean",
-                               chunk_size: int | None = None, impl: str = "auto") -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """CE(softcap(s·h·Wᵀ), y) as a scalar; hidden [..., H], weight [V, H], labels [...].
 
     reduction "mean" (Σℓ/max(n_valid,1), 0 when all ignored) or "sum". chunk_size = rows per
@@ -95,11 +102,23 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, not {softcap}")
     if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, weight "
-                         f"{tuple(weight.shape)}, labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"shapes do not match: hidden {tuple(hidden.shape)}, weight "
+            f"{tuple(weight.shape)}, labels {tuple(labels.shape)}"
+        )
     impl = resolve_impl(impl, hidden.device)
     rows = chunk_size or default_chunk_rows(weight.shape[0])
     grad_on = torch.is_grad_enabled()
-    return _FusedLinearCE.apply(hidden, weight, labels, float(logit_scale), softcap, ignore_index,
-                                reduction, rows, impl, grad_on and hidden.requires_grad,
-                                grad_on and weight.requires_grad)
+    return _FusedLinearCE.apply(
+        hidden,
+        weight,
+        labels,
+        float(logit_scale),
+        softcap,
+        ignore_index,
+        reduction,
+        rows,
+        impl,
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+    )

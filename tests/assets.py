@@ -4,6 +4,7 @@ Nothing is downloaded. `tiny_model(family, folder)` writes a Hugging Face model 
 (config.json, model.safetensors, tokenizer files) with random weights; the pytest fixtures in
 conftest.py build each once per test session.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,26 +21,41 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "cohere", "cohere2"
 _FAMILY_CONFIG = {
     "llama": (transformers.LlamaConfig, {}),
     "mistral": (transformers.MistralConfig, {"sliding_window": 8}),
-    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2,
-                                              "sliding_window": None}),
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "qwen2": (transformers.Qwen2Config, {}),
     "qwen3": (transformers.Qwen3Config, {"head_dim": 16}),
     "cohere": (transformers.CohereConfig, {"logit_scale": 0.5, "tie_word_embeddings": True}),
-    "cohere2": (transformers.Cohere2Config, {"logit_scale": 0.5, "sliding_window": 8, "tie_word_embeddings": True,
-                                              "layer_types": ["sliding_attention", "sliding_attention",
-                                                              "sliding_attention", "full_attention"]}),
-    "gemma2": (transformers.Gemma2Config, {"head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 30.0,
-                                            "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16,
-                                            "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "cohere2": (
+        transformers.Cohere2Config,
+        {
+            "logit_scale": 0.5,
+            "sliding_window": 8,
+            "tie_word_embeddings": True,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        },
+    ),
+    "gemma2": (
+        transformers.Gemma2Config,
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+            "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+        },
+    ),
 }
 
 
 def sample_text(n_lines: int = 400, seed: int = 0) -> list[str]:
     """Deterministic English-like lines, for training the tokenizer and for test datasets."""
     g = torch.Generator().manual_seed(seed)
-    words = ("the a control adapter model token layer learns style tone of and to in is with "
-             "quick brown fox jumps over lazy dog sea wind light river stone bright dark "
-             "small large red blue green yellow always never maybe because then while").split()
+    words = (
+        "the a control adapter model token layer learns style tone of and to in is with "
+        "quick brown fox jumps over lazy dog sea wind light river stone bright dark "
+        "small large red blue green yellow always never maybe because then while"
+    ).split()
     lines = []
     for _ in range(n_lines):
         n = int(torch.randint(3, 16, (1,), generator=g))
@@ -56,11 +72,17 @@ def tiny_tokenizer(folder: Path | None = None) -> transformers.PreTrainedTokeniz
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(sample_text(2000, seed=1), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
-    tok.post_processor = TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    tok.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     if folder is not None:
         fast.save_pretrained(folder)
@@ -68,10 +90,19 @@ def tiny_tokenizer(folder: Path | None = None) -> transformers.PreTrainedTokeniz
 
 
 def _common_config(tokenizer) -> dict:
-    return dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_config(family: str, tokenizer, **overrides) -> transformers.PretrainedConfig:

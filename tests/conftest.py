@@ -1,4 +1,5 @@
 """Session-wide fixtures: the tiny tokenizer and tiny models, each built once per test session."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

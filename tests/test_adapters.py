@@ -1,5 +1,6 @@
 """common/adapters: every number checked against an independent reference (float64 dense math,
 PEFT's LoraLinear, a float64 full SVD)."""
+
 import copy
 import json
 import math
@@ -12,8 +13,13 @@ from safetensors.torch import save_file
 
 from cap_common.adapters import factors
 from cap_common.adapters.control import ControlAdapter
-from cap_common.adapters.io import (adapter_config_for, control_state_by_layer, control_tensors, load_adapter,
-                                save_adapter)
+from cap_common.adapters.io import (
+    adapter_config_for,
+    control_state_by_layer,
+    control_tensors,
+    load_adapter,
+    save_adapter,
+)
 from cap_common.adapters.lora import LoraLinear, inject_lora
 from cap_common.adapters.regularize import regularize_model_, regularize_pair_, regularize_spectral_
 from cap_common.config import Config
@@ -100,7 +106,7 @@ def test_control_forward_matches_dense_reference(adapter_type):
     torch.testing.assert_close(out.double(), reference_forward(adapter, h, delta, CLASSES), atol=2e-5, rtol=1e-5)
     zero = CLASSES == 0
     assert torch.equal(adapter(delta, CLASSES)[zero], delta[zero])  # class 0: bitwise untouched
-    assert not torch.allclose(out[~zero], (h + delta)[~zero])       # the others really changed
+    assert not torch.allclose(out[~zero], (h + delta)[~zero])  # the others really changed
 
 
 @pytest.mark.parametrize("adapter_type", TYPES)
@@ -121,8 +127,12 @@ def test_control_dropout_only_in_training(adapter_type):
     torch.manual_seed(1)
     delta = torch.randn(2, 6, H)
     adapter.eval()
-    torch.testing.assert_close(adapter(delta, CLASSES).double(),
-                               reference_forward(adapter, torch.zeros_like(delta), delta, CLASSES), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        adapter(delta, CLASSES).double(),
+        reference_forward(adapter, torch.zeros_like(delta), delta, CLASSES),
+        atol=2e-5,
+        rtol=1e-5,
+    )
     adapter.train()
     torch.manual_seed(7)
     out = adapter(delta, CLASSES)
@@ -137,8 +147,8 @@ def test_control_dropout_only_in_training(adapter_type):
 def test_spectral_minus_is_exact_inverse():
     adapter = random_adapter("spectral")  # raw Q not orthonormal: the forward uses orth(Q)
     v = torch.randn(3, 1, H)
-    plus = adapter(v, torch.ones(3, 1, dtype=torch.long))       # (I + W'₊)·v
-    back = adapter(plus, -torch.ones(3, 1, dtype=torch.long))   # (I + W'₋)·(I + W'₊)·v
+    plus = adapter(v, torch.ones(3, 1, dtype=torch.long))  # (I + W'₊)·v
+    back = adapter(plus, -torch.ones(3, 1, dtype=torch.long))  # (I + W'₋)·(I + W'₊)·v
     assert (plus - v).abs().max() > 0.1
     torch.testing.assert_close(back, v, atol=1e-5, rtol=0)
     eye = torch.eye(H, dtype=torch.float64)
@@ -231,7 +241,7 @@ def pair(seed=0, zero_b=False):
 
 
 def reference_decay(A, B, kind, lr=LR, lam=DECAY, s=S):
-    """The closed-form step of DESIGN 3.3 from dense float64 W."""
+    """The closed-form step (docs/math.md, section 7) from dense float64 W."""
     A, B = A.double(), B.double()
     W = s * B @ A
     if kind == "nuclear":
@@ -299,23 +309,29 @@ def test_regularize_spectral(kind):
     Sv = S0.float().clone()
     stats = regularize_spectral_(Sv, LR, DECAY, kind, max_norm=1.2)
     step = LR * DECAY
-    ref = {"nuclear": torch.sign(S0) * torch.clamp(S0.abs() - step, min=0),
-           "l2": S0 * (1 - step),
-           "l1": S0 * max(0.0, 1 - step / float(S0.norm()))}[kind]
+    ref = {
+        "nuclear": torch.sign(S0) * torch.clamp(S0.abs() - step, min=0),
+        "l2": S0 * (1 - step),
+        "l1": S0 * max(0.0, 1 - step / float(S0.norm())),
+    }[kind]
     if ref.norm() > 1.2:
         ref = ref * 1.2 / ref.norm()
     torch.testing.assert_close(Sv.double(), ref, atol=1e-6, rtol=1e-6)
     assert float(stats["norm"]) == pytest.approx(float(torch.expm1(ref).norm()), rel=1e-5)
-    assert float(stats["removed"]) == pytest.approx(float((torch.expm1(S0.float().double()) - torch.expm1(ref)).norm()), rel=1e-5)
+    assert float(stats["removed"]) == pytest.approx(
+        float((torch.expm1(S0.float().double()) - torch.expm1(ref)).norm()), rel=1e-5
+    )
 
 
 def test_regularize_model_walks_every_adapter():
     torch.manual_seed(0)
-    model = torch.nn.ModuleDict({
-        "control": random_adapter("full"),
-        "spectral": random_adapter("spectral"),
-        "proj": LoraLinear(torch.nn.Linear(12, 10), R, ALPHA),
-    })
+    model = torch.nn.ModuleDict(
+        {
+            "control": random_adapter("full"),
+            "spectral": random_adapter("spectral"),
+            "proj": LoraLinear(torch.nn.Linear(12, 10), R, ALPHA),
+        }
+    )
     with torch.no_grad():
         model["proj"].lora_B.weight.normal_()
     before = copy.deepcopy(model)
@@ -338,19 +354,29 @@ def test_regularize_model_walks_every_adapter():
 # ---------------------------------------------------------------- LoRA vs PEFT
 def tiny_llama(dtype=torch.float32):
     import transformers
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
 def peft_and_ours(dtype, targets=("q_proj", "v_proj", "down_proj")):
     """The same tiny Llama with PEFT's LoRA and with ours, holding identical random adapter weights."""
     import peft
+
     base = tiny_llama(dtype)
     ours = copy.deepcopy(base)
-    theirs = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                       target_modules=list(targets)))
+    theirs = peft.get_peft_model(
+        base, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets))
+    )
     names = inject_lora(ours, list(targets), R, ALPHA, 0.0, torch.float32)
     assert len(names) == len(targets) * 2
     mine = dict(ours.named_parameters())
@@ -425,10 +451,18 @@ def test_lora_norms():
 
 def test_lora_folder_loads_in_peft(tmp_path):
     import peft
+
     theirs, ours, names = peft_and_ours(torch.float32)
     tensors = {f"base_model.model.{n}": p for n, p in ours.named_parameters() if "lora_" in n}
-    cfg = Config(model_dir=Path("/base"), output_dir=tmp_path, lr=1e-4, sequence_len=16, datasets=(),
-                 lora_rank=R, lora_alpha=ALPHA)
+    cfg = Config(
+        model_dir=Path("/base"),
+        output_dir=tmp_path,
+        lr=1e-4,
+        sequence_len=16,
+        datasets=(),
+        lora_rank=R,
+        lora_alpha=ALPHA,
+    )
     save_adapter(tmp_path / "epoch1", tensors, adapter_config_for(cfg, [0, 1], "/base", names))
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "epoch1").eval()
     ids = torch.randint(0, 128, (2, 7))
@@ -438,8 +472,17 @@ def test_lora_folder_loads_in_peft(tmp_path):
 
 # ---------------------------------------------------------------- io
 def control_cfg(tmp_path, adapter_type="full", **kw):
-    return Config(model_dir=Path("/base"), output_dir=tmp_path, lr=1e-4, sequence_len=16, datasets=(),
-                  use_control_adapters=True, lora_rank=R, control_adapter_type=adapter_type, **kw)
+    return Config(
+        model_dir=Path("/base"),
+        output_dir=tmp_path,
+        lr=1e-4,
+        sequence_len=16,
+        datasets=(),
+        use_control_adapters=True,
+        lora_rank=R,
+        control_adapter_type=adapter_type,
+        **kw,
+    )
 
 
 def test_adapter_config_for(tmp_path):
@@ -449,8 +492,16 @@ def test_adapter_config_for(tmp_path):
     assert config["target_modules"] == [] and config["layers_to_transform"] == [1, 3]
     assert config["base_model_name_or_path"] == "/m"
     assert config["control_adapter_type"] == "spectral" and config["control_adapter_target"] == "writers"
-    lora = Config(model_dir=Path("/base"), output_dir=tmp_path, lr=1e-4, sequence_len=16, datasets=(), lora_rank=8,
-                  lora_alpha=16.0, target_modules=("v_proj", "q_proj"))
+    lora = Config(
+        model_dir=Path("/base"),
+        output_dir=tmp_path,
+        lr=1e-4,
+        sequence_len=16,
+        datasets=(),
+        lora_rank=8,
+        lora_alpha=16.0,
+        target_modules=("v_proj", "q_proj"),
+    )
     config = adapter_config_for(lora, [0], "/m")
     assert config["target_modules"] == ["q_proj", "v_proj"] and config["lora_alpha"] == 16.0
     assert "control_adapter_type" not in config
@@ -460,7 +511,7 @@ def test_adapter_config_for(tmp_path):
 def test_save_load_round_trip(tmp_path, adapter_type):
     states = {i: random_adapter(adapter_type, seed=i).state() for i in (0, 2)}
     tensors = control_tensors(states)
-    expected_keys = ({"control_A.weight", "control_B.weight"} if adapter_type == "full" else {"control_Q", "control_S"})
+    expected_keys = {"control_A.weight", "control_B.weight"} if adapter_type == "full" else {"control_Q", "control_S"}
     assert {k.split(".", 5)[-1] for k in tensors} == expected_keys
     assert all(k.startswith("base_model.model.model.layers.") for k in tensors)
     config = adapter_config_for(control_cfg(tmp_path, adapter_type), [0, 2], "/base")
@@ -470,7 +521,9 @@ def test_save_load_round_trip(tmp_path, adapter_type):
     assert got_config == config
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
     by_layer = control_state_by_layer(got)
-    assert list(by_layer) == [0, 2] and all(torch.equal(by_layer[i][n], states[i][n]) for i in states for n in states[i])
+    assert list(by_layer) == [0, 2] and all(
+        torch.equal(by_layer[i][n], states[i][n]) for i in states for n in states[i]
+    )
     # overwrite in place: new contents, no temp files left behind
     states[0] = random_adapter(adapter_type, seed=5).state()
     save_adapter(folder, control_tensors(states), config)
@@ -483,10 +536,19 @@ def test_save_load_round_trip(tmp_path, adapter_type):
 def test_load_qlora_pipe_lite_folder(tmp_path):
     """Only control_A/control_B keys and a plain PEFT config: means full / block."""
     torch.manual_seed(0)
-    save_file({f"base_model.model.model.layers.{i}.control_{n}.weight": torch.randn(*shape)
-               for i in range(3) for n, shape in (("A", (R, H)), ("B", (H, R)))}, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": R, "lora_alpha": 2.0, "target_modules": [], "layers_to_transform": [0, 1, 2]}))
+    save_file(
+        {
+            f"base_model.model.model.layers.{i}.control_{n}.weight": torch.randn(*shape)
+            for i in range(3)
+            for n, shape in (("A", (R, H)), ("B", (H, R)))
+        },
+        tmp_path / "adapter_model.safetensors",
+    )
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": R, "lora_alpha": 2.0, "target_modules": [], "layers_to_transform": [0, 1, 2]}
+        )
+    )
     tensors, config = load_adapter(tmp_path)
     assert config["control_adapter_type"] == "full" and config["control_adapter_target"] == "block"
     assert list(control_state_by_layer(tensors)) == [0, 1, 2]
@@ -495,8 +557,10 @@ def test_load_qlora_pipe_lite_folder(tmp_path):
 def write_control_folder(folder, config=None, **shapes):
     folder.mkdir(parents=True, exist_ok=True)
     shapes = {"A": (R, H), "B": (H, R), **shapes}
-    save_file({f"base_model.model.model.layers.0.control_{n}.weight": torch.zeros(s) for n, s in shapes.items()},
-              folder / "adapter_model.safetensors")
+    save_file(
+        {f"base_model.model.model.layers.0.control_{n}.weight": torch.zeros(s) for n, s in shapes.items()},
+        folder / "adapter_model.safetensors",
+    )
     (folder / "adapter_config.json").write_text(json.dumps(config or {"peft_type": "LORA", "r": R}))
     return folder
 
@@ -518,7 +582,9 @@ def test_load_errors(tmp_path):
     with pytest.raises(CapError, match=r"adapter_model\.safetensors"):
         load_adapter(folder)
     folder = write_control_folder(tmp_path / "d", B=(H, R + 1))
-    with pytest.raises(CapError, match=r"adapter_model\.safetensors: .*layers\.0\.control_B\.weight has shape \[16, 5\]"):
+    with pytest.raises(
+        CapError, match=r"adapter_model\.safetensors: .*layers\.0\.control_B\.weight has shape \[16, 5\]"
+    ):
         load_adapter(folder)
     folder = write_control_folder(tmp_path / "e", A=(R + 2, H), B=(H, R + 2))  # disagrees with r in the config
     with pytest.raises(CapError, match=r"control_A\.weight has shape \[6, 16\]; expected \[4, 16\]"):

@@ -1,4 +1,5 @@
 """The shared config: the reference README's defaults, and one clear line + exit 2 for each kind of error."""
+
 import math
 import shutil
 import subprocess
@@ -8,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cap_train.cli import main as train_main
 from cap_common.config import Config, load_config, reference_markdown
 from cap_common.errors import CapError
+from cap_train.cli import main as train_main
 
 MINIMAL = """
 model_dir = '{model}'
@@ -37,23 +38,47 @@ def write(tmp_path, tiny_model_dir):
         path = tmp_path / "cfg.toml"
         path.write_text(text)
         return path
+
     return make
 
 
 def test_reference_readme_defaults(write):
     cfg = load_config(write())
     expected = {
-        "epochs": 1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "pipeline_stages": 1,
-        "use_control_adapters": False, "control_adapter_type": "full", "lora_dropout": 0.0,
-        "lora_weight_decay": 0.0, "lora_weight_decay_type": "nuclear", "lora_max_norm": 0.0,
-        "lora_weight_dtype": "float32", "target_modules": None, "layers_to_transform": None,
-        "load_in_4bit": False, "full_fine_tune": False, "use_column_major_topology": False,
-        "checkpoint_interval_hours": 1.0, "max_checkpoints": 3, "eval_fraction": 0.01,
-        "evals_per_run": 11, "max_sequences": None, "drop_tails": False, "mix_datasets": False,
-        "sequence_prefix": None, "mask_tokens": False, "gradient_accumulation_steps": 1,
+        "epochs": 1,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "eps": 1e-6,
+        "pipeline_stages": 1,
+        "use_control_adapters": False,
+        "control_adapter_type": "full",
+        "lora_dropout": 0.0,
+        "lora_weight_decay": 0.0,
+        "lora_weight_decay_type": "nuclear",
+        "lora_max_norm": 0.0,
+        "lora_weight_dtype": "float32",
+        "target_modules": None,
+        "layers_to_transform": None,
+        "load_in_4bit": False,
+        "full_fine_tune": False,
+        "use_column_major_topology": False,
+        "checkpoint_interval_hours": 1.0,
+        "max_checkpoints": 3,
+        "eval_fraction": 0.01,
+        "evals_per_run": 11,
+        "max_sequences": None,
+        "drop_tails": False,
+        "mix_datasets": False,
+        "sequence_prefix": None,
+        "mask_tokens": False,
+        "gradient_accumulation_steps": 1,
         # cap's own
-        "control_adapter_target": "block", "seed": 42, "micro_batch_size": 1,
-        "activation_checkpointing": True, "warmup": "rms_ratio", "lr_scheduler": "constant",
+        "control_adapter_target": "block",
+        "seed": 42,
+        "micro_batch_size": 1,
+        "activation_checkpointing": True,
+        "warmup": "rms_ratio",
+        "lr_scheduler": "constant",
         "max_grad_norm": 1.0,
     }
     got = {k: getattr(cfg, k) for k in expected}
@@ -74,19 +99,25 @@ def test_frozen(write):
         cfg.lr = 1.0
 
 
-@pytest.mark.parametrize("extra, dataset_extra, expected", [
-    ("layers_to_transform = '1:2'", "", {"layers_to_transform": (1, 2)}),
-    ("layers_to_transform = [3, 0, 3]", "", {"layers_to_transform": (0, 3)}),
-    ("sequence_prefix = ''", "", {"sequence_prefix": ""}),
-    ("sequence_prefix = 7", "", {"sequence_prefix": (7,)}),
-    ("mask_tokens = [1, 2]", "", {"mask_tokens": (1, 2)}),
-    ("mask_tokens = true", "", {"mask_tokens": True}),
-    ("use_control_adapters = true\ncontrol_adapter_type = 'spectral'", "control_class = -1",
-     {"mode": "control", "control_adapter_type": "spectral"}),
-    ("load_in_4bit = true", "", {"mode": "qlora"}),
-    ("full_fine_tune = true", "", {"mode": "full"}),
-    ("lora_alpha = 16\neval_gradient_accumulation_steps = 2", "", {"alpha": 16.0, "eval_accumulation": 2}),
-])
+@pytest.mark.parametrize(
+    "extra, dataset_extra, expected",
+    [
+        ("layers_to_transform = '1:2'", "", {"layers_to_transform": (1, 2)}),
+        ("layers_to_transform = [3, 0, 3]", "", {"layers_to_transform": (0, 3)}),
+        ("sequence_prefix = ''", "", {"sequence_prefix": ""}),
+        ("sequence_prefix = 7", "", {"sequence_prefix": (7,)}),
+        ("mask_tokens = [1, 2]", "", {"mask_tokens": (1, 2)}),
+        ("mask_tokens = true", "", {"mask_tokens": True}),
+        (
+            "use_control_adapters = true\ncontrol_adapter_type = 'spectral'",
+            "control_class = -1",
+            {"mode": "control", "control_adapter_type": "spectral"},
+        ),
+        ("load_in_4bit = true", "", {"mode": "qlora"}),
+        ("full_fine_tune = true", "", {"mode": "full"}),
+        ("lora_alpha = 16\neval_gradient_accumulation_steps = 2", "", {"alpha": 16.0, "eval_accumulation": 2}),
+    ],
+)
 def test_accepted_values(write, extra, dataset_extra, expected):
     cfg = load_config(write(extra, dataset_extra))
     assert {k: getattr(cfg, k) for k in expected} == expected
@@ -105,7 +136,10 @@ ERRORS = [
     ("epochs = 1.5", ["epochs = 1.5", "expected an integer >= 1"]),
     ("eval_fraction = 1.5", ["eval_fraction = 1.5", "[0, 1)"]),
     ("lora_dropout = -0.1", ["lora_dropout", "[0, 1)"]),
-    ("control_adapter_type = 'diagonal'\nuse_control_adapters = true", ["control_adapter_type = 'diagonal'", "'spectral'"]),
+    (
+        "control_adapter_type = 'diagonal'\nuse_control_adapters = true",
+        ["control_adapter_type = 'diagonal'", "'spectral'"],
+    ),
     ("layers_to_transform = '5:2'", ["layers_to_transform = '5:2'", "first (5) is after last (2)"]),
     ("layers_to_transform = 'all'", ["layers_to_transform = 'all'", "'first:last'"]),
     ("layers_to_transform = '0:9'", ["layer 9 does not exist", "0:3"]),
@@ -133,13 +167,16 @@ def test_errors_are_one_line_exit_2(write, extra, words):
         assert w in lines[0]
 
 
-@pytest.mark.parametrize("dataset_extra, words", [
-    ("control_class = 2", ["datasets[0]: control_class = 2", "expected one of 1, -1, 0"]),
-    ("control_class = true", ["control_class = True", "expected one of"]),
-    ("control_class = -1", ["classes -1 and 0 need use_control_adapters = true"]),
-    ("document_suffix = 1.5", ["document_suffix = 1.5", "token id"]),
-    ("dataset_pth = 'x'", ["datasets[0]: unknown key 'dataset_pth'", "did you mean 'dataset_path'"]),
-])
+@pytest.mark.parametrize(
+    "dataset_extra, words",
+    [
+        ("control_class = 2", ["datasets[0]: control_class = 2", "expected one of 1, -1, 0"]),
+        ("control_class = true", ["control_class = True", "expected one of"]),
+        ("control_class = -1", ["classes -1 and 0 need use_control_adapters = true"]),
+        ("document_suffix = 1.5", ["document_suffix = 1.5", "token id"]),
+        ("dataset_pth = 'x'", ["datasets[0]: unknown key 'dataset_pth'", "did you mean 'dataset_path'"]),
+    ],
+)
 def test_dataset_errors(write, dataset_extra, words):
     with pytest.raises(CapError) as e:
         load_config(write(dataset_extra=dataset_extra))
@@ -147,19 +184,32 @@ def test_dataset_errors(write, dataset_extra, words):
         assert w in str(e.value)
 
 
+DATASET = "[[datasets]]\ndataset_path = 'x'"
+
+
 def test_missing_required_and_paths(write, tmp_path, tiny_model_dir):
     model = tiny_model_dir("llama")
     cases = [
-        (f"model_dir = '{model}'\noutput_dir = 'o'\nsequence_len = 8\nlora_rank = 2\n[[datasets]]\ndataset_path = 'x'",
-         "missing required key 'lr'"),
-        (f"model_dir = '{model}'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\n[[datasets]]\ndataset_path = 'x'",
-         "missing required key 'lora_rank'"),
-        (f"model_dir = '{model}'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\nlora_rank = 2",
-         "missing required key 'datasets'"),
-        (f"model_dir = '{tmp_path}/nope'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\nlora_rank = 2\n[[datasets]]\ndataset_path = 'x'",
-         "model_dir = '" + f"{tmp_path}/nope': folder not found"),
-        (f"model_dir = '{tmp_path}'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\nlora_rank = 2\n[[datasets]]\ndataset_path = 'x'",
-         "no config.json"),
+        (
+            f"model_dir = '{model}'\noutput_dir = 'o'\nsequence_len = 8\nlora_rank = 2\n" + DATASET,
+            "missing required key 'lr'",
+        ),
+        (
+            f"model_dir = '{model}'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\n[[datasets]]\ndataset_path = 'x'",
+            "missing required key 'lora_rank'",
+        ),
+        (
+            f"model_dir = '{model}'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\nlora_rank = 2",
+            "missing required key 'datasets'",
+        ),
+        (
+            f"model_dir = '{tmp_path}/nope'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\nlora_rank = 2\n" + DATASET,
+            "model_dir = '" + f"{tmp_path}/nope': folder not found",
+        ),
+        (
+            f"model_dir = '{tmp_path}'\noutput_dir = 'o'\nlr = 1e-4\nsequence_len = 8\nlora_rank = 2\n" + DATASET,
+            "no config.json",
+        ),
         ("lr = [", "invalid TOML"),
     ]
     for text, words in cases:
@@ -181,6 +231,7 @@ def test_world_size_check(write):
 def test_reference_covers_every_key():
     table = reference_markdown()
     import dataclasses
+
     for f in dataclasses.fields(Config):
         if f.name not in ("source", "datasets"):
             assert f"`{f.name}`" in table

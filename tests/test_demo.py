@@ -1,4 +1,5 @@
 """The demo and the example configs: every bundled config loads; the demo pipeline steers SmolLM2."""
+
 import json
 import os
 import signal
@@ -12,8 +13,12 @@ from cap_common.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # (config, model_type, layers) of the real model each example is written for
-EXAMPLES = [("llama3.1-8b-control.toml", "llama", 32), ("llama3.1-70b-qlora-4stages.toml", "llama", 80),
-            ("command-r-control.toml", "cohere", 40), ("mixtral-8x7b-control.toml", "mixtral", 32)]
+EXAMPLES = [
+    ("llama3.1-8b-control.toml", "llama", 32),
+    ("llama3.1-70b-qlora-4stages.toml", "llama", 80),
+    ("command-r-control.toml", "cohere", 40),
+    ("mixtral-8x7b-control.toml", "mixtral", 32),
+]
 
 
 def _fake_model(folder: Path, model_type: str, layers: int) -> Path:
@@ -55,9 +60,14 @@ def test_demo_pipeline_steers_smollm2(tmp_path):
     """The README's main job with fewer steps: every stage runs, the training loss and the class +1
     eval loss fall (class −1, already near the base model's, moves later: the full demo shows it),
     verify passes (the demo stops otherwise), the merged model loads and generates."""
-    proc = subprocess.Popen([sys.executable, "-m", "examples.demo.run", "--steps", "10", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.demo.run", "--steps", "10", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=1500)
     finally:  # a timeout or an interrupt leaves no cap-train behind
@@ -69,8 +79,11 @@ def test_demo_pipeline_steers_smollm2(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["eval/loss_class+1"] < before["eval/loss_class+1"] - 0.05
-    train = [json.loads(line)["train/loss"] for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
+    train = [
+        json.loads(line)["train/loss"]
+        for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert len(train) == 10 and sum(train[-3:]) < sum(train[:3])
     rows = json.loads((tmp_path / "generations.json").read_text())
     assert len(rows) == 4 and sum(bool(r["+1"]) for r in rows) >= 3

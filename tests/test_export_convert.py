@@ -1,6 +1,7 @@
 """cap-export conversions at the level of the weights: every stored LoRA pair against the dense
 float64 definition (W', (I+W')⁻¹−I, −W', W'·M, best rank-R by a full SVD), and the input /
 output handling (folders, mismatches, corrupt files, OUT protection) through the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,18 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cap_export import convert
-from cap_export.cli import main
-from cap_export.inputs import Base, family_without_base, load_control, writer_keys
 from cap_common.adapters.io import lora_key
-from tests.test_export_support import single_thread, ALPHA, LAYERS, RANK, TYPES, dense_w, save_control  # noqa: F401
+from cap_export import convert
+from cap_export.adapters import load_control
+from cap_export.base import Base, writer_keys
+from cap_export.cli import main
+from cap_export.compat import family_without_base
+from tests.test_export_support import ALPHA, LAYERS, RANK, TYPES, dense_w, save_control, single_thread  # noqa: F401
 
 SCALE = ALPHA / RANK
-DIRECTIONS = [(t, d) for t in TYPES for d in ("forward", "inverse", "negate") if not (t == "spectral" and d == "negate")]
+DIRECTIONS = [
+    (t, d) for t in TYPES for d in ("forward", "inverse", "negate") if not (t == "spectral" and d == "negate")
+]
 
 
 def run(*args) -> "CliRunner.Result":
@@ -60,7 +65,10 @@ def test_multiplicative_cli_names_mixtral_experts(tmp_path, tiny_model_dir):
     assert flag.exit_code == 0, flag.output
     plain = run("multiplicative", ckpt, tmp_path / "c")
     assert plain.exit_code == 0 and "pass --base" in plain.output
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
     assert sorted(a) == sorted(b)
     assert lora_key(1, "block_sparse_moe.experts.3.w2", "A") in a and lora_key(3, "self_attn.o_proj", "B") in a
     assert len(a) == len(LAYERS) * (1 + 4) * 2
@@ -126,7 +134,10 @@ def test_additive_reads_fused_expert_checkpoint(tmp_path, tiny_model_dir):
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
     # and a transformers-v5 module name finds the checkpoint's older one (Mixtral's router)
-    assert Base(model).locate("model.layers.2.mlp.gate.weight") == ("model.layers.2.block_sparse_moe.gate.weight", (...,))
+    assert Base(model).locate("model.layers.2.mlp.gate.weight") == (
+        "model.layers.2.block_sparse_moe.gate.weight",
+        (...,),
+    )
 
 
 @pytest.mark.parametrize("adapter_type", ["full", "symmetrise"])
@@ -176,10 +187,12 @@ def _one_error_line(result, *words):
 def test_bad_inputs_are_one_line(tmp_path, tiny_model_dir):
     llama, cohere = tiny_model_dir("llama"), tiny_model_dir("cohere")
     good = save_control(tmp_path / "good", "full")
-    _one_error_line(run("additive", llama, save_control(tmp_path / "wide", "full", hidden=96), tmp_path / "o"),
-                    "hidden size 96")
-    _one_error_line(run("additive", llama, save_control(tmp_path / "deep", "full", layers=[1, 7]), tmp_path / "o"),
-                    "layer 7")
+    _one_error_line(
+        run("additive", llama, save_control(tmp_path / "wide", "full", hidden=96), tmp_path / "o"), "hidden size 96"
+    )
+    _one_error_line(
+        run("additive", llama, save_control(tmp_path / "deep", "full", layers=[1, 7]), tmp_path / "o"), "layer 7"
+    )
     _one_error_line(run("additive", llama, tmp_path / "missing", tmp_path / "o"), "not found")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "adapter_config.json").write_text("{}")
@@ -192,9 +205,17 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_model_dir):
     sharded.mkdir()
     (sharded / "config.json").write_text((llama / "config.json").read_text())
     (sharded / "model-00001-of-00001.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        f"model.layers.{i}.{m}.weight": "model-00001-of-00001.safetensors"
-        for i in range(4) for m in ("self_attn.o_proj", "mlp.down_proj")}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    f"model.layers.{i}.{m}.weight": "model-00001-of-00001.safetensors"
+                    for i in range(4)
+                    for m in ("self_attn.o_proj", "mlp.down_proj")
+                }
+            }
+        )
+    )
     _one_error_line(run("additive", sharded, good, tmp_path / "o"), "not a readable safetensors file")
     # A LoRA where a Control Adapter is expected, and the other way round.
     assert run("additive", llama, good, tmp_path / "lora").exit_code == 0
@@ -202,8 +223,10 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_model_dir):
     _one_error_line(run("merge", llama, good, tmp_path / "o"), "not a LoRA")
     # A LoRA made for llama merged into cohere: refused by its record.
     _one_error_line(run("merge", cohere, tmp_path / "lora", tmp_path / "o"), "made for a llama model")
-    _one_error_line(run("additive", llama, good, tmp_path / "o", "--inverse", "--exact-inverse"),
-                    "--inverse and --exact-inverse exclude each other")
+    _one_error_line(
+        run("additive", llama, good, tmp_path / "o", "--inverse", "--exact-inverse"),
+        "--inverse and --exact-inverse exclude each other",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -218,11 +241,12 @@ def test_out_is_protected_and_never_half_written(tmp_path, tiny_model_dir, monke
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(convert, "thin_svd_truncate", boom)
     with pytest.raises(RuntimeError):
         run("additive", model, ckpt, out, "--force", "--rank", 2)
     assert sorted(os.listdir(out)) == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]   # no temp folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temp folder left behind
     monkeypatch.undo()
     assert run("additive", model, ckpt, out, "--force").exit_code == 0
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "cap_export.json"]

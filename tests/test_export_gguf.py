@@ -1,6 +1,7 @@
 """cap-export gguf: the file reads back with gguf.GGUFReader with the metadata, tensor names, shapes
 and types llama.cpp's adapter loader expects; q/k rows follow llama.cpp's rotary layout (checked
 against an index formula written here and against the two RoPE conventions themselves)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,16 +13,29 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from cap_export.cli import main
 from cap_common.adapters.io import lora_key, save_adapter
-from tests.test_export_support import single_thread, save_control  # noqa: F401
+from cap_export.cli import main
+from tests.test_export_support import save_control, single_thread  # noqa: F401
 
-MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 # What llama.cpp calls them (its tensor names), independent of gguf's tables.
-LLAMA_CPP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+LLAMA_CPP = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 ARCH = {"llama": "llama", "qwen2": "qwen2", "cohere": "command-r", "gemma2": "gemma2"}
 LAYERS = (0, 2)
 R = 4
@@ -48,8 +62,14 @@ def lora_on_all_linears(folder: Path, model: Path, alpha: float = 8.0, rank_patt
             A, B = torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g)
             tensors[lora_key(layer, path, "A")], tensors[lora_key(layer, path, "B")] = A, B
             pairs[(layer, path)] = (A, B)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": alpha,
-              "target_modules": sorted({p.rsplit(".", 1)[-1] for p in MODULES}), "lora_dropout": 0.0}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": R,
+        "lora_alpha": alpha,
+        "target_modules": sorted({p.rsplit(".", 1)[-1] for p in MODULES}),
+        "lora_dropout": 0.0,
+    }
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
     save_adapter(folder, tensors, config)
@@ -96,8 +116,9 @@ def test_gguf_reads_back_as_llama_cpp_expects(tmp_path, tiny_model_dir, family):
         assert list(a.shape) == [inp, R] and list(b.shape) == [R, out]
         assert a.tensor_type == b.tensor_type == gguf.GGMLQuantizationType.F32
         torch.testing.assert_close(torch.from_numpy(np.array(a.data)), A, rtol=0, atol=0)
-        heads = {"self_attn.q_proj": config.num_attention_heads,
-                 "self_attn.k_proj": config.num_key_value_heads}.get(path)
+        heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(
+            path
+        )
         want_b = llama_cpp_rows(B, heads) if heads and family == "llama" else B
         torch.testing.assert_close(torch.from_numpy(np.array(b.data)), want_b, rtol=0, atol=0)
 
@@ -116,18 +137,19 @@ def test_permuted_rows_turn_rotate_half_into_interleaved_rope(tmp_path, tiny_mod
     theta = 3.0 * torch.arange(D // 2) / D
     c, s = torch.cos(theta), torch.sin(theta)
 
-    def rope_half(q):                        # transformers: pairs (j, j + D/2)
+    def rope_half(q):  # transformers: pairs (j, j + D/2)
         q = q.reshape(n_head, D)
-        lo, hi = q[:, :D // 2], q[:, D // 2:]
+        lo, hi = q[:, : D // 2], q[:, D // 2 :]
         return torch.cat([lo * c - hi * s, hi * c + lo * s], 1).reshape(-1)
 
-    def rope_adjacent(q):                    # llama.cpp's normal mode: pairs (2j, 2j + 1)
+    def rope_adjacent(q):  # llama.cpp's normal mode: pairs (2j, 2j + 1)
         q = q.reshape(n_head, D // 2, 2)
         even, odd = q[..., 0], q[..., 1]
         return torch.stack([even * c - odd * s, odd * c + even * s], -1).reshape(-1)
 
-    torch.testing.assert_close(rope_adjacent(b_gguf @ (A @ x)),
-                               llama_cpp_rows(rope_half(B @ (A @ x)).unsqueeze(1), n_head).squeeze(1))
+    torch.testing.assert_close(
+        rope_adjacent(b_gguf @ (A @ x)), llama_cpp_rows(rope_half(B @ (A @ x)).unsqueeze(1), n_head).squeeze(1)
+    )
 
 
 def test_gguf_folds_per_module_scaling(tmp_path, tiny_model_dir):
@@ -143,7 +165,7 @@ def test_gguf_folds_per_module_scaling(tmp_path, tiny_model_dir):
             a, b = (tensors[f"blk.{layer}.{LLAMA_CPP[path]}.weight.lora_{ab}"] for ab in "ab")
             assert a.tensor_type == b.tensor_type == getattr(gguf.GGMLQuantizationType, outtype.upper())
             a, b = (torch.from_numpy(np.array(t.data)).double() for t in (a, b))
-            llama_cpp = alpha / b.shape[1] * b @ a             # what llama.cpp adds to the weight
+            llama_cpp = alpha / b.shape[1] * b @ a  # what llama.cpp adds to the weight
             peft = 8.0 / A.shape[0] * B.double() @ A.double()  # what PEFT adds
             torch.testing.assert_close(llama_cpp, peft, rtol=tol, atol=tol)
 
@@ -156,7 +178,7 @@ def test_gguf_mixtral_experts_stacked(tmp_path, tiny_model_dir):
     fields, tensors = read(tmp_path / "a.gguf")
     assert fields["general.architecture"] == "llama"
     a, b = tensors["blk.1.ffn_down_exps.weight.lora_a"], tensors["blk.1.ffn_down_exps.weight.lora_b"]
-    assert list(a.shape) == [128, R, 4] and list(b.shape) == [R, 64, 4]   # ne of [E, r, I] and [E, H, r]
+    assert list(a.shape) == [128, R, 4] and list(b.shape) == [R, 64, 4]  # ne of [E, r, I] and [E, H, r]
     assert list(tensors["blk.3.attn_output.weight.lora_a"].shape) == [64, R]
 
 

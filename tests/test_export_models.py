@@ -2,6 +2,7 @@
 give the logits of the adapter as trained (an independent reference: transformers + hooks with
 the dense float64 W'), for every family; multiplicative and additive merges agree; merge keeps the
 folder's layout; verify reports exact exports as exact and block adapters' real gap."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,13 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cap_export import convert
-from cap_export.cli import main
-from cap_export.inputs import Base, load_control, load_lora, staged_output
-from cap_export.merge import merge
 from cap_common.models import FAMILIES
+from cap_export import convert
+from cap_export.adapters import load_control, load_lora
+from cap_export.base import Base
+from cap_export.cli import main
+from cap_export.merge import merge
+from cap_export.staging import staged_output
 from tests import assets
 from tests.test_export_support import hf_model, reference_logits, save_control, single_thread, token_ids  # noqa: F401
 
@@ -34,7 +37,7 @@ CASES = [(f, "full", "writers", "forward") for f in assets.FAMILIES] + [
     ("qwen3", "spectral", "writers", "inverse"),
     ("mixtral", "spectral", "writers", "inverse"),
     ("gemma2", "symmetrise", "writers", "inverse"),
-    ("cohere", "spectral", "block", "inverse"),      # parallel block: block == writers, exactly
+    ("cohere", "spectral", "block", "inverse"),  # parallel block: block == writers, exactly
     ("cohere2", "full", "block", "forward"),
 ]
 
@@ -49,7 +52,9 @@ def additive_folder(tmp_path: Path, model: Path, ckpt: Path, direction: str = "f
     return tmp_path / name
 
 
-def merged_folder(tmp_path: Path, model: Path, lora_dir: Path, multiplicative: bool = False, name: str = "merged") -> Path:
+def merged_folder(
+    tmp_path: Path, model: Path, lora_dir: Path, multiplicative: bool = False, name: str = "merged"
+) -> Path:
     with staged_output(tmp_path / name, False) as tmp:
         merge(Base(model), load_lora(lora_dir), tmp, multiplicative, progress=False)
     return tmp_path / name
@@ -58,14 +63,16 @@ def merged_folder(tmp_path: Path, model: Path, lora_dir: Path, multiplicative: b
 @torch.no_grad()
 def peft_logits(model_dir: Path, family: str, lora_dir: Path, ids) -> torch.Tensor:
     base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=FAMILIES[family].attention)
+        model_dir, dtype=torch.float32, attn_implementation=FAMILIES[family].attention
+    )
     return peft.PeftModel.from_pretrained(base, lora_dir).eval()(input_ids=ids).logits.float()
 
 
 @torch.no_grad()
 def folder_logits(folder: Path, family: str, ids) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation=FAMILIES[family].attention).eval()
+        folder, dtype=torch.float32, attn_implementation=FAMILIES[family].attention
+    ).eval()
     return model(input_ids=ids).logits.float()
 
 
@@ -77,7 +84,7 @@ def test_peft_and_merged_equal_the_trained_adapter(tmp_path, tiny_model_dir, fam
     ids = token_ids()
     want = reference_logits(model, family, control.states, adapter_type, target, ids, direction)
     base = hf_model(model, family)(input_ids=ids).logits
-    assert (want - base).abs().max() > 0.05            # the adapter does something
+    assert (want - base).abs().max() > 0.05  # the adapter does something
     lora = additive_folder(tmp_path, model, ckpt, direction)
     torch.testing.assert_close(peft_logits(model, family, lora, ids), want, atol=TOL, rtol=0)
     torch.testing.assert_close(folder_logits(merged_folder(tmp_path, model, lora), family, ids), want, atol=TOL, rtol=0)
@@ -97,7 +104,7 @@ def test_multiplicative_merge_equals_additive_merge(tmp_path, tiny_model_dir, fa
     for key in b:
         torch.testing.assert_close(m[key], a[key], atol=1e-6, rtol=1e-5)
         changed += not torch.equal(a[key], b[key])
-    assert changed == 2 * (1 + (4 if family == "mixtral" else 1))   # 2 layers × writers
+    assert changed == 2 * (1 + (4 if family == "mixtral" else 1))  # 2 layers × writers
 
 
 def _sharded_bf16(folder: Path, family: str) -> Path:
@@ -111,7 +118,7 @@ def _sharded_bf16(folder: Path, family: str) -> Path:
 
 
 def test_merge_keeps_layout_dtype_and_untouched_bytes(tmp_path):
-    model = _sharded_bf16(tmp_path / "base", "cohere")                 # tied embeddings
+    model = _sharded_bf16(tmp_path / "base", "cohere")  # tied embeddings
     ckpt = save_control(tmp_path / "ckpt", "full")
     lora = additive_folder(tmp_path, model, ckpt)
     r = run("merge", model, lora, tmp_path / "out", "--scale", 0.5)
@@ -123,7 +130,13 @@ def test_merge_keeps_layout_dtype_and_untouched_bytes(tmp_path):
     index_out = json.loads((out / "model.safetensors.index.json").read_text())
     assert index_out["weight_map"] == index_in["weight_map"]
     assert index_out["metadata"]["total_size"] == index_in["metadata"]["total_size"]
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
         assert (out / name).read_bytes() == (model / name).read_bytes()
     lora_tensors = load_lora(lora)
     touched = {f"{module}.weight" for module in lora_tensors.pairs}
@@ -155,7 +168,7 @@ def test_verify_exact_and_block_gap(tmp_path, tiny_model_dir):
     assert r.exit_code == 0 and gap < TOL, r.output
     spectral = save_control(tmp_path / "spectral", "spectral", "writers")
     lora = additive_folder(tmp_path, llama, spectral, "inverse", name="inv")
-    r, gap = _verify(llama, lora)                      # an export alone: its source is in its record
+    r, gap = _verify(llama, lora)  # an export alone: its source is in its record
     assert r.exit_code == 0 and "class -1" in r.output and gap < TOL, r.output
     r, gap = _verify(llama, writers, merged_folder(tmp_path, llama, additive_folder(tmp_path, llama, writers)))
     assert r.exit_code == 0 and gap < TOL, r.output
@@ -165,7 +178,7 @@ def test_verify_exact_and_block_gap(tmp_path, tiny_model_dir):
     r, gap = _verify(tiny_model_dir("cohere"), save_control(tmp_path / "cblock", "full", "block"))
     assert r.exit_code == 0 and gap < TOL, r.output
     r, gap = _verify(tiny_model_dir("mixtral"), save_control(tmp_path / "mix", "full", "writers"), "--dtype", "float64")
-    assert r.exit_code == 0 and gap < 1e-6, r.output                 # float32 LoRA tensors, float64 models
+    assert r.exit_code == 0 and gap < 1e-6, r.output  # float32 LoRA tensors, float64 models
 
 
 def test_verify_multiplicative_and_full_inverse_note(tmp_path, tiny_model_dir):
@@ -183,14 +196,19 @@ def test_verify_multiplicative_and_full_inverse_note(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_smollm2_additive_merge_verify(tmp_path):
     from examples.demo.smollm2 import materialize
+
     model = materialize()
     ckpt = save_control(tmp_path / "ckpt", "full", "writers", layers=[3, 17, 29], hidden=576, rank=8, alpha=4.0)
     r, gap = _verify(model, ckpt)
     assert r.exit_code == 0 and gap < TOL, r.output
     assert run("additive", model, ckpt, tmp_path / "lora").exit_code == 0
     assert run("merge", model, tmp_path / "lora", tmp_path / "merged").exit_code == 0
-    r, gap = _verify(model, tmp_path / "merged", "--tolerance", 10)   # bf16 weights: rounding, reported
+    r, gap = _verify(model, tmp_path / "merged", "--tolerance", 10)  # bf16 weights: rounding, reported
     assert r.exit_code == 0 and gap is not None, r.output
-    r, gap = _verify(model, save_control(tmp_path / "block", "full", "block", layers=[3, 17], hidden=576, rank=8,
-                                         alpha=4.0), "--tolerance", 1e-6)
+    r, gap = _verify(
+        model,
+        save_control(tmp_path / "block", "full", "block", layers=[3, 17], hidden=576, rank=8, alpha=4.0),
+        "--tolerance",
+        1e-6,
+    )
     assert r.exit_code == 1 and gap > 1e-4, r.output

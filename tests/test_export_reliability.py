@@ -2,6 +2,7 @@
 NaN / Inf in adapters, base weights and results, SIGTERM / Ctrl-C and the temporaries they leave, a
 full disk, malformed configs and other bad input (one line, exit code 2, never a traceback), and
 output permissions that follow the umask."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,10 +25,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cap_export.cli import main
 from cap_common.adapters.io import lora_key, save_adapter
 from cap_common.files import HOST
-from tests.test_export_support import single_thread, save_control  # noqa: F401
+from cap_export.cli import main
+from tests.test_export_support import save_control, single_thread  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"
@@ -49,19 +50,41 @@ def one_error_line(result, *words) -> str:
 
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
 
-def cli(*args, env=None, **popen) -> subprocess.Popen:
-    """`python -m cap_export.cli ARGS` in a child process (stdout and stderr captured)."""
-    return subprocess.Popen([sys.executable, "-m", "cap_export.cli", *map(str, args)], cwd=REPO,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C acts as in a terminal, also when the suite itself was started
+    in the background (a shell starts background jobs with SIGINT ignored, and that is inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def cli(*args, env=None, before=None) -> subprocess.Popen:
+    """`python -m cap_export.cli ARGS` in a child process (stdout and stderr captured); `before`
+    runs in the child before exec."""
+
+    def prepare():
+        _interruptible()
+        if before:
+            before()
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "cap_export.cli", *map(str, args)],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=prepare,
+    )
 
 
 def dead_pid() -> int:
@@ -152,11 +175,10 @@ def test_control_adapter_with_nan_is_refused(tmp_path, base, ckpt, command):
 
 
 def test_float16_overflow_is_refused(tmp_path, base, ckpt):
-    set_value(ckpt / WEIGHTS, "layers.1.control_A", 0, scale=1e7)   # V·M ≈ 1e6 > 65504
-    line = one_error_line(run("additive", base, ckpt, tmp_path / "out", "--dtype", "float16"), ckpt, "float16",
-                          "±Inf")
+    set_value(ckpt / WEIGHTS, "layers.1.control_A", 0, scale=1e7)  # V·M ≈ 1e6 > 65504
+    line = one_error_line(run("additive", base, ckpt, tmp_path / "out", "--dtype", "float16"), ckpt, "float16", "±Inf")
     assert "lora_A" in line and not (tmp_path / "out").exists() and temporaries(tmp_path) == []
-    assert run("additive", base, ckpt, tmp_path / "out", "--dtype", "float32").exit_code == 0   # it was only the cast
+    assert run("additive", base, ckpt, tmp_path / "out", "--dtype", "float32").exit_code == 0  # it was only the cast
 
 
 def test_merge_refuses_a_base_with_nan_in_a_touched_weight(tmp_path, base, lora):
@@ -211,6 +233,7 @@ def test_signal_during_merge_leaves_nothing(tmp_path, base, lora, signum, code):
 
     def copying_shard_2():
         return any((tmp / "model-00002-of-00002.safetensors").exists() for tmp in tmp_path.glob(".merged.tmp-*"))
+
     wait_for(copying_shard_2, child)
     child.send_signal(signum)
     _, stderr = child.communicate(timeout=120)
@@ -238,6 +261,7 @@ def test_interrupted_gguf_leaves_no_part_file(tmp_path, base, lora, monkeypatch,
     def interrupted(lora_, base_, path, outtype="f32", progress=True):
         Path(path).write_bytes(b"GGUF part")
         raise interruption
+
     monkeypatch.setattr(gguf_export, "export_gguf", interrupted)
     (tmp_path / "a.gguf").write_bytes(b"old")
     r = CliRunner().invoke(main, ["gguf", str(lora), str(tmp_path / "a.gguf"), "--base", str(base), "--force"])
@@ -261,6 +285,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, base, ckpt, l
     assert r.exit_code == 0 and "left by killed runs" in r.output and not stale[1].exists(), r.output
     # verify's temporary folder lives in the system temp dir, and is cleaned the same way
     import tempfile
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "sys"))
     (tmp_path / "sys").mkdir()
     (tmp_path / "sys" / f".cap-export-verify.tmp-{HOST}-{dead}-12345678").mkdir()
@@ -274,6 +299,7 @@ def file_size_limit(n: int):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
     return limit
 
 
@@ -281,8 +307,8 @@ def file_size_limit(n: int):
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, base, ckpt, lora, command):
     out = tmp_path / "out"
     args = (base, lora, out) if command == "merge" else (base, ckpt, out)
-    limit = 100_000 if command == "merge" else 4_096      # below the shard / the adapter file
-    child = cli(command, *args, preexec_fn=file_size_limit(limit))
+    limit = 100_000 if command == "merge" else 4_096  # below the shard / the adapter file
+    child = cli(command, *args, before=file_size_limit(limit))
     _, stderr = child.communicate(timeout=300)
     assert child.returncode == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("cap-export: error:")]
@@ -304,10 +330,21 @@ def test_read_only_parent_is_one_line(tmp_path, base, ckpt):
 
 
 # ---------------------------------------------------------------- 5. malformed input: one line, never a traceback
-CONFIG_CASES = [("base_model_name_or_path", 5), ("base_model_name_or_path", ["a"]), ("r", "4"), ("r", 0), ("r", True),
-                ("lora_alpha", "x"), ("target_modules", [1]), ("layers_to_transform", "x"),
-                ("control_adapter_type", 3), ("control_adapter_target", ["block"]), ("rank_pattern", []),
-                ("alpha_pattern", {"o_proj": "y"}), ("multiplicative", "yes")]
+CONFIG_CASES = [
+    ("base_model_name_or_path", 5),
+    ("base_model_name_or_path", ["a"]),
+    ("r", "4"),
+    ("r", 0),
+    ("r", True),
+    ("lora_alpha", "x"),
+    ("target_modules", [1]),
+    ("layers_to_transform", "x"),
+    ("control_adapter_type", 3),
+    ("control_adapter_target", ["block"]),
+    ("rank_pattern", []),
+    ("alpha_pattern", {"o_proj": "y"}),
+    ("multiplicative", "yes"),
+]
 
 
 @pytest.mark.parametrize("key,value", CONFIG_CASES)
@@ -315,8 +352,9 @@ def test_adapter_config_with_wrong_types(tmp_path, base, ckpt, lora, key, value)
     for folder, args in ((ckpt, ("additive", base, ckpt)), (lora, ("merge", base, lora))):
         config = json.loads((folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, key: value}))
-        one_error_line(run(*args, tmp_path / "out"), folder / "adapter_config.json", f"{key} = {json.dumps(value)}",
-                       "expected")
+        one_error_line(
+            run(*args, tmp_path / "out"), folder / "adapter_config.json", f"{key} = {json.dumps(value)}", "expected"
+        )
 
 
 def test_other_bad_input_is_one_line(tmp_path, base, ckpt, lora):
@@ -347,8 +385,9 @@ def test_other_bad_input_is_one_line(tmp_path, base, ckpt, lora):
     missing_shard = broken(base, "missing_shard")
     keys = load_file(missing_shard / "model.safetensors")
     (missing_shard / "model.safetensors").unlink()
-    (missing_shard / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": dict.fromkeys(keys, "model-00001-of-00002.safetensors")}))
+    (missing_shard / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(keys, "model-00001-of-00002.safetensors")})
+    )
     for args in (("additive", missing_shard, ckpt, o), ("merge", missing_shard, lora, o)):
         one_error_line(run(*args), "model-00001-of-00002.safetensors", "does not exist")
 
@@ -369,7 +408,9 @@ def test_other_bad_input_is_one_line(tmp_path, base, ckpt, lora):
     for args in (("merge", base, disagree, o), ("gguf", disagree, tmp_path / "a.gguf", "--base", base)):
         one_error_line(run(*args), disagree / WEIGHTS, "do not share rank")
     rank0 = broken(lora, "rank0")
-    save_file({k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in load_file(lora / WEIGHTS).items()}, rank0 / WEIGHTS)
+    save_file(
+        {k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in load_file(lora / WEIGHTS).items()}, rank0 / WEIGHTS
+    )
     config = json.loads((rank0 / "adapter_config.json").read_text())
     del config["r"]
     (rank0 / "adapter_config.json").write_text(json.dumps(config))
@@ -386,13 +427,13 @@ def test_other_bad_input_is_one_line(tmp_path, base, ckpt, lora):
 # ---------------------------------------------------------------- 6. permissions follow the umask
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_outputs_follow_the_umask(tmp_path, base, ckpt, mask):
-    (base / "tokenizer_config.json").chmod(0o600)        # a private file of BASE: its copy follows the umask too
+    (base / "tokenizer_config.json").chmod(0o600)  # a private file of BASE: its copy follows the umask too
     previous = os.umask(mask)
     try:
         assert run("additive", base, ckpt, tmp_path / "lora").exit_code == 0
         assert run("merge", base, tmp_path / "lora", tmp_path / "merged").exit_code == 0
         assert run("gguf", tmp_path / "lora", tmp_path / "a.gguf", "--base", base).exit_code == 0
-        save_adapter(tmp_path / "epoch1", {"x": torch.zeros(2)}, {"r": 1})       # as training saves epoch<N>/
+        save_adapter(tmp_path / "epoch1", {"x": torch.zeros(2)}, {"r": 1})  # as training saves epoch<N>/
     finally:
         os.umask(previous)
     folder_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask

@@ -2,6 +2,7 @@
 training writes them, and an independent reference of "the adapter as trained" — transformers'
 model with forward hooks that add x·Dᵀ to each writer's (or block's) output, D the dense W' built
 here in float64 from the saved tensors (no code from cap_common.adapters.factors)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,7 @@ import transformers
 
 from cap_common.adapters.io import control_tensors, save_adapter
 from cap_common.models import FAMILIES
+
 
 @pytest.fixture(autouse=True)
 def single_thread():
@@ -30,8 +32,9 @@ LAYERS = [1, 3]
 TYPES = ("full", "symmetrise", "antisymmetrise", "spectral")
 
 
-def random_states(adapter_type: str, seed: int = 0, layers=LAYERS, hidden: int = H, rank: int = RANK,
-                  size: float = 0.15) -> dict[int, dict[str, torch.Tensor]]:
+def random_states(
+    adapter_type: str, seed: int = 0, layers=LAYERS, hidden: int = H, rank: int = RANK, size: float = 0.15
+) -> dict[int, dict[str, torch.Tensor]]:
     """Non-zero adapter tensors per layer, as ControlAdapter.state() holds them (float32)."""
     g = torch.Generator().manual_seed(seed)
     states = {}
@@ -40,17 +43,35 @@ def random_states(adapter_type: str, seed: int = 0, layers=LAYERS, hidden: int =
             Q = torch.linalg.qr(torch.randn(hidden, rank, generator=g, dtype=torch.float64)).Q.float()
             states[layer] = {"Q": Q, "S": torch.randn(rank, generator=g) * 0.5}
         else:
-            states[layer] = {"A": torch.randn(rank, hidden, generator=g) * size,
-                             "B": torch.randn(hidden, rank, generator=g) * size}
+            states[layer] = {
+                "A": torch.randn(rank, hidden, generator=g) * size,
+                "B": torch.randn(hidden, rank, generator=g) * size,
+            }
     return states
 
 
-def save_control(folder: Path, adapter_type: str, target: str = "writers", seed: int = 0, layers=LAYERS,
-                 hidden: int = H, rank: int = RANK, alpha: float = ALPHA, cap_keys: bool = True) -> Path:
+def save_control(
+    folder: Path,
+    adapter_type: str,
+    target: str = "writers",
+    seed: int = 0,
+    layers=LAYERS,
+    hidden: int = H,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    cap_keys: bool = True,
+) -> Path:
     """An epoch<N>-style folder; cap_keys=False writes it as qlora-pipe-lite did (no cap keys)."""
     states = random_states(adapter_type, seed, layers, hidden, rank)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "target_modules": [], "layers_to_transform": list(layers)}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": [],
+        "layers_to_transform": list(layers),
+    }
     if cap_keys:
         config.update(control_adapter_type=adapter_type, control_adapter_target=target)
     save_adapter(folder, control_tensors(states), config)
@@ -58,7 +79,7 @@ def save_control(folder: Path, adapter_type: str, target: str = "writers", seed:
 
 
 def dense_w(state: dict, adapter_type: str, scale: float, direction: str = "forward") -> torch.Tensor:
-    """W' [H,H] in float64 from the saved tensors, by the definitions (DESIGN §3.1)."""
+    """W' [H,H] in float64 from the saved tensors, by the definitions (docs/math.md, section 1)."""
     s = {k: v.double() for k, v in state.items()}
     if adapter_type == "spectral":
         Q, S = s["Q"], s["S"]
@@ -84,13 +105,22 @@ def hf_model(folder: Path, family: str) -> transformers.PreTrainedModel:
     key = str(folder)
     if key not in _MODELS:
         _MODELS[key] = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation=FAMILIES[family].attention).eval()
+            folder, dtype=torch.float32, attn_implementation=FAMILIES[family].attention
+        ).eval()
     return _MODELS[key]
 
 
 @torch.no_grad()
-def reference_logits(folder: Path, family: str, states: dict, adapter_type: str, target: str,
-                     ids: torch.Tensor, direction: str = "forward", scale: float = ALPHA / RANK) -> torch.Tensor:
+def reference_logits(
+    folder: Path,
+    family: str,
+    states: dict,
+    adapter_type: str,
+    target: str,
+    ids: torch.Tensor,
+    direction: str = "forward",
+    scale: float = ALPHA / RANK,
+) -> torch.Tensor:
     """Logits of the base model with the adapter applied (to every token) where it was trained."""
     model = hf_model(folder, family)
     hooks = []
@@ -100,14 +130,17 @@ def reference_logits(folder: Path, family: str, states: dict, adapter_type: str,
             block = model.model.layers[layer]
             if target == "writers":
                 for path in FAMILIES[family].writers:
-                    hooks.append(block.get_submodule(path).register_forward_hook(
-                        lambda m, args, out, D=D: out + out @ D.T))
+                    hooks.append(
+                        block.get_submodule(path).register_forward_hook(lambda m, args, out, D=D: out + out @ D.T)
+                    )
             else:
+
                 def block_hook(m, args, kwargs, out, D=D):
                     h = args[0] if args else kwargs["hidden_states"]
                     y = out[0] if isinstance(out, tuple) else out
                     y = y + (y - h) @ D.T
                     return (y, *out[1:]) if isinstance(out, tuple) else y
+
                 hooks.append(block.register_forward_hook(block_hook, with_kwargs=True))
         return model(input_ids=ids).logits.float()
     finally:

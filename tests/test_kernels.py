@@ -7,6 +7,7 @@ absolute in z). bf16 logits: the reference upcasts the *same* bf16 values, so th
 rtol 1e-5; grads are rounded once to bf16 (≤ 2⁻⁸ relative), so rtol 2⁻⁷. Grads also get
 atol = 1e-6·max|grad| for the p − 1 entry at the label, where fp32 cancellation is absolute.
 """
+
 import os
 import subprocess
 import sys
@@ -21,17 +22,28 @@ if not torch.cuda.is_available():  # before triton is first imported: its own ji
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from cap_kernels.cross_entropy import cross_entropy, cross_entropy_sum  # noqa: E402
+from cap_kernels.cross_entropy import (  # noqa: E402  # noqa: E402
+    _interpreting,
+    cross_entropy,
+    cross_entropy_sum,
+    default_chunk_rows,
+    resolve_impl,
+    triton,
+)
 from cap_kernels.fused_linear_ce import fused_linear_cross_entropy  # noqa: E402
-from cap_kernels.cross_entropy import _interpreting, default_chunk_rows, resolve_impl, triton  # noqa: E402
 
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("triton", "cpu"), id="triton-interp",
-                 marks=pytest.mark.skipif(triton is None or torch.cuda.is_available(),
-                                          reason="no triton, or CUDA present (runs natively)")),
-    pytest.param(("triton", "cuda"), id="triton-cuda",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+    pytest.param(
+        ("triton", "cpu"),
+        id="triton-interp",
+        marks=pytest.mark.skipif(
+            triton is None or torch.cuda.is_available(), reason="no triton, or CUDA present (runs natively)"
+        ),
+    ),
+    pytest.param(
+        ("triton", "cuda"), id="triton-cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+    ),
 ]
 
 
@@ -56,8 +68,7 @@ def reference(x, y, scale=1.0, softcap=None, ignore_index=-100, reduction="mean"
 
 
 def assert_grads(actual, expected, rtol):
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol,
-                               atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=1e-6 * expected.abs().max().item())
 
 
 # (N, V, block_size, logit_scale, softcap, ignored rows)
@@ -128,8 +139,7 @@ def test_cross_entropy_sum_returns_sum_and_count(impl_device):
     x, y = make_batch(7, 64, ignored=(0, 5), device=device)
     total, count = cross_entropy_sum(x, y, impl=impl)
     assert count.item() == 5
-    torch.testing.assert_close(total.cpu().double(), reference(x.cpu(), y.cpu(), reduction="sum")[0],
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(total.cpu().double(), reference(x.cpu(), y.cpu(), reduction="sum")[0], rtol=1e-5, atol=0)
 
 
 def test_inplace_backward_writes_grad_into_logits_buffer(impl_device):
@@ -152,6 +162,7 @@ def test_leading_dims_are_flattened():
 
 # ---------------------------------------------------------------------------------------------
 # fused LM head + loss
+
 
 def linear_reference(h, w, y, scale=1.0, softcap=None, reduction="mean"):
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -179,8 +190,7 @@ def test_fused_linear_matches_float64(impl_device, chunk, softcap):
     h, w, y = make_linear(device=device)
     ref_loss, ref_dh, ref_dw = linear_reference(h.cpu(), w.cpu(), y.cpu(), 0.5, softcap)
     hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fused_linear_cross_entropy(hg, wg, y, logit_scale=0.5, softcap=softcap,
-                                      chunk_size=chunk, impl=impl)
+    loss = fused_linear_cross_entropy(hg, wg, y, logit_scale=0.5, softcap=softcap, chunk_size=chunk, impl=impl)
     loss.backward()
     torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=1e-5, atol=0)
     assert_grads(hg.grad.cpu(), ref_dh, 1e-5)
@@ -228,8 +238,7 @@ def test_fused_linear_leading_dims_sum_and_upstream_grad():
     h, w, y = make_linear(n=24, ignored=(0,))
     ref_loss, ref_dh, ref_dw = linear_reference(h, w, y, reduction="sum")
     hg, wg = h.view(4, 6, -1).clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fused_linear_cross_entropy(hg, wg, y.view(4, 6), reduction="sum", chunk_size=7,
-                                      impl="torch")
+    loss = fused_linear_cross_entropy(hg, wg, y.view(4, 6), reduction="sum", chunk_size=7, impl="torch")
     (3.0 * loss).backward()  # the pipeline scales the loss, e.g. by 1/gradient_accumulation_steps
     torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-5, atol=0)
     assert_grads(hg.grad.view(24, -1), 3.0 * ref_dh, 1e-5)
@@ -249,6 +258,7 @@ def test_fused_linear_no_grad_and_all_ignored():
 
 # ---------------------------------------------------------------------------------------------
 # memory: the torch path never allocates an [N, V] tensor (and the check does catch one)
+
 
 def test_fused_linear_peak_allocation_is_one_chunk():
     n, v, chunk = 64, 300, 16
@@ -278,6 +288,7 @@ def test_torch_path_chunks_rows():
 
 # ---------------------------------------------------------------------------------------------
 # choosing the implementation
+
 
 def test_impl_resolution(monkeypatch):
     cpu = torch.device("cpu")
@@ -310,8 +321,7 @@ def test_imports_and_runs_without_triton(monkeypatch):
     assert sys.modules["cap_kernels.cross_entropy"].triton is None
     assert sys.modules["cap_kernels.cross_entropy"].resolve_impl("auto", torch.device("cuda")) == "torch"
     x, y = make_batch(3, 10, ignored=(1,))
-    torch.testing.assert_close(fresh.cross_entropy(x, y).double(), reference(x, y)[0], rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(fresh.cross_entropy(x, y).double(), reference(x, y)[0], rtol=1e-5, atol=0)
 
 
 AOT_COMPILE = """
@@ -336,7 +346,12 @@ def test_triton_kernels_compile_for_cuda(tmp_path):
     """The real (non-interpreted) compiler lowers both kernels to sm_90 cubin; needs no GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True,
-                         timeout=120, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", AOT_COMPILE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Layer-wise loading: sharded checkpoints, reading only a stage's tensors, one-line errors for broken
 folders, and peak host memory of about one layer."""
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,25 @@ from safetensors.torch import load_file, save_file
 
 from cap_common.config import config_from_dict
 from cap_common.errors import CapError
-from cap_common.models import build_pipeline_layers, loading
+from cap_common.models import ModelSpec, build_pipeline_layers, loading
 from tests import assets
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_cfg(folder: Path, tmp_path: Path, **keys):
-    raw = dict(model_dir=str(folder), lr=1e-4, sequence_len=16, output_dir=str(tmp_path / "out"), lora_rank=4,
-               use_control_adapters=True, datasets=[{"dataset_path": "x"}], **keys)
-    return config_from_dict(raw, tmp_path / "cfg.toml")
+def make_spec(folder: Path, tmp_path: Path, **keys) -> ModelSpec:
+    raw = dict(
+        model_dir=str(folder),
+        lr=1e-4,
+        sequence_len=16,
+        output_dir=str(tmp_path / "out"),
+        lora_rank=4,
+        use_control_adapters=True,
+        model_dtype="float32",
+        datasets=[{"dataset_path": "x"}],
+        **keys,
+    )
+    return ModelSpec.from_config(config_from_dict(raw, tmp_path / "cfg.toml"))
 
 
 def run(layers, ids):
@@ -58,6 +68,7 @@ def read_log(monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "cohere"])  # separate and tied LM head
 def test_sharded_stage_reads_only_its_tensors(family, tiny_model_dir, tmp_path, read_log):
     import transformers
+
     single = tiny_model_dir(family)
     sharded = tmp_path / "sharded"
     model = transformers.AutoModelForCausalLM.from_pretrained(single, dtype=torch.float32)
@@ -66,14 +77,14 @@ def test_sharded_stage_reads_only_its_tensors(family, tiny_model_dir, tmp_path, 
     index = json.loads((sharded / loading.INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 2
 
-    cfg = make_cfg(sharded, tmp_path, pipeline_stages=2)
+    spec = make_spec(sharded, tmp_path, pipeline_stages=2)
     ids = torch.randint(0, assets.VOCAB_SIZE, (1, 12))
     with torch.no_grad():
-        stage1 = build_pipeline_layers(cfg, torch.float32, stage=1)
+        stage1 = build_pipeline_layers(spec, stage=1)
         stage1_reads = list(read_log)
-        stage0 = build_pipeline_layers(cfg, torch.float32, stage=0)
+        stage0 = build_pipeline_layers(spec, stage=0)
         got = run(stage0 + stage1, ids)
-        want = run(build_pipeline_layers(make_cfg(single, tmp_path), torch.float32), ids)
+        want = run(build_pipeline_layers(make_spec(single, tmp_path)), ids)
     head = "model.embed_tokens.weight" if family == "cohere" else "lm_head.weight"
     assert {n.split(".")[2] for n in stage1_reads if n.startswith("model.layers.")} == {"2", "3"}
     assert {n for n in stage1_reads if not n.startswith("model.layers.")} == {"model.norm.weight", head}
@@ -87,9 +98,9 @@ def rewrite(folder: Path, change) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def one_line_error(cfg, stage=None) -> str:
+def one_line_error(spec, stage=None) -> str:
     with pytest.raises(CapError) as e:
-        build_pipeline_layers(cfg, torch.float32, stage=stage)
+        build_pipeline_layers(spec, stage=stage)
     message = str(e.value)
     assert "\n" not in message and "Traceback" not in message
     return message
@@ -98,9 +109,9 @@ def one_line_error(cfg, stage=None) -> str:
 def test_missing_tensor_names_file_and_tensor(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir("llama"), tmp_path / "m")
     rewrite(folder, lambda t: t.pop("model.layers.2.mlp.down_proj.weight"))
-    cfg = make_cfg(folder, tmp_path, pipeline_stages=2)
-    build_pipeline_layers(cfg, torch.float32, stage=0)  # layers 0-1 are intact
-    message = one_line_error(cfg, stage=1)
+    spec = make_spec(folder, tmp_path, pipeline_stages=2)
+    build_pipeline_layers(spec, stage=0)  # layers 0-1 are intact
+    message = one_line_error(spec, stage=1)
     assert str(folder / "model.safetensors") in message
     assert "'model.layers.2.mlp.down_proj.weight' is missing" in message
 
@@ -108,14 +119,14 @@ def test_missing_tensor_names_file_and_tensor(tiny_model_dir, tmp_path):
 def test_missing_mixtral_expert_names_the_checkpoint_tensor(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir("mixtral"), tmp_path / "m")
     rewrite(folder, lambda t: t.pop("model.layers.0.block_sparse_moe.experts.1.w2.weight"))
-    message = one_line_error(make_cfg(folder, tmp_path))
+    message = one_line_error(make_spec(folder, tmp_path))
     assert "'model.layers.0.block_sparse_moe.experts.1.w2.weight' is missing" in message
 
 
 def test_wrong_shape_names_file_tensor_and_shapes(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir("qwen2"), tmp_path / "m")
     rewrite(folder, lambda t: t.update({"model.layers.1.self_attn.q_proj.weight": torch.zeros(64, 32)}))
-    message = one_line_error(make_cfg(folder, tmp_path))
+    message = one_line_error(make_spec(folder, tmp_path))
     assert str(folder / "model.safetensors") in message
     assert "'model.layers.1.self_attn.q_proj.weight' has shape [64, 32], expected [64, 64]" in message
 
@@ -123,12 +134,14 @@ def test_wrong_shape_names_file_tensor_and_shapes(tiny_model_dir, tmp_path):
 def test_missing_shard_and_missing_checkpoint(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir("llama"), tmp_path / "m")
     names = list(load_file(folder / "model.safetensors"))
-    (folder / loading.INDEX).write_text(json.dumps({"weight_map": dict.fromkeys(names, "model-00001-of-00002.safetensors")}))
+    (folder / loading.INDEX).write_text(
+        json.dumps({"weight_map": dict.fromkeys(names, "model-00001-of-00002.safetensors")})
+    )
     (folder / "model.safetensors").unlink()
-    message = one_line_error(make_cfg(folder, tmp_path))
+    message = one_line_error(make_spec(folder, tmp_path))
     assert "model-00001-of-00002.safetensors" in message and "does not exist" in message
     (folder / loading.INDEX).unlink()
-    assert "no model.safetensors or model.safetensors.index.json" in one_line_error(make_cfg(folder, tmp_path))
+    assert "no model.safetensors or model.safetensors.index.json" in one_line_error(make_spec(folder, tmp_path))
 
 
 # ---------------------------------------------------------------- peak host memory
@@ -136,7 +149,7 @@ PROBE = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
     from cap_common.config import config_from_dict
-    from cap_common.models import load_stage, open_model
+    from cap_common.models import ModelSpec, load_stage, open_model
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -145,16 +158,18 @@ PROBE = textwrap.dedent("""
 
     folder = Path(sys.argv[1])
     cfg = config_from_dict(dict(model_dir=str(folder), lr=1e-4, sequence_len=16, output_dir=str(folder / "out"),
-                                lora_rank=4, use_control_adapters=True, datasets=[{"dataset_path": "x"}]),
+                                lora_rank=4, use_control_adapters=True, model_dtype="float32",
+                                datasets=[{"dataset_path": "x"}]),
                            folder / "cfg.toml")
+    spec = ModelSpec.from_config(cfg)
     source = open_model(folder)
     positions = range(source.num_layers + 2)
-    load_stage(cfg, [positions[-1]], "meta", torch.float32)  # imports and code paths: fixed overhead
+    load_stage(spec, [positions[-1]], "meta")  # imports and code paths: fixed overhead
     result = {}
     for device in ("meta", "cpu"):
         before = status("VmRSS:")
         open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark to now
-        layers = load_stage(cfg, positions, device, torch.float32)
+        layers = load_stage(spec, positions, device)
         result[device] = {"before": before, "peak": status("VmHWM:"), "after": status("VmRSS:")}
     print(json.dumps(result))
 """)
@@ -163,27 +178,37 @@ PROBE = textwrap.dedent("""
 def peak_rss(folder: Path) -> dict:
     """{device: {before, peak, after}} bytes of RSS around loading the whole model to meta, then cpu."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(folder)], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(folder)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_layer_wise_load_keeps_peak_rss_near_one_layer(tmp_path):
-    folder = assets.tiny_model("llama", tmp_path / "big", hidden_size=1024, intermediate_size=4096,
-                               num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=4)
+    folder = assets.tiny_model(
+        "llama",
+        tmp_path / "big",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_hidden_layers=4,
+    )
     tensors = load_file(folder / "model.safetensors")
     layer_bytes = sum(t.nbytes for n, t in tensors.items() if n.startswith("model.layers.0."))
     model_bytes = sum(t.nbytes for t in tensors.values())
     del tensors
-    mb = 2 ** 20
+    mb = 2**20
     overhead = 40 * mb  # allocator slack, a tensor's copy in flight, Python objects
     rss = peak_rss(folder)
     off, on = rss["meta"], rss["cpu"]
-    print(f"\nlayer {layer_bytes / mb:.0f} MB, model {model_bytes / mb:.0f} MB; "
-          f"to meta: peak +{(off['peak'] - off['before']) / mb:.0f} MB; "
-          f"to cpu: peak +{(on['peak'] - on['before']) / mb:.0f} MB, resident +{(on['after'] - on['before']) / mb:.0f} MB")
+    print(
+        f"\nlayer {layer_bytes / mb:.0f} MB, model {model_bytes / mb:.0f} MB; "
+        f"to meta: peak +{(off['peak'] - off['before']) / mb:.0f} MB; "
+        f"to cpu: peak +{(on['peak'] - on['before']) / mb:.0f} MB, resident +{(on['after'] - on['before']) / mb:.0f} MB"
+    )
     # Layers moved off the host (meta stands in for a GPU): the host holds about one layer at a time.
     assert off["peak"] - off["before"] < 2 * layer_bytes + overhead
     # Layers kept on the host: the model itself plus about one layer in flight, never two copies.
@@ -192,7 +217,15 @@ def test_layer_wise_load_keeps_peak_rss_near_one_layer(tmp_path):
 
 def test_full_fine_tune_of_tied_model_over_stages_is_refused(tiny_model_dir, tmp_path):
     raw = dict(full_fine_tune=True, pipeline_stages=2)
-    cfg = config_from_dict(dict(model_dir=str(tiny_model_dir("cohere")), lr=1e-4, sequence_len=16,
-                                output_dir=str(tmp_path / "out"), datasets=[{"dataset_path": "x"}], **raw),
-                           tmp_path / "cfg.toml")
-    assert "tied embeddings" in one_line_error(cfg, stage=0)
+    cfg = config_from_dict(
+        dict(
+            model_dir=str(tiny_model_dir("cohere")),
+            lr=1e-4,
+            sequence_len=16,
+            output_dir=str(tmp_path / "out"),
+            datasets=[{"dataset_path": "x"}],
+            **raw,
+        ),
+        tmp_path / "cfg.toml",
+    )
+    assert "tied embeddings" in one_line_error(ModelSpec.from_config(cfg), stage=0)

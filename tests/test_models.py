@@ -1,6 +1,7 @@
 """Pipeline layers of every family against independent references: transformers (zero adapters,
 padding, sliding windows, 1 and 2 stages), float64 math (control adapters, block and writers),
 PEFT (LoRA) and dequantized weights (QLoRA)."""
+
 from __future__ import annotations
 
 import copy
@@ -15,13 +16,22 @@ from cap_common.adapters.control import orthonormal
 from cap_common.adapters.factors import spectral_factors
 from cap_common.adapters.lora import LoraLinear
 from cap_common.config import config_from_dict
-from cap_common.models import (FAMILIES, DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, build_pipeline_layers,
-                           labels_and_classes, layer_specs, stage_parts)
+from cap_common.models import (
+    FAMILIES,
+    DecoderLayerPipe,
+    EmbeddingPipe,
+    LmHeadPipe,
+    ModelSpec,
+    build_pipeline_layers,
+    labels_and_classes,
+    layer_specs,
+    stage_parts,
+)
 from tests import assets
 
 FAMILY_NAMES = list(assets.FAMILIES) + ["phi3"]
 PAD = 2  # a token id; padding is recognized by class 0, not by id
-T = 20   # longer than the tiny sliding windows (8)
+T = 20  # longer than the tiny sliding windows (8)
 TRANSFORMED = [1, 2]
 
 # The residual writers of each family, as the reference sees them (weights [out=H, in]).
@@ -62,7 +72,8 @@ def hf_model(folder: Path, family: str, dtype=torch.float32):
     key = (str(folder), dtype)
     if key not in _HF:
         _HF[key] = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation=FAMILIES[family].attention).eval()
+            folder, dtype=dtype, attn_implementation=FAMILIES[family].attention
+        ).eval()
     return _HF[key]
 
 
@@ -74,9 +85,21 @@ def float64_copy(model):
 
 
 def make_cfg(folder: Path, tmp_path: Path, **keys):
-    raw = dict(model_dir=str(folder), lr=1e-4, sequence_len=T, output_dir=str(tmp_path / "out"), lora_rank=4,
-               datasets=[{"dataset_path": "x"}], **keys)
-    return config_from_dict(raw, tmp_path / "cfg.toml")
+    raw = dict(
+        model_dir=str(folder),
+        lr=1e-4,
+        sequence_len=T,
+        output_dir=str(tmp_path / "out"),
+        lora_rank=4,
+        model_dtype="float32",
+        datasets=[{"dataset_path": "x"}],
+    )
+    return config_from_dict({**raw, **keys}, tmp_path / "cfg.toml")
+
+
+def make_spec(folder: Path, tmp_path: Path, **keys) -> ModelSpec:
+    """The model of a config with these keys (model_dtype float32 unless given)."""
+    return ModelSpec.from_config(make_cfg(folder, tmp_path, **keys))
 
 
 def run(layers, input_ids, control_class):
@@ -143,8 +166,9 @@ def test_stage_parts_are_contiguous_and_balanced(n_layers, stages):
 def test_unsupported_model_type_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "num_hidden_layers": 2}')
     from cap_common.errors import CapError
+
     with pytest.raises(CapError) as e:
-        build_pipeline_layers(make_cfg(tmp_path, tmp_path), torch.float32)
+        build_pipeline_layers(make_spec(tmp_path, tmp_path))
     msg = str(e.value)
     assert "'gpt2' is not supported" in msg and "llama" in msg and "gemma2" in msg and "\n" not in msg
 
@@ -160,12 +184,12 @@ def test_zero_adapters_match_transformers(family, model_dir, tmp_path):
     real[1, 14:] = False
     with torch.no_grad():
         ref = hf_model(folder, family)(ids, attention_mask=real.long()).logits
-        one = run(build_pipeline_layers(make_cfg(folder, tmp_path, use_control_adapters=True), torch.float32),
-                  ids, cc)
-        cfg2 = make_cfg(folder, tmp_path, use_control_adapters=True, pipeline_stages=2,
-                        control_adapter_target="writers")
-        stage0 = build_pipeline_layers(cfg2, torch.float32, stage=0)
-        stage1 = build_pipeline_layers(cfg2, torch.float32, stage=1)
+        one = run(build_pipeline_layers(make_spec(folder, tmp_path, use_control_adapters=True)), ids, cc)
+        spec2 = make_spec(
+            folder, tmp_path, use_control_adapters=True, pipeline_stages=2, control_adapter_target="writers"
+        )
+        stage0 = build_pipeline_layers(spec2, stage=0)
+        stage1 = build_pipeline_layers(spec2, stage=1)
         assert isinstance(stage0[0], EmbeddingPipe) and isinstance(stage1[-1], LmHeadPipe)
         assert len(stage0) + len(stage1) == 6
         two = run(stage0 + stage1, ids, cc)
@@ -179,8 +203,12 @@ def test_zero_adapters_match_transformers(family, model_dir, tmp_path):
 
 
 # Every family with the default type; the other types (spectral: exact inverse for class −1) on a few.
-ADAPTER_CASES = [(f, "full") for f in FAMILY_NAMES] + [("llama", "spectral"), ("mixtral", "symmetrise"),
-                                                       ("gemma2", "spectral"), ("cohere", "antisymmetrise")]
+ADAPTER_CASES = [(f, "full") for f in FAMILY_NAMES] + [
+    ("llama", "spectral"),
+    ("mixtral", "symmetrise"),
+    ("gemma2", "spectral"),
+    ("cohere", "antisymmetrise"),
+]
 
 
 def test_qwen2_sliding_layers_match_transformers(tmp_path):
@@ -190,7 +218,7 @@ def test_qwen2_sliding_layers_match_transformers(tmp_path):
     assert hf.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     ids, cc = batch(pad_from=T)
     with torch.no_grad():
-        got = run(build_pipeline_layers(make_cfg(folder, tmp_path, use_control_adapters=True), torch.float32), ids, cc)
+        got = run(build_pipeline_layers(make_spec(folder, tmp_path, use_control_adapters=True)), ids, cc)
         assert (got - hf(ids).logits).abs().max() <= 1e-5
         hf.config.layer_types = ["full_attention"] * 4  # the windows matter at this length
         assert (got - hf(ids).logits).abs().max() > 1e-3
@@ -201,9 +229,10 @@ def test_control_block_matches_float64_reference(family, adapter_type, model_dir
     """y' = h + Δ + c·W'_c·Δ on layers_to_transform, checked against HF layers run in float64 with
     the adapter added by a forward hook; class 0 positions (padding) are untouched."""
     folder = model_dir(family)
-    cfg = make_cfg(folder, tmp_path, use_control_adapters=True, control_adapter_type=adapter_type,
-                   layers_to_transform=TRANSFORMED)
-    layers = build_pipeline_layers(cfg, torch.float32)
+    spec = make_spec(
+        folder, tmp_path, use_control_adapters=True, control_adapter_type=adapter_type, layers_to_transform=TRANSFORMED
+    )
+    layers = build_pipeline_layers(spec)
     randomize_adapters(layers)
     adapters = adapters_by_layer(layers)
     assert sorted(adapters) == TRANSFORMED
@@ -219,6 +248,7 @@ def test_control_block_matches_float64_reference(family, adapter_type, model_dir
             delta = output - args[0]
             c = classes[..., None].double()
             return output + torch.where(c > 0, delta @ plus.T, torch.where(c < 0, delta @ minus.T, 0 * delta))
+
         hooks.append(hf64.model.layers[i].register_forward_hook(hook))
     with torch.no_grad():
         ref = hf64(ids).logits
@@ -237,9 +267,15 @@ def test_control_writers_equal_replaced_writer_weights(family, adapter_type, mod
     """Target "writers": for tokens all of class c, the same as HF with each writer weight M of the
     transformed layers replaced by (I + c·W'_c)·M (float64, dense)."""
     folder = model_dir(family)
-    cfg = make_cfg(folder, tmp_path, use_control_adapters=True, control_adapter_type=adapter_type,
-                   control_adapter_target="writers", layers_to_transform=TRANSFORMED)
-    layers = build_pipeline_layers(cfg, torch.float32)
+    spec = make_spec(
+        folder,
+        tmp_path,
+        use_control_adapters=True,
+        control_adapter_type=adapter_type,
+        control_adapter_target="writers",
+        layers_to_transform=TRANSFORMED,
+    )
+    layers = build_pipeline_layers(spec)
     randomize_adapters(layers)
     adapters = adapters_by_layer(layers)
     ids, _ = batch(seed=2)
@@ -264,8 +300,8 @@ def test_control_writers_equal_replaced_writer_weights(family, adapter_type, mod
 
 @pytest.mark.parametrize("target", ["block", "writers"])
 def test_control_gradients_reach_only_the_adapters(target, model_dir, tmp_path):
-    cfg = make_cfg(model_dir("mixtral"), tmp_path, use_control_adapters=True, control_adapter_target=target)
-    layers = build_pipeline_layers(cfg, torch.float32)
+    spec = make_spec(model_dir("mixtral"), tmp_path, use_control_adapters=True, control_adapter_target=target)
+    layers = build_pipeline_layers(spec)
     randomize_adapters(layers)
     ids, cc = batch()
     run(layers, ids, cc).square().mean().backward()
@@ -303,8 +339,13 @@ def peft_reference(folder, family, layers, dequantize=False, dtype=torch.float32
                         hf_layer.get_submodule(name).weight.copy_(w)
     targets = sorted({n.rsplit(".", 1)[1] for n in pairs})
     any_pair = next(iter(pairs.values()))
-    config = peft.LoraConfig(r=any_pair.rank, lora_alpha=any_pair.alpha, target_modules=targets,
-                             layers_to_transform=TRANSFORMED, lora_dropout=0.0)
+    config = peft.LoraConfig(
+        r=any_pair.rank,
+        lora_alpha=any_pair.alpha,
+        target_modules=targets,
+        layers_to_transform=TRANSFORMED,
+        lora_dropout=0.0,
+    )
     model = peft.get_peft_model(hf, config)
     found = {}
     for name, mod in model.named_modules():
@@ -330,7 +371,7 @@ def randomize_lora(layers):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_lora_matches_peft(family, model_dir, tmp_path):
     folder = model_dir(family)
-    layers = build_pipeline_layers(make_cfg(folder, tmp_path, layers_to_transform=TRANSFORMED), torch.float32)
+    layers = build_pipeline_layers(make_spec(folder, tmp_path, layers_to_transform=TRANSFORMED))
     randomize_lora(layers)
     for m in layers:
         wrapped = [n for n, mod in m.named_modules() if isinstance(mod, LoraLinear)]
@@ -347,8 +388,9 @@ def test_qlora_matches_dequantized_reference(family, model_dir, tmp_path):
     import bitsandbytes as bnb
 
     folder = model_dir(family)
-    layers = build_pipeline_layers(make_cfg(folder, tmp_path, load_in_4bit=True, layers_to_transform=TRANSFORMED),
-                                   torch.bfloat16)
+    layers = build_pipeline_layers(
+        make_spec(folder, tmp_path, load_in_4bit=True, layers_to_transform=TRANSFORMED, model_dtype="bfloat16")
+    )
     randomize_lora(layers)
     quantized = [n for m in layers for n, mod in m.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
     assert len(quantized) >= 4 * 4
@@ -369,8 +411,8 @@ def test_qlora_matches_dequantized_reference(family, model_dir, tmp_path):
 
 
 def test_full_fine_tune_trains_everything_in_bf16_and_ties_embeddings(model_dir, tmp_path):
-    cfg = make_cfg(model_dir("cohere"), tmp_path, full_fine_tune=True)
-    layers = build_pipeline_layers(cfg, torch.bfloat16)
+    spec = make_spec(model_dir("cohere"), tmp_path, full_fine_tune=True, model_dtype="bfloat16")
+    layers = build_pipeline_layers(spec)
     params = [p for m in layers for p in m.parameters()]
     assert all(p.requires_grad and p.dtype == torch.bfloat16 for p in params)
     assert layers[-1].head.weight is layers[0].embed.weight  # Cohere ties them
@@ -382,11 +424,14 @@ def test_full_fine_tune_trains_everything_in_bf16_and_ties_embeddings(model_dir,
 # ---------------------------------------------------------------- DeepSpeed specs
 def test_layer_specs_are_lazy_and_typed(model_dir, tmp_path, monkeypatch):
     from cap_common.models import loading
+
     reads = []
-    monkeypatch.setattr(loading.Checkpoint, "read",
-                        lambda self, name, what="", _read=loading.Checkpoint.read: reads.append(name) or _read(self, name, what))
-    cfg = make_cfg(model_dir("llama"), tmp_path, use_control_adapters=True)
-    specs = layer_specs(cfg, torch.float32)
+    monkeypatch.setattr(
+        loading.Checkpoint,
+        "read",
+        lambda self, name, what="", _read=loading.Checkpoint.read: reads.append(name) or _read(self, name, what),
+    )
+    specs = layer_specs(make_spec(model_dir("llama"), tmp_path, use_control_adapters=True))
     assert not reads
     assert [s.typename.__name__ for s in specs] == ["EmbeddingPipe"] + ["DecoderLayerPipe"] * 4 + ["LmHeadPipe"]
     layer = specs[3].build()
@@ -404,11 +449,11 @@ def test_lm_head_hands_the_loss_what_the_logits_are_made_of(family, model_dir, t
         seen["labels"], seen["classes"] = labels, classes
         return logits.sum()
 
-    cfg = make_cfg(model_dir(family), tmp_path, use_control_adapters=True)
+    spec = make_spec(model_dir(family), tmp_path, use_control_adapters=True)
     ids, cc = batch()
     with torch.no_grad():
-        logits = run(build_pipeline_layers(cfg, torch.float32), ids, cc)
-        loss = run(build_pipeline_layers(cfg, torch.float32, loss_fn=loss_fn), ids, cc)
+        logits = run(build_pipeline_layers(spec), ids, cc)
+        loss = run(build_pipeline_layers(spec, loss_fn=loss_fn), ids, cc)
     assert loss.ndim == 0
     assert (seen["logits"] - logits).abs().max() <= 1e-5
     labels, classes = labels_and_classes(ids, cc)

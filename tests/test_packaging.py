@@ -1,6 +1,7 @@
 """cap's import names never take another distribution's: `common/` and `kernels/` install as
 `cap_common` and `cap_kernels` (setup.cfg's package_dir), and neither folder is a regular package,
 so from the repository root a real `kernels` or `common` elsewhere on the path still wins."""
+
 from __future__ import annotations
 
 import configparser
@@ -86,8 +87,9 @@ def standin(tmp_path_factory) -> Path:
 
 
 def probe(where: str, cwd: Path, standin: Path) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE, where, str(standin)], cwd=cwd, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, where, str(standin)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr
 

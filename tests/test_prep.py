@@ -5,6 +5,7 @@ with a plain Python loop over tokens, following the rules written in cap_prep/pa
 cap_prep/tokenize.py; cap-prep's vectorised pipeline must produce exactly the same rows.
 Batches, pack steps and shards are made tiny so that every boundary is crossed many times.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import transformers
 
-from cap_prep import build, load_manifest, open_split, prepare
 from cap_common.config import config_from_dict
+from cap_prep import build, load_manifest, open_split, prepare
 from tests.assets import sample_text
 
 L = 24
@@ -52,17 +53,26 @@ def make(tmp_path, tiny_model_dir, monkeypatch):
     """make(datasets, **keys) -> Config; datasets are (docs, {dataset keys}) pairs."""
     model = tiny_model_dir("llama")
     monkeypatch.setattr(build, "BATCH_DOCS", 7)
-    monkeypatch.setattr(build, "CHUNK_BYTES", 3 * 5 * L)     # three rows per pack step
+    monkeypatch.setattr(build, "CHUNK_BYTES", 3 * 5 * L)  # three rows per pack step
 
     def cfg(datasets, **keys):
         tables = []
         for i, (docs, extra) in enumerate(datasets):
             write_all_formats(tmp_path / f"data{i}", docs)
             tables.append({"dataset_path": f"data{i}/*", **extra})
-        raw = {"model_dir": str(model), "output_dir": "out", "lr": 1e-4, "lora_rank": 2,
-               "use_control_adapters": True, "sequence_len": L, "eval_fraction": 0.0, **keys,
-               "datasets": tables}
+        raw = {
+            "model_dir": str(model),
+            "output_dir": "out",
+            "lr": 1e-4,
+            "lora_rank": 2,
+            "use_control_adapters": True,
+            "sequence_len": L,
+            "eval_fraction": 0.0,
+            **keys,
+            "datasets": tables,
+        }
         return config_from_dict(raw, tmp_path / "cfg.toml")
+
     return cfg
 
 
@@ -73,8 +83,16 @@ def tok(tiny_model_dir):
 
 def write_config(folder, model, datasets: list[dict], **keys):
     """A cfg.toml in `folder` with the required keys, `keys` and one [[datasets]] table per dict."""
-    raw = {"model_dir": str(model), "output_dir": "out", "lr": 1e-4, "lora_rank": 2,
-           "use_control_adapters": True, "sequence_len": L, "eval_fraction": 0.0, **keys}
+    raw = {
+        "model_dir": str(model),
+        "output_dir": "out",
+        "lr": 1e-4,
+        "lora_rank": 2,
+        "use_control_adapters": True,
+        "sequence_len": L,
+        "eval_fraction": 0.0,
+        **keys,
+    }
     lines = [f"{k} = {json.dumps(v)}" for k, v in raw.items()]
     for table in datasets:
         lines += ["[[datasets]]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
@@ -130,8 +148,9 @@ CASES = {
     "drop_tails": dict(keys={"drop_tails": True}),
     "no prefix, no suffix": dict(keys={"sequence_prefix": ""}, suffix=""),
     "string prefix and suffix": dict(keys={"sequence_prefix": "Once upon"}, suffix=" The end."),
-    "id prefix, id suffix, mask all special": dict(keys={"sequence_prefix": [5, 6], "mask_tokens": True},
-                                                   suffix=[1, 2]),
+    "id prefix, id suffix, mask all special": dict(
+        keys={"sequence_prefix": [5, 6], "mask_tokens": True}, suffix=[1, 2]
+    ),
     "mask ids, drop_tails, suffix is eos": dict(keys={"mask_tokens": [1, 40, 41], "drop_tails": True}, suffix=1),
     "long prefix": dict(keys={"sequence_prefix": list(range(10, 10 + L - 1))}),
 }
@@ -176,7 +195,7 @@ def test_drop_tails_counts(make, tok):
     cfg = make([(docs, {})], drop_tails=True)
     m = load_manifest(prepare(cfg, quiet=True))
     lengths = [len(reference_tokens(tok, t, None)) for t in docs]
-    tails, tokens, fill = 0, 0, 0        # the documented rule, walked by hand
+    tails, tokens, fill = 0, 0, 0  # the documented rule, walked by hand
     for n in lengths:
         if fill + n >= L - 1:
             cut = fill + n - (L - 1)
@@ -193,7 +212,7 @@ def test_add_prefix_space(make, tok):
     cfg = make([(docs, {})], add_prefix_space=True, sequence_prefix="")
     ids, _ = read(prepare(cfg, quiet=True))
     stream = sum((reference_tokens(tok, " " + t, None) for t in docs), [])
-    assert ids.reshape(-1)[:len(stream)].tolist() == stream
+    assert ids.reshape(-1)[: len(stream)].tolist() == stream
     assert stream != sum((reference_tokens(tok, t, None) for t in docs), [])
 
 
@@ -219,18 +238,18 @@ def test_mix_datasets(mix, make, tok):
     stream, classes = bodies(ids, cls, 1)
     for docs, klass in ((pos, 1), (neg, -1)):
         found = find_documents(stream, tok, docs)
-        assert len(found) == len(docs)                       # every document, whole and in order
+        assert len(found) == len(docs)  # every document, whole and in order
         for i, at in found.items():
             n = len(reference_tokens(tok, docs[i], None))
-            assert (classes[at:at + n] == klass).all()
+            assert (classes[at : at + n] == klass).all()
     n_tokens = sum(len(reference_tokens(tok, t, None)) for t in pos + neg)
-    assert (classes != 0).sum() == n_tokens                  # nothing else, nothing twice
+    assert (classes != 0).sum() == n_tokens  # nothing else, nothing twice
     has_both = ((cls == 1).any(1) & (cls == -1).any(1)).sum()
     padded = (ids[:, -1] == tok.pad_token_id).sum()
     if mix:
         assert has_both > 1 and padded <= 1
     else:
-        assert has_both == 0 and padded <= 2                 # only each dataset's last sequence
+        assert has_both == 0 and padded <= 2  # only each dataset's last sequence
 
 
 def test_neutral_class(make, tok):
@@ -239,7 +258,7 @@ def test_neutral_class(make, tok):
     ids, cls = read(prepare(cfg, quiet=True))
     stream, classes = bodies(ids, cls, 1)
     found = find_documents(stream, tok, docs)
-    per_doc = [set(classes[at:at + len(reference_tokens(tok, docs[i], None))].tolist()) for i, at in found.items()]
+    per_doc = [set(classes[at : at + len(reference_tokens(tok, docs[i], None))].tolist()) for i, at in found.items()]
     assert all(len(c) == 1 and c <= {1, -1} for c in per_doc)
     assert {c.pop() for c in per_doc} == {1, -1}
     again = read(prepare(cfg, quiet=True, force=True))[1]
@@ -256,7 +275,7 @@ def test_max_sequences_keeps_a_subset(make):
     assert m["splits"]["train"]["sequences_before_max"] == len(full_ids) > 10
     rows = [r.tobytes() for r in full_ids]
     at = [rows.index(r.tobytes()) for r in ids]
-    assert at == sorted(at) and len(set(at)) == 10           # a subset, kept in packing order
+    assert at == sorted(at) and len(set(at)) == 10  # a subset, kept in packing order
 
 
 def test_eval_split_whole_documents(make, tok):
@@ -267,18 +286,22 @@ def test_eval_split_whole_documents(make, tok):
     train = find_documents(bodies(*read(folder, "train"), 1)[0], tok, docs)
     held = find_documents(bodies(*read(folder, "eval"), 1)[0], tok, docs)
     assert len(held) == 4 and len(train) == 36 and not set(train) & set(held)
-    assert [d["eval"]["documents"] for d in m["datasets"]] == [4, 0, 1]   # at least one, never all
+    assert [d["eval"]["documents"] for d in m["datasets"]] == [4, 0, 1]  # at least one, never all
     assert [d["train"]["documents"] for d in m["datasets"]] == [36, 1, 2]
     again = read(prepare(cfg, quiet=True, force=True), "eval")[0]
-    assert (again == read(folder, "eval")[0]).all()                        # deterministic ...
+    assert (again == read(folder, "eval")[0]).all()  # deterministic ...
     other = prepare(make([(docs, {})], eval_fraction=0.1, seed=7), quiet=True)
     assert set(find_documents(bodies(*read(other, "eval"), 1)[0], tok, docs)) != set(held)  # ... from the seed
 
 
 def test_manifest_counts_match_shards(make, tok, tmp_path):
     pos = documents(20, seed=10) + ["Masked <|eos|> token."]
-    cfg = make([(pos, {"control_class": 1}), (documents(15, seed=11), {"control_class": -1})],
-               mask_tokens=True, drop_tails=True, eval_fraction=0.2)
+    cfg = make(
+        [(pos, {"control_class": 1}), (documents(15, seed=11), {"control_class": -1})],
+        mask_tokens=True,
+        drop_tails=True,
+        eval_fraction=0.2,
+    )
     folder = prepare(cfg, quiet=True, shard_bytes=3 * 5 * L)
     m = load_manifest(folder)
     for split in ("train", "eval"):
@@ -312,7 +335,7 @@ def test_shards_are_zero_copy_arrow(make):
         chunk = table.column("input_ids").chunk(0)
         ids = chunk.values.to_numpy(zero_copy_only=True)
         assert ids.dtype == np.int32 and len(ids) == len(chunk) * L
-        assert pa.total_allocated_bytes() == before          # nothing was copied into memory
+        assert pa.total_allocated_bytes() == before  # nothing was copied into memory
     split = open_split(folder, "train")
     assert not split.input_ids[0].flags.owndata and not split.input_ids[0].flags.writeable
     assert pa.total_allocated_bytes() == before
@@ -326,10 +349,10 @@ def test_json_lines_in_a_json_file_and_empty_documents(make, tok, tmp_path):
     cfg = make([(documents(4, seed=14), {})], sequence_prefix="")
     folder = tmp_path / "data0"
     (folder / "0.json").write_text('{"text": "First."}\n{"text": ""}\n{"text": "Second."}\n')  # JSON lines
-    (folder / "3-000.txt").write_text("")                                                   # an empty document
+    (folder / "3-000.txt").write_text("")  # an empty document
     m = load_manifest(prepare(cfg, quiet=True))
     ids, _ = read(prepare(cfg, quiet=True))
     first = reference_tokens(tok, "First.", None) + reference_tokens(tok, "Second.", None)
-    assert ids.reshape(-1)[:len(first)].tolist() == first
+    assert ids.reshape(-1)[: len(first)].tolist() == first
     assert m["datasets"][0]["empty_documents"] == 2
-    assert m["datasets"][0]["documents"] == 4 - 1 - 1 + 2   # 0.json held docs 0; 3-000.txt was doc 3
+    assert m["datasets"][0]["documents"] == 4 - 1 - 1 + 2  # 0.json held docs 0; 3-000.txt was doc 3

@@ -1,5 +1,6 @@
 """cap-prep and the file system, through the real command: a full disk or a file-size limit is one
 line and exit code 2 with nothing left behind; the folders it makes follow the umask."""
+
 from __future__ import annotations
 
 import os
@@ -19,15 +20,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cap_prep(config: Path, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cap_prep.cli", str(config)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, preexec_fn=preexec)
+    return subprocess.run(
+        [sys.executable, "-m", "cap_prep.cli", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec,
+    )
 
 
 def file_size_limit(n: int):
     """For preexec_fn: files can grow to n bytes, and a write beyond fails with EFBIG (not SIGXFSZ)."""
+
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
     return limit
 
 
@@ -55,12 +64,13 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(where, dataset, tmp_path
     tokens = dataset
     # the token store is 4 bytes a token; the one shard ~5 bytes a token position (L / (L - 1) per token)
     limit = tokens * 2 if where == "token store" else tokens * 4 + (tokens * 5 * L // (L - 1) - tokens * 4) // 2
-    config = write_config(tmp_path, tiny_model_dir("llama"), [{"dataset_path": "data/*"}],
-                          prepared_dir="out/nested/prepared")
+    config = write_config(
+        tmp_path, tiny_model_dir("llama"), [{"dataset_path": "data/*"}], prepared_dir="out/nested/prepared"
+    )
     result = cap_prep(config, file_size_limit(limit))
     name = "tokens.tmp" if where == "token store" else "train-00000.arrow"
     assert_clean_failure(result, [name, "cannot write", "File too large"], tmp_path / "out", tmp_path / "out")
-    assert not (tmp_path / "out").exists()          # not even the folders cap-prep made for it
+    assert not (tmp_path / "out").exists()  # not even the folders cap-prep made for it
 
 
 @pytest.fixture
@@ -83,12 +93,13 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(dataset, small_disk, tmp_path, tiny_model_dir):
-    assert dataset * 4 > 1 << 20                     # the token store alone does not fit
-    config = write_config(tmp_path, tiny_model_dir("llama"), [{"dataset_path": "data/*"}],
-                          prepared_dir=str(small_disk / "a" / "prepared"))
+    assert dataset * 4 > 1 << 20  # the token store alone does not fit
+    config = write_config(
+        tmp_path, tiny_model_dir("llama"), [{"dataset_path": "data/*"}], prepared_dir=str(small_disk / "a" / "prepared")
+    )
     result = cap_prep(config)
     assert_clean_failure(result, [str(small_disk), "No space left on device"], small_disk, small_disk)
-    assert list(small_disk.iterdir()) == []          # no lock, no temp folder, no "a/prepared"
+    assert list(small_disk.iterdir()) == []  # no lock, no temp folder, no "a/prepared"
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask 022", "umask 027"])

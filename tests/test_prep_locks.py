@@ -1,4 +1,5 @@
 """The build lock: created complete in one step, and taken over at once when no live process can own it."""
+
 from __future__ import annotations
 
 import errno
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cap_prep import cache, dataset_folder
 from cap_common.config import load_config
 from cap_common.files import HOST
+from cap_prep import dataset_folder
+from cap_prep import lock as locks
+from cap_prep.lock import BuildLock
 from tests.test_prep import documents, write_all_formats, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +30,10 @@ def dead_pid() -> int:
 
 LOCKS = {
     "empty": (lambda: b"", "(empty)"),
-    "dead pid on this host": (lambda: json.dumps({"host": HOST, "pid": dead_pid(), "nonce": "x", "time": 0}).encode(),
-                              "is not running)"),
+    "dead pid on this host": (
+        lambda: json.dumps({"host": HOST, "pid": dead_pid(), "nonce": "x", "time": 0}).encode(),
+        "is not running)",
+    ),
 }
 
 
@@ -43,23 +48,25 @@ def test_lock_no_live_process_owns_is_taken_over_at_once(case, tmp_path, tiny_mo
     lock = folder.parent / f"{folder.name}.lock"
     lock.write_bytes(content())
     t0 = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "cap_prep.cli", str(config)], cwd=REPO, capture_output=True,
-                            text=True, timeout=100)
+    result = subprocess.run(
+        [sys.executable, "-m", "cap_prep.cli", str(config)], cwd=REPO, capture_output=True, text=True, timeout=100
+    )
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - t0 < 60                        # far from the 120 s staleness wait
+    assert time.monotonic() - t0 < 60  # far from the 120 s staleness wait
     assert f"removed the stale lock {lock}" in result.stdout and why in result.stdout
     assert sorted(p.name for p in folder.parent.iterdir()) == [".file-hashes.json", folder.name]
 
 
-@pytest.mark.parametrize("content", [b"", b"  \n", b"\x00\x00garbage", b'{"host": "h"}', b'[1, 2]',
-                                     b'{"host": "h", "pid": "12"}'])
+@pytest.mark.parametrize(
+    "content", [b"", b"  \n", b"\x00\x00garbage", b'{"host": "h"}', b'[1, 2]', b'{"host": "h", "pid": "12"}']
+)
 def test_invalid_lock_is_stale_after_a_second(content, tmp_path, monkeypatch):
     """Empty, not JSON, or not {host: str, pid: int}: no live cap-prep holds it (INVALID_GRACE_S covers
     the instant between O_EXCL and the write on filesystems without hard links)."""
-    monkeypatch.setattr(cache, "INVALID_GRACE_S", 0.2)
+    monkeypatch.setattr(locks, "INVALID_GRACE_S", 0.2)
     path = tmp_path / "fp.lock"
     path.write_bytes(content)
-    lock = cache.BuildLock(path)
+    lock = BuildLock(path)
     assert lock.break_if_stale() is None and path.exists()
     time.sleep(0.25)
     assert lock.break_if_stale() in ("empty", "not a cap-prep lock") and not path.exists()
@@ -72,16 +79,16 @@ def test_lock_is_written_before_it_exists(tmp_path, monkeypatch):
     link = os.link
 
     def watch(src, dst):
-        seen.append(json.loads(Path(src).read_text()))        # complete before it gets the lock's name
+        seen.append(json.loads(Path(src).read_text()))  # complete before it gets the lock's name
         link(src, dst)
 
     monkeypatch.setattr(os, "link", watch)
-    first, second = cache.BuildLock(path), cache.BuildLock(path)
+    first, second = BuildLock(path), BuildLock(path)
     assert first.try_acquire() and not second.try_acquire()
     info = json.loads(path.read_text())
     assert info == seen[0] and info["pid"] == os.getpid() and info["host"] == HOST and info["nonce"] == first.nonce
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp.lock"]
-    assert second.break_if_stale() is None                    # a live holder on this host
+    assert second.break_if_stale() is None  # a live holder on this host
     first.release()
     assert second.try_acquire()
     second.release()
@@ -90,13 +97,14 @@ def test_lock_is_written_before_it_exists(tmp_path, monkeypatch):
 
 def test_lock_without_hard_links(tmp_path, monkeypatch):
     """Where the filesystem has no hard links, O_EXCL and one write make the lock."""
+
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
     path = tmp_path / "fp.lock"
-    first = cache.BuildLock(path)
-    assert first.try_acquire() and not cache.BuildLock(path).try_acquire()
+    first = BuildLock(path)
+    assert first.try_acquire() and not BuildLock(path).try_acquire()
     assert json.loads(path.read_text())["nonce"] == first.nonce
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp.lock"]
     first.release()
@@ -104,10 +112,10 @@ def test_lock_without_hard_links(tmp_path, monkeypatch):
 
 def test_other_hosts_lock_waits_for_the_heartbeat_rule(tmp_path, monkeypatch):
     """Another host's lock is only judged by its heartbeat: kept while fresh, removed once silent."""
-    monkeypatch.setattr(cache, "STALE_AFTER_S", 0.3)
+    monkeypatch.setattr(locks, "STALE_AFTER_S", 0.3)
     path = tmp_path / "fp.lock"
     path.write_text(json.dumps({"host": "another-node", "pid": 1, "nonce": "x", "time": 0}))
-    lock = cache.BuildLock(path)
+    lock = BuildLock(path)
     assert lock.break_if_stale() is None and path.exists()
     time.sleep(0.4)
     assert "no heartbeat" in lock.break_if_stale() and not path.exists()

@@ -4,6 +4,7 @@ Before windowed tokenization a 50 MB document took 11 GB (the tokenizer's encodi
 text); now the document's size hardly matters. benchmarks/bench_prep_memory.py measures 1 GB
 inputs and 200 MB documents.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from tests.test_prep import write_config
 from tests.test_prep_windows import make_text
 
 REPO = Path(__file__).resolve().parents[1]
-MB = 20                      # megabytes per document
+MB = 20  # megabytes per document
 PEAK_BOUND_MB = 1024
 
 
@@ -26,15 +27,14 @@ def run_cap_prep(config: Path) -> tuple[int, str, str, float]:
     """(exit code, stdout, stderr, peak RSS in MB) of `cap-prep config`."""
     out_path, err_path = config.with_suffix(".out"), config.with_suffix(".err")
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        code, peak = run_measured([sys.executable, "-m", "cap_prep.cli", str(config)], cwd=REPO, stdout=out,
-                                  stderr=err)
+        code, peak = run_measured([sys.executable, "-m", "cap_prep.cli", str(config)], cwd=REPO, stdout=out, stderr=err)
     return code, out_path.read_text(), err_path.read_text(), peak
 
 
 def one_document(megabytes: int) -> str:
-    block = make_text(0, 1 << 20)          # 1 MiB of sentences, space and newline runs, unicode
+    block = make_text(0, 1 << 20)  # 1 MiB of sentences, space and newline runs, unicode
     rng = np.random.default_rng(0)
-    return "".join(block[rng.integers(0, 1 << 19):] for _ in range(2 * megabytes))[: megabytes << 20]
+    return "".join(block[rng.integers(0, 1 << 19) :] for _ in range(2 * megabytes))[: megabytes << 20]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "txt"])

@@ -5,6 +5,7 @@ dropped, json.loads of the whole text, JSON lines when it finds extra data, the 
 str.splitlines()); cap-prep reads .json one value at a time and .txt in blocks, here with blocks of
 a few bytes so that characters, escapes, numbers and lines are cut everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cap_common.errors import CapError
 from cap_prep import sources
 from cap_prep.sources import InputFile, _split_lines, _text_of, read_documents
-from cap_common.errors import CapError
 
 
 def whole_file_json(path: Path) -> list[str]:
@@ -24,7 +25,7 @@ def whole_file_json(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CapError(f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        raise CapError(f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
     text = text[1:] if text.startswith("\ufeff") else text
     try:
         records = json.loads(text)
@@ -62,14 +63,28 @@ def streamed(path: Path) -> list[str]:
 
 
 PIECES = list('[]{},:" \n\r\t\\0123456789.eE-+truefalsn') + [
-    '"text"', '{"text": "', '"}', "\u2028", "é", "🙂", "\ufeff", "\x85", "\\u00e9", "\\ud83d", "\\ude42", "\\n"]
+    '"text"',
+    '{"text": "',
+    '"}',
+    "\u2028",
+    "é",
+    "🙂",
+    "\ufeff",
+    "\x85",
+    "\\u00e9",
+    "\\ud83d",
+    "\\ude42",
+    "\\n",
+]
 
 
 def random_json_file(rng: random.Random) -> bytes:
     """A list or JSON lines of records, mutated now and then; or just noise; sometimes bad UTF-8 or a BOM."""
     if rng.random() < 0.7:
-        records = [{"text": "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 30))), "n": i}
-                   for i in range(rng.randint(0, 6))]
+        records = [
+            {"text": "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 30))), "n": i}
+            for i in range(rng.randint(0, 6))
+        ]
         if rng.random() < 0.5:
             text = json.dumps(records, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
         else:
@@ -93,7 +108,7 @@ def random_json_file(rng: random.Random) -> bytes:
         data = b"\xef\xbb\xbf" + data
     if rng.random() < 0.05 and data:
         k = rng.randrange(len(data))
-        data = data[:k] + bytes([rng.choice([0xff, 0xc3, 0x80])]) + data[k:]
+        data = data[:k] + bytes([rng.choice([0xFF, 0xC3, 0x80])]) + data[k:]
     return data
 
 
@@ -107,7 +122,7 @@ def test_json_streamed_as_the_whole_file_rule(tmp_path, monkeypatch):
         expected = outcome(whole_file_json, path)
         assert outcome(streamed, path) == expected, (case, path.read_bytes())
         kinds.add(expected[0] if expected[0] == "documents" else expected[1].split(":")[-1][:20])
-    assert len(kinds) > 8          # documents and many kinds of errors were compared
+    assert len(kinds) > 8  # documents and many kinds of errors were compared
 
 
 def test_txt_streamed_as_the_whole_file_rule(tmp_path, monkeypatch):
@@ -120,7 +135,7 @@ def test_txt_streamed_as_the_whole_file_rule(tmp_path, monkeypatch):
             data = b"\xef\xbb\xbf" + data
         if rng.random() < 0.3 and data:
             k = rng.randrange(len(data) + 1)
-            data = data[:k] + bytes([rng.choice([0xff, 0xc3, 0x80, 0xf0])]) + data[k:]
+            data = data[:k] + bytes([rng.choice([0xFF, 0xC3, 0x80, 0xF0])]) + data[k:]
         path.write_bytes(data)
         monkeypatch.setattr(sources, "READ_BYTES", rng.choice([1, 2, 3, 5, 100]))
         try:
@@ -128,15 +143,17 @@ def test_txt_streamed_as_the_whole_file_rule(tmp_path, monkeypatch):
         except CapError as e:
             expected = "error", str(e)
         assert outcome(streamed, path) == expected, (case, data)
-        (doc, size), = read_documents(input_file(path), 0)
-        assert isinstance(doc, str) == (len(data) == 0) and size == len(data)   # above stream_above: blocks
+        ((doc, size),) = read_documents(input_file(path), 0)
+        assert isinstance(doc, str) == (len(data) == 0) and size == len(data)  # above stream_above: blocks
 
 
 def test_lines_split_as_splitlines():
     rng = random.Random(2)
     for _ in range(500):
-        text = "".join(rng.choice(["a", "\r", "\n", "\r\n", "\x0b", "\x1e", "\x85", "\u2028", "bc"])
-                       for _ in range(rng.randint(0, 25)))
+        text = "".join(
+            rng.choice(["a", "\r", "\n", "\r\n", "\x0b", "\x1e", "\x85", "\u2028", "bc"])
+            for _ in range(rng.randint(0, 25))
+        )
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
         blocks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
         assert list(_split_lines(blocks)) == text.splitlines(), blocks

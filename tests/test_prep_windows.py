@@ -5,6 +5,7 @@ dozens of times, at every kind of place: inside words, whitespace runs longer th
 newlines, multi-byte and combining characters, literal special-token strings. The reference is
 always one tokenizer call on the whole text.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,34 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from cap_common.config import config_from_dict
 from cap_prep import build, load_manifest, prepare, sources, windows
 from cap_prep.tokenize import DocumentEncoder, resolve_options
-from cap_common import smollm2
-from cap_common.config import config_from_dict
+from examples.demo import smollm2
 from tests.assets import sample_text
 from tests.test_prep import L, read, reference_pack, reference_tokens
 
-ODD = ["   ", "\n", "\n\n\n", "\t", " " * 90, "\n" * 40, "café ", "naïve façade", "日本語のテキスト", "🙂🚀", "e\u0301",
-       "ﬁne ＡＢＣ", "<|eos|>", "</s>", "x" * 70, "  \n  ", "\r\n", "12345.678", "Ω≈ç√"]
+ODD = [
+    "   ",
+    "\n",
+    "\n\n\n",
+    "\t",
+    " " * 90,
+    "\n" * 40,
+    "café ",
+    "naïve façade",
+    "日本語のテキスト",
+    "🙂🚀",
+    "e\u0301",
+    "ﬁne ＡＢＣ",
+    "<|eos|>",
+    "</s>",
+    "x" * 70,
+    "  \n  ",
+    "\r\n",
+    "12345.678",
+    "Ω≈ç√",
+]
 
 
 def make_text(seed: int, n: int) -> str:
@@ -43,8 +63,9 @@ def metaspace_tokenizer(kind: str) -> Tokenizer:
     specials = ["<unk>", "<s>", "</s>"]
     if kind == "unigram":
         tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>",
-                                          show_progress=False)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=specials, unk_token="<unk>", show_progress=False
+        )
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
@@ -74,7 +95,7 @@ def backends(tiny_model_dir):
 
 def windowed(backend, text, seed: int, stream: bool = False, **sizes) -> list[int]:
     w = windows.Windows(backend, **sizes)
-    if stream:            # the text as a .txt reader hands it over: blocks of any size
+    if stream:  # the text as a .txt reader hands it over: blocks of any size
         rng = random.Random(seed)
         cuts = np.cumsum([0] + [rng.randint(1, 60) for _ in range(len(text))])
         whole = text
@@ -105,8 +126,8 @@ def test_windows_equal_whole_text(name, backends):
     w = windows.Windows(backend)
     assert w.usable and w.words
     if name != "byte-level BPE":
-        assert (w.prefix, w.suffix) == ([1], [2])            # the template's <s> ... </s>
-    assert check_windows(backend, trials=12) > 0             # some whitespace runs outgrew the overlap
+        assert (w.prefix, w.suffix) == ([1], [2])  # the template's <s> ... </s>
+    assert check_windows(backend, trials=12) > 0  # some whitespace runs outgrew the overlap
 
 
 def test_windows_equal_whole_text_smollm2():
@@ -153,13 +174,14 @@ def test_encode_long_follows_the_document_rule(suffix, model, tiny_model_dir, tm
     """encode_long (streamed or not) == the batch path's tokens for the same document."""
     for name, value in (("WINDOW_CHARS", 300), ("OVERLAP_CHARS", 64), ("MARGIN_TOKENS", 4), ("BATCH_WINDOWS", 3)):
         monkeypatch.setattr(windows, name, value)
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir("llama") if model == "tiny"
-                                                     else metaspace_folder(tmp_path))
+    tok = transformers.AutoTokenizer.from_pretrained(
+        tiny_model_dir("llama") if model == "tiny" else metaspace_folder(tmp_path)
+    )
     enc = DocumentEncoder(tok, resolve_options(tok, None, False, "cfg"), suffix, "cfg")
     for seed in range(3):
         text = make_text(seed, 3000)
         if seed == 1:
-            text = (tok.bos_token or "") + text                # a literal BOS at the start: only one goes
+            text = (tok.bos_token or "") + text  # a literal BOS at the start: only one goes
         expected = enc([text])[0].tolist()
         for source in (text, iter([text[:1000], text[1000:1001], text[1001:]])):
             out = []
@@ -171,8 +193,9 @@ def metaspace_folder(folder):
     """A model_dir holding the metaspace tokenizer (cap-prep only loads the tokenizer)."""
     target = folder / "metaspace"
     if not (target / "tokenizer.json").exists():
-        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=metaspace_tokenizer("unigram"), bos_token="<s>",
-                                                    eos_token="</s>", unk_token="<unk>")
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=metaspace_tokenizer("unigram"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
         fast.save_pretrained(target)
         (target / "config.json").write_text("{}")
     return target
@@ -193,10 +216,15 @@ def write_long_inputs(folder, docs: list[str]) -> None:
 @pytest.mark.parametrize("model", ["tiny", "metaspace"])
 def test_prepare_with_long_documents_matches_reference(model, tmp_path, tiny_model_dir, monkeypatch):
     """Long and short documents in every text format: exactly the reference packer's rows."""
-    for name, value in (("LONG_DOC_CHARS", 1500), ("WINDOW_CHARS", 400), ("OVERLAP_CHARS", 64),
-                        ("MARGIN_TOKENS", 4), ("BATCH_WINDOWS", 3)):
+    for name, value in (
+        ("LONG_DOC_CHARS", 1500),
+        ("WINDOW_CHARS", 400),
+        ("OVERLAP_CHARS", 64),
+        ("MARGIN_TOKENS", 4),
+        ("BATCH_WINDOWS", 3),
+    ):
         monkeypatch.setattr(windows, name, value)
-    monkeypatch.setattr(sources, "READ_BYTES", 257)            # .txt blocks, .json reads grown geometrically
+    monkeypatch.setattr(sources, "READ_BYTES", 257)  # .txt blocks, .json reads grown geometrically
     monkeypatch.setattr(build, "BATCH_DOCS", 3)
     monkeypatch.setattr(build, "CHUNK_BYTES", 3 * 5 * L)
     model_dir = tiny_model_dir("llama") if model == "tiny" else metaspace_folder(tmp_path)
@@ -206,20 +234,33 @@ def test_prepare_with_long_documents_matches_reference(model, tmp_path, tiny_mod
     neg = [make_text(200 + i, rng.choice([30, 2500, 6000])) for i in range(8)]
     write_long_inputs(tmp_path / "pos", pos)
     write_long_inputs(tmp_path / "neg", neg)
-    raw = {"model_dir": str(model_dir), "output_dir": "out", "lr": 1e-4, "lora_rank": 2, "sequence_len": L,
-           "eval_fraction": 0.0, "mask_tokens": True, "use_control_adapters": True,
-           "datasets": [{"dataset_path": "pos/*", "control_class": 1},
-                        {"dataset_path": "neg/*", "control_class": -1, "document_suffix": " The end."}]}
+    raw = {
+        "model_dir": str(model_dir),
+        "output_dir": "out",
+        "lr": 1e-4,
+        "lora_rank": 2,
+        "sequence_len": L,
+        "eval_fraction": 0.0,
+        "mask_tokens": True,
+        "use_control_adapters": True,
+        "datasets": [
+            {"dataset_path": "pos/*", "control_class": 1},
+            {"dataset_path": "neg/*", "control_class": -1, "document_suffix": " The end."},
+        ],
+    }
     folder = prepare(config_from_dict(raw, tmp_path / "cfg.toml"), quiet=True, shard_bytes=16 * 5 * L)
 
     masked = set(tok.all_special_ids)
-    stream = [(t, [0 if x in masked else k for x in t])
-              for docs, k, suffix in ((pos, 1, None), (neg, -1, " The end."))
-              for t in (reference_tokens(tok, d, suffix) for d in docs)]
+    stream = [
+        (t, [0 if x in masked else k for x in t])
+        for docs, k, suffix in ((pos, 1, None), (neg, -1, " The end."))
+        for t in (reference_tokens(tok, d, suffix) for d in docs)
+    ]
     prefix = [tok.bos_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    expected = (reference_pack(stream[:len(pos)], prefix, pad, False)
-                + reference_pack(stream[len(pos):], prefix, pad, False))
+    expected = reference_pack(stream[: len(pos)], prefix, pad, False) + reference_pack(
+        stream[len(pos) :], prefix, pad, False
+    )
     ids, cls = read(folder)
     assert ids.tolist() == [r[0] for r in expected]
     assert cls.tolist() == [r[1] for r in expected]

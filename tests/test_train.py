@@ -1,4 +1,5 @@
 """cap-train end to end on tiny models, through the real CLI and DeepSpeed's launcher (gloo on CPU)."""
+
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from cap_train.order import TrainOrder
 from cap_train.schedule import lr_at
-from cap_train.worker import eval_steps
+from cap_train.trainer import eval_steps
 from tests.assets import sample_text
 
 CAP_TRAIN = [sys.executable, "-m", "cap_train.cli"]
@@ -27,14 +28,28 @@ def write_config(folder: Path, model: Path, **keys) -> Path:
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     lines = sample_text(240, seed=5)
-    (data / "pos.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3]).upper()}) + "\n"
-                                            for i in range(0, 120, 3)))
-    (data / "neg.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n"
-                                            for i in range(120, 240, 3)))
+    (data / "pos.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(lines[i : i + 3]).upper()}) + "\n" for i in range(0, 120, 3))
+    )
+    (data / "neg.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(lines[i : i + 3])}) + "\n" for i in range(120, 240, 3))
+    )
     control = keys.get("use_control_adapters", False)
-    base = dict(model_dir=str(model), output_dir=str(folder / "out"), lr=2e-3, sequence_len=32, lora_rank=4,
-                gradient_accumulation_steps=2, micro_batch_size=2, eval_fraction=0.2, evals_per_run=3,
-                model_dtype="float32", seed=7, max_grad_norm=1.0, warmup="none")
+    base = dict(
+        model_dir=str(model),
+        output_dir=str(folder / "out"),
+        lr=2e-3,
+        sequence_len=32,
+        lora_rank=4,
+        gradient_accumulation_steps=2,
+        micro_batch_size=2,
+        eval_fraction=0.2,
+        evals_per_run=3,
+        model_dtype="float32",
+        seed=7,
+        max_grad_norm=1.0,
+        warmup="none",
+    )
     base.update(keys)
     toml = "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n" for k, v in base.items())
     toml += "[[datasets]]\ndataset_path = 'data/pos.jsonl'\ncontrol_class = 1\n"
@@ -47,6 +62,7 @@ def write_config(folder: Path, model: Path, **keys) -> Path:
 def free_port() -> int:
     """A port nobody listens on now (DeepSpeed's rendezvous binds it)."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,8 +70,13 @@ def free_port() -> int:
 
 def run_train(cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=600) -> subprocess.CompletedProcess:
     port = port or free_port()
-    out = subprocess.run(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(port), *extra],
-                         capture_output=True, text=True, timeout=timeout, env=ENV)
+    out = subprocess.run(
+        CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(port), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -65,9 +86,13 @@ def start_train(cfg: Path, procs: int = 1, *extra) -> subprocess.Popen:
     """run_train without waiting (stderr to CFG.err): a few small runs side by side use both cores,
     where one run's start-up is mostly serial Python."""
     with open(cfg.with_suffix(".err"), "w") as err:
-        proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()),
-                                             *extra], stdout=subprocess.DEVNULL, stderr=err, env=ENV,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=ENV,
+            start_new_session=True,
+        )
     proc.err_path = cfg.with_suffix(".err")
     return proc
 
@@ -119,10 +144,18 @@ def test_order_is_a_partition_reshuffled_per_epoch():
 
 def test_resume_plan_groups_the_changed_keys():
     """Applied keys pass; data and model keys need the flag (data restarts the epoch); fixed never."""
-    from cap_train.resume import plan
     from cap_common.errors import CapError
-    old = {"lr": 1e-3, "epochs": 1, "data": "a", "lora_alpha": 4.0, "lora_rank": 4, "processes": 2,
-           "model shape": {"hidden_size": 64}}
+    from cap_train.resume import plan
+
+    old = {
+        "lr": 1e-3,
+        "epochs": 1,
+        "data": "a",
+        "lora_alpha": 4.0,
+        "lora_rank": 4,
+        "processes": 2,
+        "model shape": {"hidden_size": 64},
+    }
     same = plan(old, dict(old), False, "ckpt")
     assert not same.applied and not same.accepted and not same.restart_epoch
     p = plan(old, {**old, "lr": 5e-4, "epochs": 3}, False, "ckpt")
@@ -140,12 +173,14 @@ def test_resume_plan_groups_the_changed_keys():
 
 def test_a_rank_that_lost_its_peer_is_not_blamed():
     import torch.distributed as dist
+
     from cap_train.launch import Failure, _cause
     from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, lost_peer
+
     assert lost_peer(RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"))
     assert lost_peer(dist.DistBackendError("NCCL communicator was aborted"))
     assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not lost_peer(ValueError("Connection reset by peer"))    # not a communication error type
+    assert not lost_peer(ValueError("Connection reset by peer"))  # not a communication error type
     cause = _cause([Failure(0, 10, EXIT_PEER_LOST), Failure(1, 11, -9), Failure(2, 12, EXIT_CRASH)])
     assert cause.rank == 1 and "killed by SIGKILL (signal 9)" in cause.describe()
     assert _cause([Failure(3, 13, EXIT_PEER_LOST)]).rank == 3
@@ -162,9 +197,21 @@ def test_eval_steps_include_first_and_last():
 def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
     """1 process and 2 processes × 2 stages give the same losses; losses fall; adapters help both classes."""
     model = tiny_model_dir("llama")
-    procs = [start_train(write_config(tmp_path / f"p{n}", model, use_control_adapters=True, pipeline_stages=stages,
-                                      epochs=2, lr=5e-3, activation_checkpointing=stages == 2), n)
-             for n, stages in ((1, 1), (2, 2))]      # side by side
+    procs = [
+        start_train(
+            write_config(
+                tmp_path / f"p{n}",
+                model,
+                use_control_adapters=True,
+                pipeline_stages=stages,
+                epochs=2,
+                lr=5e-3,
+                activation_checkpointing=stages == 2,
+            ),
+            n,
+        )
+        for n, stages in ((1, 1), (2, 2))
+    ]  # side by side
     finish(*procs)
     one, two = metrics(tmp_path / "p1" / "out"), metrics(tmp_path / "p2" / "out")
     steps = sorted(s for s in one if s > 0)
@@ -176,7 +223,7 @@ def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
     assert last["eval/loss_class+1"] < first["eval/loss_class+1"]
     assert last["eval/loss_class-1"] < first["eval/loss_class-1"]
     assert sum(l1[-3:]) < sum(l1[:3])
-    # outputs: final adapter in the DESIGN key layout, config beside it
+    # outputs: final adapter in cap's key layout (docs/formats.md, section 4), config beside it
     out = tmp_path / "p1" / "out"
     tensors = load_file(str(out / "epoch2" / "adapter_model.safetensors"))
     assert set(tensors) == {f"base_model.model.model.layers.{i}.control_{x}.weight" for i in range(4) for x in "AB"}
@@ -184,11 +231,21 @@ def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
     assert conf["control_adapter_type"] == "full" and conf["r"] == 4
     # TensorBoard has the named scalars
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss_all",
-                "eval/loss_class+1", "eval/loss_class-1", "adapter/frobenius/layer000", "adapter/spectral/layer003"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "eval/loss_all",
+        "eval/loss_class+1",
+        "eval/loss_class-1",
+        "adapter/frobenius/layer000",
+        "adapter/spectral/layer003",
+    ):
         assert tag in tags
 
 
@@ -204,8 +261,15 @@ def _wait_for(pred, proc, timeout=300):
 
 
 # A checkpoint after nearly every step (0.036 s), 60 steps over the epoch boundary (~47 steps/epoch).
-RESUME_KEYS = dict(use_control_adapters=True, epochs=2, max_steps=60, lora_dropout=0.1,
-                   checkpoint_interval_hours=0.00001, evals_per_run=0, lr=3e-3)
+RESUME_KEYS = dict(
+    use_control_adapters=True,
+    epochs=2,
+    max_steps=60,
+    lora_dropout=0.1,
+    checkpoint_interval_hours=0.00001,
+    evals_per_run=0,
+    lr=3e-3,
+)
 STEPS = 60
 
 
@@ -229,8 +293,13 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, uninter
     ckpts = tmp_path / "out" / "checkpoints"
     log = tmp_path / "killed-run.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--master-port", str(free_port())], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        proc = subprocess.Popen(
+            CAP_TRAIN + [str(cfg), "--master-port", str(free_port())],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=ENV,
+        )
         if kill_at == "after_checkpoint":  # in epoch 1
             seen = _wait_for(lambda: any(_step_of(p) >= 20 for p in ckpts.glob("step*")), proc)
         else:  # while a checkpoint in epoch 2 is being written
@@ -260,7 +329,9 @@ def test_bad_config_and_non_finite_loss_stop_cleanly(tmp_path, tiny_model_dir):
     assert out.returncode == 2 and "pipeline_stages = 2 must divide the world size" in out.stderr
     # A base whose embeddings are NaN: the first loss is NaN, and the run must stop, not train on.
     import shutil
+
     from safetensors.torch import save_file
+
     broken = tmp_path / "broken"
     shutil.copytree(model, broken)
     weights = load_file(str(broken / "model.safetensors"))

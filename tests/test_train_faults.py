@@ -1,5 +1,6 @@
 """cap-train's failures as users meet them: a worker killed by a signal, a rank that fails alone,
 a disk that fills up mid-run, and what a failed run leaves behind."""
+
 from __future__ import annotations
 
 import json
@@ -42,10 +43,17 @@ def _metrics_step(out: Path) -> int:
 def test_a_killed_worker_is_named_in_one_line(tmp_path, tiny_model_dir):
     """kill -9 of rank 1 mid-run: one line naming rank, host and signal; rank 0's collateral
     'Connection reset by peer' stays in its log, whose folder is named."""
-    cfg = write_config(tmp_path, tiny_model_dir("llama"), use_control_adapters=True, pipeline_stages=2,
-                       epochs=50, evals_per_run=0)
-    proc = subprocess.Popen(CAP_TRAIN + [str(cfg), "--num-gpus", "2", "--master-port", str(free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=ENV)
+    cfg = write_config(
+        tmp_path, tiny_model_dir("llama"), use_control_adapters=True, pipeline_stages=2, epochs=50, evals_per_run=0
+    )
+    proc = subprocess.Popen(
+        CAP_TRAIN + [str(cfg), "--num-gpus", "2", "--master-port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=ENV,
+    )
     try:
         deadline = time.time() + 300
         while _metrics_step(tmp_path / "out") < 3 and proc.poll() is None and time.time() < deadline:
@@ -73,14 +81,20 @@ def test_a_rank_that_fails_alone_is_the_one_reported(tmp_path):
     model = tmp_path / "model"
     tokenizer = assets.tiny_tokenizer(model)
     transformers.AutoModelForCausalLM.from_config(assets.tiny_config("llama", tokenizer)).save_pretrained(
-        model, max_shard_size="100KB")
+        model, max_shard_size="100KB"
+    )
     index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
     head_shard = model / index["lm_head.weight"]
     assert index["model.embed_tokens.weight"] != index["lm_head.weight"]
     head_shard.write_bytes(head_shard.read_bytes()[:1000])
     cfg = write_config(tmp_path, model, use_control_adapters=True, pipeline_stages=2, max_steps=2)
-    out = subprocess.run(CAP_TRAIN + [str(cfg), "--num-gpus", "2", "--master-port", str(free_port())],
-                         capture_output=True, text=True, timeout=300, env=ENV)
+    out = subprocess.run(
+        CAP_TRAIN + [str(cfg), "--num-gpus", "2", "--master-port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("cap-train: error (rank 1 on ") and head_shard.name in errors[0]
@@ -92,8 +106,7 @@ def small_disk(tmp_path):
     """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield mount
@@ -107,11 +120,19 @@ def test_a_full_disk_stops_the_run_in_one_line(tmp_path, tiny_model_dir, small_d
     is left, and the checkpoints that were published all verify."""
     out = small_disk / "out"
     (small_disk / "filler").write_bytes(b"\0" * (1024 - 200) * 1024)
-    cfg = write_config(tmp_path, tiny_model_dir("llama"), use_control_adapters=True, epochs=20, evals_per_run=0,
-                       checkpoint_interval_hours=0.00001, output_dir=str(out),
-                       prepared_dir=str(tmp_path / "prepared"))
-    run = subprocess.run(CAP_TRAIN + [str(cfg), "--master-port", str(free_port())], capture_output=True, text=True,
-                         timeout=300, env=ENV)
+    cfg = write_config(
+        tmp_path,
+        tiny_model_dir("llama"),
+        use_control_adapters=True,
+        epochs=20,
+        evals_per_run=0,
+        checkpoint_interval_hours=0.00001,
+        output_dir=str(out),
+        prepared_dir=str(tmp_path / "prepared"),
+    )
+    run = subprocess.run(
+        CAP_TRAIN + [str(cfg), "--master-port", str(free_port())], capture_output=True, text=True, timeout=300, env=ENV
+    )
     assert run.returncode == 2, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("cap-train: error")]
     assert len(errors) == 1 and str(out) in errors[0] and "No space left on device" in errors[0], run.stderr

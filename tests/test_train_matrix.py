@@ -7,6 +7,7 @@ model with the adapter applied by forward hooks from the saved tensors (control 
 must reproduce the eval loss (overall and per class) that cap-train reported at its last step;
 and the two topologies must train the same model (same per-step losses).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,21 +25,31 @@ from tests.test_train import metrics, start_train, write_config
 
 pytestmark = pytest.mark.slow
 
-CONTROL = [("control", t, target) for t in ("full", "symmetrise", "antisymmetrise", "spectral")
-           for target in ("block", "writers")]
+CONTROL = [
+    ("control", t, target)
+    for t in ("full", "symmetrise", "antisymmetrise", "spectral")
+    for target in ("block", "writers")
+]
 CASES = CONTROL + [("lora", None, None), ("qlora", None, None), ("full", None, None)]
 TOPOLOGIES = ((1, 1), (2, 2))
 STEPS = 2
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")      # the tiny Llama's residual writers
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the tiny Llama's residual writers
 
 
 def case_keys(mode: str, adapter_type: str | None, target: str | None) -> dict:
     if mode == "control":
-        return dict(use_control_adapters=True, control_adapter_type=adapter_type, control_adapter_target=target,
-                    lr=2e-2, lora_alpha=8)
-    return {"lora": dict(lr=2e-2, layers_to_transform="1:3"),
-            "qlora": dict(load_in_4bit=True, model_dtype="bfloat16", lr=2e-2),
-            "full": dict(full_fine_tune=True, lr=1e-3)}[mode]
+        return dict(
+            use_control_adapters=True,
+            control_adapter_type=adapter_type,
+            control_adapter_target=target,
+            lr=2e-2,
+            lora_alpha=8,
+        )
+    return {
+        "lora": dict(lr=2e-2, layers_to_transform="1:3"),
+        "qlora": dict(load_in_4bit=True, model_dtype="bfloat16", lr=2e-2),
+        "full": dict(full_fine_tune=True, lr=1e-3),
+    }[mode]
 
 
 # ---------------------------------------------------------------- the reference
@@ -72,11 +83,11 @@ def control_hooks(model, folder: Path, state_classes: list[torch.Tensor]):
         if kind == "spectral":
             state = {"Q": tensors[prefix + "control_Q"], "S": tensors[prefix + "control_S"]}
             d_pos = dense_w(state, kind, scale, "forward").float()
-            d_neg = dense_w(state, kind, scale, "inverse").float()       # Q·diag(e^−S − 1)·Qᵀ
+            d_neg = dense_w(state, kind, scale, "inverse").float()  # Q·diag(e^−S − 1)·Qᵀ
         else:
             state = {"A": tensors[prefix + "control_A.weight"], "B": tensors[prefix + "control_B.weight"]}
             d_pos = dense_w(state, kind, scale, "forward").float()
-            d_neg = -d_pos                                              # class −1 trains I − W'
+            d_neg = -d_pos  # class −1 trains I − W'
 
         def transform(x, d_pos=d_pos, d_neg=d_neg):
             c = state_classes[0].reshape(x.shape[:-1]).unsqueeze(-1).to(x.dtype)
@@ -86,11 +97,13 @@ def control_hooks(model, folder: Path, state_classes: list[torch.Tensor]):
             for path in WRITERS:
                 hooks.append(block.get_submodule(path).register_forward_hook(lambda m, a, out, f=transform: f(out)))
         else:
+
             def block_hook(m, args, kwargs, out, f=transform):
                 h = args[0] if args else kwargs["hidden_states"]
                 y = out[0] if isinstance(out, tuple) else out
                 y = h + f(y - h)
                 return (y, *out[1:]) if isinstance(out, tuple) else y
+
             hooks.append(block.register_forward_hook(block_hook, with_kwargs=True))
     return hooks
 
@@ -99,6 +112,7 @@ def dequantized_base(model_dir: Path, tmp: Path) -> Path:
     """The base with every decoder-layer linear weight replaced by its nf4 (double-quant, block 64)
     round trip, as bitsandbytes quantizes it for QLoRA; bf16, like the trained model computes."""
     import bitsandbytes.functional as F
+
     if tmp.exists():
         return tmp
     tensors = load_file(str(model_dir / "model.safetensors"))
@@ -109,15 +123,18 @@ def dequantized_base(model_dir: Path, tmp: Path) -> Path:
         else:
             tensors[name] = w.to(torch.bfloat16)
     import shutil
+
     from safetensors.torch import save_file
+
     shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return tmp
 
 
 @torch.no_grad()
-def reference_eval_loss(mode: str, model_dir: Path, folder: Path, ids: torch.Tensor, control: torch.Tensor,
-                        tmp: Path) -> dict[str, float]:
+def reference_eval_loss(
+    mode: str, model_dir: Path, folder: Path, ids: torch.Tensor, control: torch.Tensor, tmp: Path
+) -> dict[str, float]:
     """Token-mean cross entropy of the saved model over the eval rows: overall and per class.
     Position t predicts token t+1 and carries its class; class-0 labels carry no loss."""
     dtype = torch.bfloat16 if mode == "qlora" else torch.float32
@@ -128,6 +145,7 @@ def reference_eval_loss(mode: str, model_dir: Path, folder: Path, ids: torch.Ten
         model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
         if mode in ("lora", "qlora"):
             from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, folder)
     model.eval()
     label_class = torch.zeros_like(control)
@@ -138,8 +156,8 @@ def reference_eval_loss(mode: str, model_dir: Path, folder: Path, ids: torch.Ten
     counts = dict.fromkeys(sums, 0)
     try:
         for i in range(len(ids)):
-            current[0] = label_class[i:i + 1]
-            logits = model(input_ids=ids[i:i + 1]).logits[0, :-1].double()
+            current[0] = label_class[i : i + 1]
+            logits = model(input_ids=ids[i : i + 1]).logits[0, :-1].double()
             nll = torch.nn.functional.cross_entropy(logits, ids[i, 1:], reduction="none")
             c = label_class[i, :-1]
             for name, mask in (("all", c != 0), ("class+1", c == 1), ("class-1", c == -1)):
@@ -169,12 +187,21 @@ def trained(tmp_path_factory, tiny_model_dir):
         prepared = root / ("prepared-control" if case[0] == "control" else "prepared-plain")
         for procs, stages in TOPOLOGIES:
             out = root / case_id(case) / f"p{procs}"
-            cfg = write_config(root, model, max_steps=STEPS, evals_per_run=2, eval_fraction=0.15,
-                               prepared_dir=str(prepared), output_dir=str(out), pipeline_stages=stages,
-                               activation_checkpointing=stages == 2, **case_keys(*case))
+            cfg = write_config(
+                root,
+                model,
+                max_steps=STEPS,
+                evals_per_run=2,
+                eval_fraction=0.15,
+                prepared_dir=str(prepared),
+                output_dir=str(out),
+                pipeline_stages=stages,
+                activation_checkpointing=stages == 2,
+                **case_keys(*case),
+            )
             cfg = cfg.rename(root / f"cfg-{case_id(case)}-{procs}.toml")
             jobs.append(((case_id(case), procs), cfg, out, prepared))
-    jobs.sort(key=lambda job: -job[0][1])               # the 2-process runs first, the 1-process ones fill in
+    jobs.sort(key=lambda job: -job[0][1])  # the 2-process runs first, the 1-process ones fill in
     pending, running, results = list(jobs), [], {}
     while pending or running:
         busy = sum(job[0][1] for job, _ in running)
@@ -204,12 +231,12 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
         assert sorted(record) == list(range(STEPS + 1))
         losses[procs] = [record[s]["train/loss"] for s in range(1, STEPS + 1)]
         got = {k: v for k, v in record[STEPS].items() if k.startswith("eval/")}
-        ids, control = eval_rows(prepared, per_batch=2 * 2)   # micro_batch_size × gradient_accumulation_steps
+        ids, control = eval_rows(prepared, per_batch=2 * 2)  # micro_batch_size × gradient_accumulation_steps
         want = reference_eval_loss(mode, model, out / "epoch1", ids, control, tmp_path)
         assert set(got) == set(want) and want["eval/loss_all"] > 0
-        rel = 2e-2 if mode == "qlora" else 1e-4       # QLoRA: both sides compute in bf16, in other orders
+        rel = 2e-2 if mode == "qlora" else 1e-4  # QLoRA: both sides compute in bf16, in other orders
         for name in want:
             assert got[name] == pytest.approx(want[name], rel=rel), (procs, name)
-        if mode != "full":     # the adapter moved the model away from the base
+        if mode != "full":  # the adapter moved the model away from the base
             assert record[STEPS]["eval/loss_all"] != pytest.approx(record[0]["eval/loss_all"], rel=1e-6)
     assert losses[1] == pytest.approx(losses[2], rel=2e-2 if mode == "qlora" else 1e-4)

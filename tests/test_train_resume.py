@@ -1,5 +1,6 @@
 """Resume as users meet it: a changed config (applied, refused, or accepted with a flag), damaged
 checkpoints (the previous complete one is used), and a fresh run that would mix with an old one."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ from tests.test_train import finish, metrics, run_train, start_train, write_conf
 pytestmark = pytest.mark.slow
 
 # A checkpoint after every step; 4 steps, then resumed to 6.
-KEYS = dict(use_control_adapters=True, lora_dropout=0.1, checkpoint_interval_hours=0.00001, evals_per_run=0,
-            lr=3e-3, max_checkpoints=3)
+KEYS = dict(
+    use_control_adapters=True,
+    lora_dropout=0.1,
+    checkpoint_interval_hours=0.00001,
+    evals_per_run=0,
+    lr=3e-3,
+    max_checkpoints=3,
+)
 ADAPTER = "epoch1/adapter_model.safetensors"
 
 
@@ -32,8 +39,11 @@ def runs(tmp_path_factory, tiny_model_dir):
     first, reference = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("reference")
     model = tiny_model_dir("llama")
     finish(start_train(_config(first, model, max_steps=4)), start_train(_config(reference, model, max_steps=6)))
-    assert sorted(p.name for p in (first / "out" / "checkpoints").glob("step*")) == \
-        ["step00000002", "step00000003", "step00000004"]
+    assert sorted(p.name for p in (first / "out" / "checkpoints").glob("step*")) == [
+        "step00000002",
+        "step00000003",
+        "step00000004",
+    ]
     return first, reference / "out"
 
 
@@ -121,13 +131,20 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous(damaged, referenc
     assert (run / "out" / "checkpoints" / ".damaged-step00000004").is_dir()
     _assert_same_weights(reference, run / "out")
     rec, ref = metrics(run / "out"), metrics(reference)
-    for s in (4, 5, 6):   # step 4 was redone from checkpoint 3: the same data and the same loss
+    for s in (4, 5, 6):  # step 4 was redone from checkpoint 3: the same data and the same loss
         assert rec[s]["data/rows_checksum"] == ref[s]["data/rows_checksum"]
         assert rec[s]["train/loss"] == ref[s]["train/loss"]
 
 
-@pytest.mark.parametrize("change", [dict(lora_rank=8), dict(layers_to_transform="0:1"),
-                                    dict(use_control_adapters=False), dict(control_adapter_type="spectral")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(lora_rank=8),
+        dict(layers_to_transform="0:1"),
+        dict(use_control_adapters=False),
+        dict(control_adapter_type="spectral"),
+    ],
+)
 def test_a_change_that_breaks_the_checkpoint_is_one_line(first_run, tmp_path, tiny_model_dir, change):
     run = _copy(first_run, tmp_path)
     before = sorted(p.name for p in (run / "out").rglob("*"))
@@ -138,7 +155,7 @@ def test_a_change_that_breaks_the_checkpoint_is_one_line(first_run, tmp_path, ti
         assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
         key = next(iter(change))
         assert f"{key} " in errors[0] and "→" in errors[0] and "cannot resume" in errors[0]
-    assert sorted(p.name for p in (run / "out").rglob("*")) == before      # nothing touched
+    assert sorted(p.name for p in (run / "out").rglob("*")) == before  # nothing touched
 
 
 def test_changed_data_needs_the_flag_then_restarts_the_epoch(first_run, tmp_path, tiny_model_dir):
@@ -146,7 +163,7 @@ def test_changed_data_needs_the_flag_then_restarts_the_epoch(first_run, tmp_path
     new data's order (an IndexError or a silent 'done' before)."""
     run = _copy(first_run, tmp_path)
     model = tiny_model_dir("llama")
-    cfg = _config(run, model, max_steps=6)   # rewrites the data files as they were
+    cfg = _config(run, model, max_steps=6)  # rewrites the data files as they were
     pos = run / "data" / "pos.jsonl"
     pos.write_text("".join(pos.read_text().splitlines(keepends=True)[:10]))
     out = run_train(cfg, 1, "--resume-from-checkpoint", check=False)
@@ -157,9 +174,11 @@ def test_changed_data_needs_the_flag_then_restarts_the_epoch(first_run, tmp_path
     assert "the data restarts at the start of the current epoch" in out.stderr
     rec = metrics(run / "out")
     assert sorted(rec) == [1, 2, 3, 4, 5, 6]
+
     # step 5 is the new order's first step of epoch 0: rows perm[0:4] of a PCG64([seed, epoch]) permutation
     def train_rows(folder):
         return json.loads((folder / "manifest.json").read_text())["splits"]["train"]["sequences"]
+
     prepared = [p for p in (run / "out" / "prepared").iterdir() if (p / "manifest.json").is_file()]
     small = min(prepared, key=train_rows)
     rows = np.random.Generator(np.random.PCG64([7, 0])).permutation(train_rows(small))[:4]

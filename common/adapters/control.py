@@ -18,6 +18,7 @@ exactly orthonormal and loading it changes nothing.
 The H×H matrix is never built in the forward: x·W'ᵀ is applied through the rank-r factors.
 Class 0 positions get exactly Δ back (bitwise).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,15 @@ def orthonormal(Q: torch.Tensor) -> torch.Tensor:
 class ControlAdapter(nn.Module):
     """The adapter of one decoder layer; `forward(delta, classes)` returns the adapted delta."""
 
-    def __init__(self, hidden_size: int, rank: int, alpha: float, adapter_type: str = "full",
-                 dropout: float = 0.0, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        hidden_size: int,
+        rank: int,
+        alpha: float,
+        adapter_type: str = "full",
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if adapter_type not in TYPES:
             raise ValueError(f"unknown control adapter type {adapter_type!r}; expected one of {TYPES}")

@@ -5,6 +5,7 @@ m×n matrix; the work is QR/SVD/solves of k×k cores. They compute in the dtype 
 pass float64 for exports. Control adapter states are dicts as `ControlAdapter.state()` and
 `io.control_state_by_layer` give them: {"A": [r,H], "B": [H,r]} or {"Q": [H,r], "S": [r]}.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Adapter folders: `adapter_model.safetensors` + `adapter_config.json` (DESIGN 3.1).
+"""Adapter folders: `adapter_model.safetensors` + `adapter_config.json` (docs/formats.md, section 4).
 
 Key layout (i = decoder layer index):
 - control adapters: base_model.model.model.layers.{i}.control_A.weight [r,H], .control_B.weight [H,r];
@@ -8,6 +8,7 @@ Key layout (i = decoder layer index):
 The config is PEFT-LoraConfig-shaped, plus control_adapter_type / control_adapter_target for
 control adapters; a control adapter folder without them (qlora-pipe-lite's) means full / block.
 """
+
 from __future__ import annotations
 
 import json
@@ -171,8 +172,9 @@ def load_adapter(folder) -> tuple[dict[str, torch.Tensor], dict]:
     for key, tensor in tensors.items():
         bad = non_finite(tensor)
         if bad:
-            raise CapError(f"{weights}: {key} holds {bad}; an adapter with NaN or Inf cannot be used "
-                           f"(did training diverge?)")
+            raise CapError(
+                f"{weights}: {key} holds {bad}; an adapter with NaN or Inf cannot be used (did training diverge?)"
+            )
     return tensors, config
 
 
@@ -180,8 +182,7 @@ def non_finite(tensor: torch.Tensor) -> str | None:
     """None when every value is finite (or the dtype is not floating), else 'N NaN and M ±Inf of T values'."""
     if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
         return None
-    return (f"{int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} ±Inf "
-            f"of {tensor.numel()} values")
+    return f"{int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} ±Inf of {tensor.numel()} values"
 
 
 def is_int(v) -> bool:
@@ -201,16 +202,24 @@ CONFIG_TYPES = {
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "r": (lambda v: is_int(v) and v > 0, "a positive integer"),
     "lora_alpha": (lambda v: v is None or is_number(v), "a finite number"),
-    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v),
-                       "a list of strings, a string or null"),
-    "layers_to_transform": (lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))),
-                            "an integer, a list of integers or null"),
+    "target_modules": (
+        lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+        "a list of strings, a string or null",
+    ),
+    "layers_to_transform": (
+        lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))),
+        "an integer, a list of integers or null",
+    ),
     "control_adapter_type": (lambda v: isinstance(v, str), "a string"),
     "control_adapter_target": (lambda v: isinstance(v, str), "a string"),
-    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(is_int(x) and x > 0 for x in v.values())),
-                     "an object mapping module patterns to positive integers"),
-    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(is_number, v.values()))),
-                      "an object mapping module patterns to finite numbers"),
+    "rank_pattern": (
+        lambda v: v is None or (isinstance(v, dict) and all(is_int(x) and x > 0 for x in v.values())),
+        "an object mapping module patterns to positive integers",
+    ),
+    "alpha_pattern": (
+        lambda v: v is None or (isinstance(v, dict) and all(map(is_number, v.values()))),
+        "an object mapping module patterns to finite numbers",
+    ),
     "multiplicative": (lambda v: isinstance(v, bool), "true or false"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -235,21 +244,29 @@ def _check_control(states: dict, config: dict, weights: Path, config_path: Path)
     if kind not in CONTROL_TYPES:
         raise CapError(f"{config_path}: control_adapter_type = {kind!r}; expected one of {', '.join(CONTROL_TYPES)}")
     if target not in CONTROL_TARGETS:
-        raise CapError(f"{config_path}: control_adapter_target = {target!r}; expected one of {', '.join(CONTROL_TARGETS)}")
+        raise CapError(
+            f"{config_path}: control_adapter_target = {target!r}; expected one of {', '.join(CONTROL_TARGETS)}"
+        )
     names = ("Q", "S") if kind == "spectral" else ("A", "B")
     rank = config.get("r")
     hidden = None
     for layer, state in states.items():
         for name in names:
             if name not in state:
-                raise CapError(f"{weights}: missing key {control_key(layer, name)} "
-                               f"(control_adapter_type {kind!r} has {' and '.join(names)} per layer)")
+                raise CapError(
+                    f"{weights}: missing key {control_key(layer, name)} "
+                    f"(control_adapter_type {kind!r} has {' and '.join(names)} per layer)"
+                )
         extra = sorted(set(state) - set(names))
         if extra:
-            raise CapError(f"{weights}: unexpected key {control_key(layer, extra[0])} for control_adapter_type {kind!r}")
+            raise CapError(
+                f"{weights}: unexpected key {control_key(layer, extra[0])} for control_adapter_type {kind!r}"
+            )
         first = state[names[0]]
         if first.dim() != 2:
-            raise CapError(f"{weights}: {control_key(layer, names[0])} has shape {_shape(first)}; expected 2 dimensions")
+            raise CapError(
+                f"{weights}: {control_key(layer, names[0])} has shape {_shape(first)}; expected 2 dimensions"
+            )
         H, r = first.shape if kind == "spectral" else reversed(first.shape)
         if r < 1:
             raise CapError(f"{weights}: {control_key(layer, names[0])} has shape {_shape(first)}: rank 0")
@@ -258,8 +275,10 @@ def _check_control(states: dict, config: dict, weights: Path, config_path: Path)
         for name in names:
             want = {"Q": [hidden, rank], "S": [rank], "A": [rank, hidden], "B": [hidden, rank]}[name]
             if _shape(state[name]) != want:
-                raise CapError(f"{weights}: {control_key(layer, name)} has shape {_shape(state[name])}; expected "
-                               f"{want} (rank r = {rank} from {CONFIG_NAME}, hidden size {hidden})")
+                raise CapError(
+                    f"{weights}: {control_key(layer, name)} has shape {_shape(state[name])}; expected "
+                    f"{want} (rank r = {rank} from {CONFIG_NAME}, hidden size {hidden})"
+                )
 
 
 def _check_lora(tensors: dict, config: dict, weights: Path) -> None:
@@ -269,17 +288,25 @@ def _check_lora(tensors: dict, config: dict, weights: Path) -> None:
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = value
     if not pairs:
-        raise CapError(f"{weights}: no adapter tensors (expected *.control_A.weight / *.control_Q or *.lora_A.weight keys)")
+        raise CapError(
+            f"{weights}: no adapter tensors (expected *.control_A.weight / *.control_Q or *.lora_A.weight keys)"
+        )
     rank = None if config.get("rank_pattern") else config.get("r")
     for module, pair in pairs.items():
         for name in ("A", "B"):
             if name not in pair:
-                raise CapError(f"{weights}: missing key {module}.lora_{name}.weight (LoRA has lora_A and lora_B per module)")
+                raise CapError(
+                    f"{weights}: missing key {module}.lora_{name}.weight (LoRA has lora_A and lora_B per module)"
+                )
             if pair[name].dim() != 2:
-                raise CapError(f"{weights}: {module}.lora_{name}.weight has shape {_shape(pair[name])}; expected 2 dimensions")
+                raise CapError(
+                    f"{weights}: {module}.lora_{name}.weight has shape {_shape(pair[name])}; expected 2 dimensions"
+                )
         r = pair["A"].shape[0] if rank is None else rank
         if pair["A"].shape[0] < 1:
             raise CapError(f"{weights}: {module}.lora_A.weight has shape {_shape(pair['A'])}: rank 0")
         if pair["A"].shape[0] != r or pair["B"].shape[1] != r:
-            raise CapError(f"{weights}: {module}.lora_A.weight {_shape(pair['A'])} and .lora_B.weight {_shape(pair['B'])} "
-                           f"do not share rank r = {r} (lora_A is [r, in], lora_B is [out, r])")
+            raise CapError(
+                f"{weights}: {module}.lora_A.weight {_shape(pair['A'])} and .lora_B.weight {_shape(pair['B'])} "
+                f"do not share rank r = {r} (lora_A is [r, in], lora_B is [out, r])"
+            )

@@ -4,6 +4,7 @@ Same parameters, names and numerics as PEFT's `lora.Linear` (so saved keys are P
 `<module>.lora_A.weight` [r,in], `<module>.lora_B.weight` [out,r]). The base may be an nn.Linear
 or a bitsandbytes Linear4bit (QLoRA); the adapter keeps its own dtype (lora_weight_dtype).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ from cap_common.adapters import factors
 class LoraLinear(nn.Module):
     """base_layer (frozen) + s·lora_B(lora_A(dropout(x))); lora_A kaiming-uniform, lora_B zeros."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32
+    ):
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
@@ -51,8 +53,14 @@ class LoraLinear(nn.Module):
         return {"frobenius": float(sigma.square().sum().sqrt()), "spectral": float(sigma.max())}
 
 
-def inject_lora(model_or_layer: nn.Module, target_modules, rank: int, alpha: float,
-                dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> list[str]:
+def inject_lora(
+    model_or_layer: nn.Module,
+    target_modules,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
     """Replace matching nn.Linear children by LoraLinear; returns the replaced modules' names.
 
     A module matches when the last component of its name is in `target_modules`; None means every

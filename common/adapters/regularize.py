@@ -21,6 +21,7 @@ Q is left alone (W' depends on it only through orth(Q)).
 Every function returns {"norm": ‖W‖_F after, "removed": ‖W_before − W_after‖_F} (for spectral W'₊)
 as 0-dim float64 tensors on the parameters' device: nothing syncs with the device until logged.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -42,8 +43,15 @@ def _norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def regularize_pair_(A: torch.Tensor, B: torch.Tensor, scale: float, lr: float, weight_decay: float,
-                     kind: str = "nuclear", max_norm: float = 0.0) -> dict[str, torch.Tensor]:
+def regularize_pair_(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    lr: float,
+    weight_decay: float,
+    kind: str = "nuclear",
+    max_norm: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Decay then max-norm W = s·B·A in place; A [r,in], B [out,r]. See the module docstring."""
     if kind not in KINDS:
         raise ValueError(f"unknown weight decay type {kind!r}; expected one of {KINDS}")
@@ -55,8 +63,8 @@ def regularize_pair_(A: torch.Tensor, B: torch.Tensor, scale: float, lr: float, 
     if step > 0 and kind == "nuclear":
         A1, B1 = A0 * (1 - 2 * step * scale), B0 * (1 - 2 * step * scale)
     elif step > 0:
-        gram_B, gram_A = B0.T @ B0, A0 @ A0.T           # BᵀB, AAᵀ: [r,r]
-        coef = step * scale**2                          # lr·λ·s · s (W = s·B·A)
+        gram_B, gram_A = B0.T @ B0, A0 @ A0.T  # BᵀB, AAᵀ: [r,r]
+        coef = step * scale**2  # lr·λ·s · s (W = s·B·A)
         if kind == "l1":
             norm = _norm(A0, B0, scale)
             shrink = torch.minimum(norm.new_tensor(step), norm)
@@ -64,7 +72,7 @@ def regularize_pair_(A: torch.Tensor, B: torch.Tensor, scale: float, lr: float, 
         A1, B1 = A0 - coef * (gram_B @ A0), B0 - coef * (B0 @ gram_A)
     if max_norm > 0:
         norm = _norm(A1, B1, scale)
-        factor = (max_norm / norm.clamp_min(max_norm)).sqrt()   # 1 when ‖W‖_F ≤ max
+        factor = (max_norm / norm.clamp_min(max_norm)).sqrt()  # 1 when ‖W‖_F ≤ max
         A1, B1 = A1 * factor, B1 * factor
     A.copy_(A1)
     B.copy_(B1)
@@ -76,8 +84,9 @@ def regularize_pair_(A: torch.Tensor, B: torch.Tensor, scale: float, lr: float, 
 
 
 @torch.no_grad()
-def regularize_spectral_(S: torch.Tensor, lr: float, weight_decay: float, kind: str = "nuclear",
-                         max_norm: float = 0.0) -> dict[str, torch.Tensor]:
+def regularize_spectral_(
+    S: torch.Tensor, lr: float, weight_decay: float, kind: str = "nuclear", max_norm: float = 0.0
+) -> dict[str, torch.Tensor]:
     """Decay then max-norm the log-spectrum S [r] of a spectral control adapter in place."""
     if kind not in KINDS:
         raise ValueError(f"unknown weight decay type {kind!r}; expected one of {KINDS}")
@@ -118,8 +127,9 @@ def regularize_model_(modules, lr: float, cfg) -> dict[str, dict[str, torch.Tens
     stats = {}
     for name, module in _named_adapters(modules):
         if isinstance(module, LoraLinear):
-            stats[name] = regularize_pair_(module.lora_A.weight, module.lora_B.weight, module.scale,
-                                           lr, decay, kind, max_norm)
+            stats[name] = regularize_pair_(
+                module.lora_A.weight, module.lora_B.weight, module.scale, lr, decay, kind, max_norm
+            )
         elif module.adapter_type == "spectral":
             stats[name] = regularize_spectral_(module.S, lr, decay, kind, max_norm)
         else:

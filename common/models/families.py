@@ -10,6 +10,7 @@ Block shapes (h: residual stream, n: norm):
 The residual writers are the modules whose output is added into h (before any post-norm); the
 "writers" control adapter target and cap-export's multiplicative LoRA act on exactly these.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,21 +29,21 @@ WHOLE: tuple = (...,)
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    module: str                     # transformers.models.<module>.modeling_<module>
-    layer: str                      # decoder layer class, built as cls(config, layer_idx)
-    norm: str                       # final norm class, built as cls(hidden_size, eps=...)
-    rotary: str                     # rotary embedding class, built as cls(config=config)
-    block: str = "sequential"       # "sequential" | "parallel" | "sandwich" (see module docstring)
+    module: str  # transformers.models.<module>.modeling_<module>
+    layer: str  # decoder layer class, built as cls(config, layer_idx)
+    norm: str  # final norm class, built as cls(hidden_size, eps=...)
+    rotary: str  # rotary embedding class, built as cls(config=config)
+    block: str = "sequential"  # "sequential" | "parallel" | "sandwich" (see module docstring)
     writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     norm_eps: str = "rms_norm_eps"  # config attribute holding the norms' epsilon
-    sliding: str = "none"           # which layers use sliding-window attention:
-                                    #   "none", "all" (every layer when config.sliding_window is set),
-                                    #   "layer_types" (config.layer_types[i] == "sliding_attention")
-    attention: str = "sdpa"         # attention implementation: "sdpa", or "eager" where sdpa is wrong
-    experts: str | None = None      # MoE experts implementation (transformers' default "grouped_mm")
-    embed_scale: bool = False       # embeddings × √hidden_size (cast to the weight dtype)
-    logit_scale: bool = False       # logits × config.logit_scale
-    final_softcap: bool = False     # logits = cap·tanh(logits/cap), cap = config.final_logit_softcapping
+    sliding: str = "none"  # which layers use sliding-window attention:
+    #   "none", "all" (every layer when config.sliding_window is set),
+    #   "layer_types" (config.layer_types[i] == "sliding_attention")
+    attention: str = "sdpa"  # attention implementation: "sdpa", or "eager" where sdpa is wrong
+    experts: str | None = None  # MoE experts implementation (transformers' default "grouped_mm")
+    embed_scale: bool = False  # embeddings × √hidden_size (cast to the weight dtype)
+    logit_scale: bool = False  # logits × config.logit_scale
+    final_softcap: bool = False  # logits = cap·tanh(logits/cap), cap = config.final_logit_softcapping
     keep_unquantized: tuple[str, ...] = ()  # linear modules never quantized besides embedding / LM head
     fused_experts: str | None = None  # MoE experts with fused 3-D weights, quantized per expert for 4-bit
     sources: Callable[[str, object], list[Source]] | None = None
@@ -72,38 +73,77 @@ def _mixtral_sources(key: str, config) -> list[Source]:
     experts = range(config.num_local_experts)
     legacy = "block_sparse_moe.experts.{}.{}.weight"
     if key == "mlp.experts.gate_up_proj":
-        return ([(legacy.format(e, "w1"), (e, slice(0, inter))) for e in experts]
-                + [(legacy.format(e, "w3"), (e, slice(inter, 2 * inter))) for e in experts])
+        return [(legacy.format(e, "w1"), (e, slice(0, inter))) for e in experts] + [
+            (legacy.format(e, "w3"), (e, slice(inter, 2 * inter))) for e in experts
+        ]
     if key == "mlp.experts.down_proj":
         return [(legacy.format(e, "w2"), (e,)) for e in experts]
     if key.startswith("mlp."):
-        return [("block_sparse_moe." + key[len("mlp."):], WHOLE)]
+        return [("block_sparse_moe." + key[len("mlp.") :], WHOLE)]
     return [(key, WHOLE)]
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "llama", "LlamaDecoderLayer", "LlamaRMSNorm", "LlamaRotaryEmbedding"),
-    Family("mistral", "mistral", "MistralDecoderLayer", "MistralRMSNorm", "MistralRotaryEmbedding",
-           sliding="all"),
-    # Experts are fused 3-D parameters in v5, not Linear modules: the writer is the experts module
-    # as a whole. Its output is Σ_e w_e·down_e(x), so a linear map of it equals the map applied
-    # to every expert's down projection. The router never gets quantized.
-    Family("mixtral", "mixtral", "MixtralDecoderLayer", "MixtralRMSNorm", "MixtralRotaryEmbedding",
-           writers=("self_attn.o_proj", "mlp.experts"), sliding="all", experts="grouped_mm",
-           keep_unquantized=("mlp.gate",), fused_experts="mlp.experts",
-           sources=_mixtral_sources),
-    Family("qwen2", "qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding", sliding="layer_types"),
-    Family("qwen3", "qwen3", "Qwen3DecoderLayer", "Qwen3RMSNorm", "Qwen3RotaryEmbedding", sliding="layer_types"),
-    Family("cohere", "cohere", "CohereDecoderLayer", "CohereLayerNorm", "CohereRotaryEmbedding",
-           block="parallel", norm_eps="layer_norm_eps", logit_scale=True),
-    Family("cohere2", "cohere2", "Cohere2DecoderLayer", "Cohere2LayerNorm", "Cohere2RotaryEmbedding",
-           block="parallel", norm_eps="layer_norm_eps", sliding="layer_types", logit_scale=True),
-    # sdpa has no attention-logit softcapping: Gemma 2 runs eager attention.
-    Family("gemma2", "gemma2", "Gemma2DecoderLayer", "Gemma2RMSNorm", "Gemma2RotaryEmbedding",
-           block="sandwich", sliding="layer_types", attention="eager", embed_scale=True, final_softcap=True),
-    # Fused qkv_proj and gate_up_proj; the writers are the usual two.
-    Family("phi3", "phi3", "Phi3DecoderLayer", "Phi3RMSNorm", "Phi3RotaryEmbedding", sliding="all"),
-)}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "llama", "LlamaDecoderLayer", "LlamaRMSNorm", "LlamaRotaryEmbedding"),
+        Family("mistral", "mistral", "MistralDecoderLayer", "MistralRMSNorm", "MistralRotaryEmbedding", sliding="all"),
+        # Experts are fused 3-D parameters in v5, not Linear modules: the writer is the experts module
+        # as a whole. Its output is Σ_e w_e·down_e(x), so a linear map of it equals the map applied
+        # to every expert's down projection. The router never gets quantized.
+        Family(
+            "mixtral",
+            "mixtral",
+            "MixtralDecoderLayer",
+            "MixtralRMSNorm",
+            "MixtralRotaryEmbedding",
+            writers=("self_attn.o_proj", "mlp.experts"),
+            sliding="all",
+            experts="grouped_mm",
+            keep_unquantized=("mlp.gate",),
+            fused_experts="mlp.experts",
+            sources=_mixtral_sources,
+        ),
+        Family("qwen2", "qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding", sliding="layer_types"),
+        Family("qwen3", "qwen3", "Qwen3DecoderLayer", "Qwen3RMSNorm", "Qwen3RotaryEmbedding", sliding="layer_types"),
+        Family(
+            "cohere",
+            "cohere",
+            "CohereDecoderLayer",
+            "CohereLayerNorm",
+            "CohereRotaryEmbedding",
+            block="parallel",
+            norm_eps="layer_norm_eps",
+            logit_scale=True,
+        ),
+        Family(
+            "cohere2",
+            "cohere2",
+            "Cohere2DecoderLayer",
+            "Cohere2LayerNorm",
+            "Cohere2RotaryEmbedding",
+            block="parallel",
+            norm_eps="layer_norm_eps",
+            sliding="layer_types",
+            logit_scale=True,
+        ),
+        # sdpa has no attention-logit softcapping: Gemma 2 runs eager attention.
+        Family(
+            "gemma2",
+            "gemma2",
+            "Gemma2DecoderLayer",
+            "Gemma2RMSNorm",
+            "Gemma2RotaryEmbedding",
+            block="sandwich",
+            sliding="layer_types",
+            attention="eager",
+            embed_scale=True,
+            final_softcap=True,
+        ),
+        # Fused qkv_proj and gate_up_proj; the writers are the usual two.
+        Family("phi3", "phi3", "Phi3DecoderLayer", "Phi3RMSNorm", "Phi3RotaryEmbedding", sliding="all"),
+    )
+}
 
 
 def tensor_sources(family: Family, key: str, config) -> list[Source]:
@@ -114,8 +154,7 @@ def tensor_sources(family: Family, key: str, config) -> list[Source]:
 
 def family_of(model_type: str, where: str = "config.json") -> Family:
     if model_type not in FAMILIES:
-        raise CapError(f"{where}: model_type '{model_type}' is not supported; supported: "
-                       + ", ".join(FAMILIES))
+        raise CapError(f"{where}: model_type '{model_type}' is not supported; supported: " + ", ".join(FAMILIES))
     return FAMILIES[model_type]
 
 

@@ -11,6 +11,7 @@ position_ids and T (masks are cached per shape), so nothing else needs to cross 
 Sequences may end in padding (class 0): a causal mask keeps every real position from seeing it, so
 no padding mask is needed; pad positions produce unused outputs and carry label −100.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,9 @@ def labels_and_classes(input_ids: torch.Tensor, control_class: torch.Tensor) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def causal_mask(seq_len: int, window: int | None, attention: str, dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor | None:
+def causal_mask(
+    seq_len: int, window: int | None, attention: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
     """Mask [1,1,T,T] letting query q see key k iff k ≤ q (and q − k < window for sliding layers).
 
     sdpa: boolean (True = attend); a full causal sdpa layer gets None, which sdpa runs as
@@ -123,8 +125,17 @@ class DecoderLayerPipe(nn.Module):
     `index` is the layer's index in the model (adapter keys use it); `window` its sliding window.
     """
 
-    def __init__(self, layer: nn.Module, index: int, rotary: nn.Module, window: int | None, attention: str,
-                 adapter: nn.Module | None = None, target: str = "block", writers: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        layer: nn.Module,
+        index: int,
+        rotary: nn.Module,
+        window: int | None,
+        attention: str,
+        adapter: nn.Module | None = None,
+        target: str = "block",
+        writers: tuple[str, ...] = (),
+    ):
         super().__init__()
         self.layer, self.index = layer, index
         self.adapter = adapter
@@ -143,9 +154,11 @@ class DecoderLayerPipe(nn.Module):
         hidden, position_ids, classes, labels = inputs
         if self.rotary.inv_freq.device != hidden.device:
             self.rotary.to(hidden.device)
-        kwargs = dict(position_embeddings=self.rotary(hidden, position_ids), position_ids=position_ids,
-                      attention_mask=causal_mask(hidden.shape[1], self.window, self.attention,
-                                                 hidden.dtype, hidden.device))
+        kwargs = dict(
+            position_embeddings=self.rotary(hidden, position_ids),
+            position_ids=position_ids,
+            attention_mask=causal_mask(hidden.shape[1], self.window, self.attention, hidden.dtype, hidden.device),
+        )
         if self.target == "writers":
             self._classes.value = classes
             try:
@@ -171,8 +184,14 @@ class LmHeadPipe(nn.Module):
     returns, where hidden is after the final norm and logits would be softcap(s·hidden·weightᵀ).
     """
 
-    def __init__(self, norm: nn.Module, head: nn.Linear, logit_scale: float | None = None,
-                 softcap: float | None = None, loss_fn: LossFn | None = None):
+    def __init__(
+        self,
+        norm: nn.Module,
+        head: nn.Linear,
+        logit_scale: float | None = None,
+        softcap: float | None = None,
+        loss_fn: LossFn | None = None,
+    ):
         super().__init__()
         self.norm, self.head = norm, head
         self.logit_scale, self.softcap = logit_scale, softcap
@@ -192,5 +211,11 @@ class LmHeadPipe(nn.Module):
         hidden = self.norm(hidden)
         if self.loss_fn is None:
             return self.logits(hidden)
-        return self.loss_fn(hidden, self.head.weight, labels, classes,
-                            logit_scale=1.0 if self.logit_scale is None else self.logit_scale, softcap=self.softcap)
+        return self.loss_fn(
+            hidden,
+            self.head.weight,
+            labels,
+            classes,
+            logit_scale=1.0 if self.logit_scale is None else self.logit_scale,
+            softcap=self.softcap,
+        )

@@ -8,6 +8,7 @@ host memory stays near one layer, never the model.
 Errors in the folder (no safetensors, a shard the index names but that is missing, a missing
 tensor, a wrong shape) are one-line CapErrors naming the file and the tensor.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,6 +49,7 @@ class Checkpoint:
     @staticmethod
     def _keys(path: Path) -> list[str]:
         from safetensors import SafetensorError, safe_open
+
         try:
             with safe_open(path, framework="pt") as f:
                 return list(f.keys())
@@ -60,6 +62,7 @@ class Checkpoint:
     def read(self, name: str, what: str = "") -> torch.Tensor:
         """The tensor `name`, read alone from its file (the file is closed again at once)."""
         from safetensors import SafetensorError, safe_open
+
         path = self.files.get(name)
         if path is None:
             raise CapError(f"{self.where}: tensor '{name}' is missing{what}")
@@ -78,7 +81,7 @@ class ModelSource:
 
     model_dir: Path
     family: Family
-    config: object          # the transformers config, attention implementation set
+    config: object  # the transformers config, attention implementation set
     checkpoint: Checkpoint
 
     @property
@@ -91,6 +94,13 @@ def open_model(model_dir: Path) -> ModelSource:
     return ModelSource(Path(model_dir), family, config, Checkpoint(model_dir))
 
 
+def meta_decoder_layer(family: Family, config, index: int = 0) -> nn.Module:
+    """transformers decoder layer `index` on the meta device: its modules, tensor names and shapes,
+    with no storage and no random init."""
+    with torch.device("meta"):
+        return family.cls("layer")(config, index)
+
+
 def empty_module(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
     """factory() built on the meta device, then given uninitialized host storage in `dtype`."""
     with torch.device("meta"):
@@ -98,8 +108,13 @@ def empty_module(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Mod
     return module.to(dtype).to_empty(device="cpu")
 
 
-def fill(module: nn.Module, checkpoint: Checkpoint, prefix: str,
-         sources: Callable[[str], list[Source]] = lambda key: [(key, WHOLE)], what: str = "") -> None:
+def fill(
+    module: nn.Module,
+    checkpoint: Checkpoint,
+    prefix: str,
+    sources: Callable[[str], list[Source]] = lambda key: [(key, WHOLE)],
+    what: str = "",
+) -> None:
     """Copy every parameter and persistent buffer of `module` from the checkpoint.
 
     Module tensor `key` is filled from the checkpoint tensors `prefix + name` for (name, index) in
@@ -112,8 +127,10 @@ def fill(module: nn.Module, checkpoint: Checkpoint, prefix: str,
                 value = checkpoint.read(full, what)
                 target = tensor.data[index]
                 if value.shape != target.shape:
-                    raise CapError(f"{checkpoint.files[full]}: tensor '{full}' has shape {list(value.shape)}, "
-                                   f"expected {list(target.shape)} from {checkpoint.model_dir / 'config.json'}")
+                    raise CapError(
+                        f"{checkpoint.files[full]}: tensor '{full}' has shape {list(value.shape)}, "
+                        f"expected {list(target.shape)} from {checkpoint.model_dir / 'config.json'}"
+                    )
                 target.copy_(value)
 
 
@@ -129,9 +146,14 @@ def load_decoder_layer(source: ModelSource, index: int, dtype: torch.dtype, quan
     """transformers decoder layer `index` of the model, on the host (4-bit layers still unquantized:
     moving them to a device quantizes them)."""
     family, config = source.family, source.config
-    layer = empty_module(lambda: family.cls("layer")(config, index), dtype)
-    fill(layer, source.checkpoint, f"model.layers.{index}.", lambda key: tensor_sources(family, key, config),
-         what=f" (layer {index} of this {family.model_type} model)")
+    layer = empty_module(lambda: meta_decoder_layer(family, config, index), dtype)
+    fill(
+        layer,
+        source.checkpoint,
+        f"model.layers.{index}.",
+        lambda key: tensor_sources(family, key, config),
+        what=f" (layer {index} of this {family.model_type} model)",
+    )
     if quantize:
         if family.fused_experts:
             parent, _, leaf = family.fused_experts.rpartition(".")
@@ -178,8 +200,15 @@ def _linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape
-    q = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                          compress_statistics=True, quant_type="nf4", device="meta")
+    q = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        device="meta",
+    )
     q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
     return q
 
@@ -200,7 +229,9 @@ class Experts4bit(nn.Module):
         self.gate_up = nn.ModuleList(_linear4bit(w, compute_dtype) for w in experts.gate_up_proj.data.unbind(0))
         self.down = nn.ModuleList(_linear4bit(w, compute_dtype) for w in experts.down_proj.data.unbind(0))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """hidden_states [N,H], top_k_index / top_k_weights [N,K] → [N,H]."""
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
@@ -211,7 +242,9 @@ class Experts4bit(nn.Module):
         return out
 
 
-def quantize_4bit(module: nn.Module, keep: tuple[str, ...] = (), compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+def quantize_4bit(
+    module: nn.Module, keep: tuple[str, ...] = (), compute_dtype: torch.dtype = torch.bfloat16
+) -> list[str]:
     """Replace every nn.Linear in `module` (except those under a name in `keep`) by a bitsandbytes
     Linear4bit: nf4, double quantization, `compute_dtype` compute. The weights are quantized when
     the module is next moved with .to(device). Returns the replaced names."""
@@ -223,10 +256,16 @@ def quantize_4bit(module: nn.Module, keep: tuple[str, ...] = (), compute_dtype: 
             continue
         if any(name == k or name.startswith(k + ".") for k in keep):
             continue
-        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4")
+        q = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4")
         if child.bias is not None:
             q.bias = nn.Parameter(child.bias.data, requires_grad=False)
         q.requires_grad_(False)

@@ -1,22 +1,23 @@
-"""The pipeline model of a Config: its layers, which stage holds which, and building one stage.
+"""The pipeline model of a ModelSpec: its layers, which stage holds which, and building one stage.
 
 Pipeline positions: 0 = embedding, 1..N = decoder layers 0..N−1, N+1 = final norm + LM head.
 Stage s holds positions [parts[s], parts[s+1]) with `parts = stage_parts(N, stages)`, the same
 split DeepSpeed makes with partition_method=PARTITION_METHOD (equal numbers of decoder layers).
 
-For cap-train:
-    specs = layer_specs(cfg, dtype, device, loss_fn)     # lazy: DeepSpeed builds only its stage's
-    PipelineModule(layers=specs, num_stages=cfg.pipeline_stages, loss_fn=None,
+For cap-train (spec = ModelSpec.from_config(cfg)):
+    specs = layer_specs(spec, device, loss_fn)     # lazy: DeepSpeed builds only its stage's
+    PipelineModule(layers=specs, num_stages=spec.pipeline_stages, loss_fn=None,
                    partition_method=PARTITION_METHOD, activation_checkpoint_interval=1,
                    checkpointable_layers=["DecoderLayerPipe"])
-Outside DeepSpeed (tests, cap-export verify): `build_pipeline_layers(cfg, dtype, device, stage)`
+Outside DeepSpeed (tests, cap-export verify): `build_pipeline_layers(spec, device, stage)`
 gives the modules themselves; running them in order maps (input_ids, control_class) to logits.
 
-Trainable parameters by cfg.mode: control → the control adapters; lora / qlora → the LoRA pairs
+Trainable parameters by spec.mode: control → the control adapters; lora / qlora → the LoRA pairs
 (qlora on a 4-bit base); full → everything. Adapters go only on layers_to_transform (None = all)
-and are initialized from a seed derived from cfg.seed and the layer index, so any split into
+and are initialized from a seed derived from spec.seed and the layer index, so any split into
 stages gives the same model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,19 +29,28 @@ from torch import nn
 
 from cap_common.adapters.control import ControlAdapter
 from cap_common.adapters.lora import inject_lora
-from cap_common.config import Config
 from cap_common.errors import CapError
 from cap_common.models.layers import DecoderLayerPipe, EmbeddingPipe, LmHeadPipe, LossFn
-from cap_common.models.loading import (ModelSource, load_decoder_layer, load_embedding, load_final_norm,
-                                   load_lm_head, open_model, release_host_memory, rotary_embedding)
+from cap_common.models.loading import (
+    ModelSource,
+    load_decoder_layer,
+    load_embedding,
+    load_final_norm,
+    load_lm_head,
+    meta_decoder_layer,
+    open_model,
+    release_host_memory,
+    rotary_embedding,
+)
+from cap_common.models.spec import ModelSpec
 
 PARTITION_METHOD = "type:DecoderLayerPipe"
-ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def stage_parts(num_layers: int, stages: int) -> list[int]:
     """Stage boundaries over the N+2 pipeline positions, exactly as DeepSpeed's PARTITION_METHOD."""
     from deepspeed.runtime.utils import partition_balanced
+
     return partition_balanced([0] + [1] * num_layers + [0], stages)
 
 
@@ -52,34 +62,41 @@ def _seeded(seed: int):
 
 
 class StageBuilder:
-    """Builds pipeline positions of one model folder under one Config, one at a time."""
+    """Builds the pipeline positions of a ModelSpec, one at a time, onto `device`.
 
-    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                 loss_fn: LossFn | None = None, source: ModelSource | None = None):
-        self.cfg, self.dtype, self.device, self.loss_fn = cfg, dtype, torch.device(device), loss_fn
-        self.source = source or open_model(cfg.model_dir)
+    `source` is the opened model folder when the caller has it already (default: spec.model_dir)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str | torch.device = "cpu",
+        loss_fn: LossFn | None = None,
+        source: ModelSource | None = None,
+    ):
+        self.spec, self.dtype, self.device, self.loss_fn = spec, spec.dtype, torch.device(device), loss_fn
+        self.source = source or open_model(spec.model_dir)
         self.num_layers = self.source.num_layers
-        self.trainable_base = cfg.mode == "full"
+        self.trainable_base = spec.trainable_base
         self.tied = bool(getattr(self.source.config, "tie_word_embeddings", False))
         self._embedding: nn.Embedding | None = None  # kept to tie the LM head to, when both are built here
-        if self.trainable_base and getattr(cfg, "pipeline_stages", 1) > 1 and self.tied:
+        if self.trainable_base and spec.pipeline_stages > 1 and self.tied:
             # Each end would train its own copy of the tied matrix (no DeepSpeed TiedLayerSpec yet).
-            raise CapError(f"{cfg.source}: full_fine_tune of a model with tied embeddings ({cfg.model_dir.name}) "
-                           "needs pipeline_stages = 1")
+            raise CapError(
+                f"{spec.source}: full_fine_tune of a model with tied embeddings ({spec.model_dir.name}) "
+                "needs pipeline_stages = 1"
+            )
 
     @functools.cached_property
     def linear_names(self) -> tuple[str, ...]:
         """Names (last component) of the nn.Linear modules of an unquantized decoder layer."""
-        family, config = self.source.family, self.source.config
-        with torch.device("meta"):
-            layer = family.cls("layer")(config, 0)
+        layer = meta_decoder_layer(self.source.family, self.source.config)
         return tuple(sorted({n.rpartition(".")[2] for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        """cfg.target_modules, by default every linear of the unquantized layer: the same modules
+        """spec.target_modules, by default every linear of the unquantized layer: the same modules
         with and without 4-bit (whose per-expert linears of fused MoE experts are not targets)."""
-        return self.cfg.target_modules or self.linear_names
+        return self.spec.target_modules or self.linear_names
 
     def position_class(self, position: int) -> type[nn.Module]:
         if position == 0:
@@ -102,7 +119,7 @@ class StageBuilder:
         family, config = self.source.family, self.source.config
         embed = load_embedding(self.source, self.dtype).requires_grad_(self.trainable_base)
         self._embedding = embed
-        return EmbeddingPipe(embed, config.hidden_size ** 0.5 if family.embed_scale else None)
+        return EmbeddingPipe(embed, config.hidden_size**0.5 if family.embed_scale else None)
 
     def head(self) -> LmHeadPipe:
         family, config = self.source.family, self.source.config
@@ -112,57 +129,76 @@ class StageBuilder:
             head.weight = self._embedding.weight
         else:
             head = load_lm_head(self.source, self.dtype).requires_grad_(self.trainable_base)
-        return LmHeadPipe(norm, head,
-                          logit_scale=config.logit_scale if family.logit_scale else None,
-                          softcap=config.final_logit_softcapping if family.final_softcap else None,
-                          loss_fn=self.loss_fn)
+        return LmHeadPipe(
+            norm,
+            head,
+            logit_scale=config.logit_scale if family.logit_scale else None,
+            softcap=config.final_logit_softcapping if family.final_softcap else None,
+            loss_fn=self.loss_fn,
+        )
 
     def decoder_layer(self, index: int) -> DecoderLayerPipe:
-        cfg, family, config = self.cfg, self.source.family, self.source.config
-        layer = load_decoder_layer(self.source, index, self.dtype, quantize=cfg.load_in_4bit)
+        spec, family, config = self.spec, self.source.family, self.source.config
+        layer = load_decoder_layer(self.source, index, self.dtype, quantize=spec.load_in_4bit)
         layer.requires_grad_(self.trainable_base)
-        transformed = cfg.layers_to_transform is None or index in cfg.layers_to_transform
+        transformed = spec.layers_to_transform is None or index in spec.layers_to_transform
         adapter = None
-        if transformed and cfg.mode in ("control", "lora", "qlora"):
-            adapter_dtype = ADAPTER_DTYPES[cfg.lora_weight_dtype]
-            with _seeded(cfg.seed * 1_000_003 + index):
-                if cfg.mode == "control":
-                    adapter = ControlAdapter(config.hidden_size, cfg.lora_rank, cfg.alpha, cfg.control_adapter_type,
-                                             cfg.lora_dropout, adapter_dtype)
+        if transformed and spec.mode in ("control", "lora", "qlora"):
+            with _seeded(spec.seed * 1_000_003 + index):
+                if spec.mode == "control":
+                    adapter = ControlAdapter(
+                        config.hidden_size,
+                        spec.rank,
+                        spec.alpha,
+                        spec.control_adapter_type,
+                        spec.dropout,
+                        spec.adapter_dtype,
+                    )
                 else:
                     targets = self.lora_targets
-                    if not inject_lora(layer, targets, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, adapter_dtype):
-                        raise CapError(f"{cfg.source}: target_modules = {list(targets)} match no linear module of "
-                                       f"decoder layer {index}; its linear modules: {', '.join(self.linear_names)}")
+                    if not inject_lora(layer, targets, spec.rank, spec.alpha, spec.dropout, spec.adapter_dtype):
+                        raise CapError(
+                            f"{spec.source}: target_modules = {list(targets)} match no linear module of "
+                            f"decoder layer {index}; its linear modules: {', '.join(self.linear_names)}"
+                        )
         sliding = family.layer_types(config)[index] == "sliding_attention"
-        return DecoderLayerPipe(layer, index, rotary_embedding(self.source), config.sliding_window if sliding else None,
-                                family.attention, adapter, cfg.control_adapter_target, family.writers)
+        return DecoderLayerPipe(
+            layer,
+            index,
+            rotary_embedding(self.source),
+            config.sliding_window if sliding else None,
+            family.attention,
+            adapter,
+            spec.control_adapter_target,
+            family.writers,
+        )
 
 
-def load_stage(cfg: Config, positions: Iterable[int], device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.bfloat16, loss_fn: LossFn | None = None) -> list[nn.Module]:
+def load_stage(
+    spec: ModelSpec, positions: Iterable[int], device: str | torch.device = "cpu", loss_fn: LossFn | None = None
+) -> list[nn.Module]:
     """The modules of the given pipeline positions, built, loaded and moved to `device` one by one.
 
     Only these positions' tensors are read. With tied embeddings, an LM head built after the
     embedding by the same builder shares its weight.
     """
-    builder = StageBuilder(cfg, dtype, device, loss_fn)
+    builder = StageBuilder(spec, device, loss_fn)
     return [builder.build(p) for p in positions]
 
 
-def build_pipeline_layers(cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                          stage: int | None = None, loss_fn: LossFn | None = None) -> list[nn.Module]:
-    """The layers of pipeline stage `stage` of cfg.pipeline_stages (None: the whole model)."""
-    builder = StageBuilder(cfg, dtype, device, loss_fn)
+def build_pipeline_layers(
+    spec: ModelSpec, device: str | torch.device = "cpu", stage: int | None = None, loss_fn: LossFn | None = None
+) -> list[nn.Module]:
+    """The layers of pipeline stage `stage` of spec.pipeline_stages (None: the whole model)."""
+    builder = StageBuilder(spec, device, loss_fn)
     positions = range(builder.num_layers + 2)
     if stage is not None:
-        parts = stage_parts(builder.num_layers, cfg.pipeline_stages)
+        parts = stage_parts(builder.num_layers, spec.pipeline_stages)
         positions = range(parts[stage], parts[stage + 1])
     return [builder.build(p) for p in positions]
 
 
-def layer_specs(cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                loss_fn: LossFn | None = None) -> list:
+def layer_specs(spec: ModelSpec, device: str | torch.device = "cpu", loss_fn: LossFn | None = None) -> list:
     """DeepSpeed LayerSpecs of all N+2 positions; building one loads just that position."""
     from deepspeed.pipe import LayerSpec
 
@@ -177,5 +213,5 @@ def layer_specs(cfg: Config, dtype: torch.dtype = torch.bfloat16, device: str | 
         def build(self, log: bool = False) -> nn.Module:
             return self.builder.build(self.position)
 
-    builder = StageBuilder(cfg, dtype, device, loss_fn)
+    builder = StageBuilder(spec, device, loss_fn)
     return [LoadSpec(builder, p) for p in range(builder.num_layers + 2)]

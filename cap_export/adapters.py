@@ -1,0 +1,141 @@
+"""The adapters cap-export reads: a trained Control Adapter and a PEFT LoRA, as loaded models.
+
+- `Control` / `load_control`: a Control Adapter (cap's or qlora-pipe-lite's key layout) and its
+  W' factors in each direction (forward, exact inverse, negated).
+- `Lora` / `load_lora`: a PEFT LoRA folder (additive, or multiplicative with the "multiplicative"
+  marker), with PEFT's per-module scaling.
+Every user-facing problem is a one-line CapError naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cap_common.adapters import factors
+from cap_common.adapters.io import WEIGHTS_NAME, control_state_by_layer, load_adapter
+from cap_common.errors import CapError
+from cap_export.folders import adapter_folder, read_provenance
+
+LORA_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(A|B)\.weight$")
+
+
+@dataclass
+class Control:
+    """A trained Control Adapter: per layer {"A","B"} or {"Q","S"}, and its adapter_config."""
+
+    folder: Path
+    config: dict
+    states: dict[int, dict[str, torch.Tensor]]
+
+    @property
+    def adapter_type(self) -> str:
+        return self.config["control_adapter_type"]
+
+    @property
+    def target(self) -> str:
+        return self.config["control_adapter_target"]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.states)
+
+    @property
+    def rank(self) -> int:
+        first = next(iter(self.states.values()))
+        return first["S"].shape[0] if "S" in first else first["A"].shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        first = next(iter(self.states.values()))
+        return first["Q"].shape[0] if "Q" in first else first["A"].shape[1]
+
+    @property
+    def alpha(self) -> float:
+        alpha = self.config.get("lora_alpha")
+        return float(alpha) if alpha is not None else math.sqrt(self.rank)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def factors(self, layer: int, direction: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [H,k], V [k,H]) in float64 with U·V = W'₊ ("forward"), (I+W'₊)⁻¹ − I ("inverse";
+        spectral: W'₋ in closed form, others: Woodbury) or −W'₊ ("negate")."""
+        state = {name: t.to(torch.float64) for name, t in self.states[layer].items()}
+        if direction == "inverse" and self.adapter_type == "spectral":
+            return factors.spectral_factors(state["Q"], state["S"], -1)
+        U, V = factors.control_weight_factors(state, self.adapter_type, self.scale)
+        if direction == "inverse":
+            try:
+                return factors.inverse_factors(U, V)
+            except CapError as e:
+                raise CapError(f"{self.folder}: layer {layer}: {e}") from None
+        if direction == "negate":
+            return -U, V
+        return U, V
+
+
+def load_control(path) -> Control:
+    folder = adapter_folder(path)
+    tensors, config = load_adapter(folder)
+    states = control_state_by_layer(tensors)
+    if not states:
+        raise CapError(
+            f"{folder / WEIGHTS_NAME}: a LoRA adapter, not a Control Adapter "
+            f"(no *.control_A / *.control_Q keys); use `cap-export merge` or `gguf` for LoRA"
+        )
+    return Control(folder, config, states)
+
+
+@dataclass
+class Lora:
+    """A PEFT LoRA: per module (checkpoint-style name, e.g. model.layers.3.mlp.down_proj) its
+    (A [r,in], B [out,r]) and scale, and whether it is multiplicative (A [r,out] acts on M's output)."""
+
+    folder: Path
+    config: dict
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def marked_multiplicative(self) -> bool:
+        return bool(self.config.get("multiplicative")) or self.provenance.get("kind") == "multiplicative"
+
+    def scale(self, module: str) -> float:
+        """PEFT's scaling of one module: alpha/r (alpha/√r with use_rslora); rank_pattern and
+        alpha_pattern keys are regexes matched against the end of the module name, as PEFT does."""
+        r = self.pairs[module][0].shape[0]
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", r))
+        return float(alpha) / (math.sqrt(r) if self.config.get("use_rslora") else r)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def load_lora(path) -> Lora:
+    folder = adapter_folder(path)
+    tensors, config = load_adapter(folder)
+    if control_state_by_layer(tensors):
+        raise CapError(
+            f"{folder / WEIGHTS_NAME}: a Control Adapter, not a LoRA; convert it first with "
+            f"`cap-export additive` (or `multiplicative`)"
+        )
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise CapError(
+                f"{folder / WEIGHTS_NAME}: unexpected key {key} (only lora_A / lora_B weights can be exported)"
+            )
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    return Lora(folder, config, {name: (p["A"], p["B"]) for name, p in pairs.items()}, read_provenance(folder))

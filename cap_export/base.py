@@ -1,0 +1,147 @@
+"""The base model an adapter is applied to: its family, config, which file holds each tensor,
+and where the residual writers' weight matrices are (per-expert names for Mixtral, fused or not
+on disk). Tensors are read one safetensors file at a time, never the whole model.
+Every user-facing problem is a one-line CapError naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from cap_common.errors import CapError
+from cap_common.models.families import WHOLE, Family, load_hf_config, tensor_sources
+from cap_common.models.loading import Checkpoint, meta_decoder_layer
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def model_config(folder: Path) -> tuple[Family, object]:
+    """load_hf_config, with a malformed config.json (a list, wrong types, …) as one line."""
+    try:
+        return load_hf_config(folder)
+    except CapError:
+        raise
+    except Exception as e:  # transformers' config classes raise many kinds (validation, TypeError, …)
+        raise CapError(
+            f"{Path(folder) / 'config.json'}: not a usable model config "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from None
+
+
+class Base:
+    """A base model folder: family, config and the safetensors index, with the residual writers'
+    weight matrices located (their checkpoint names, and for fused experts the slice)."""
+
+    def __init__(self, folder, need_weights: bool = True):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CapError(f"{self.folder}: base model folder not found")
+        self.family, self.config = model_config(self.folder)
+        self.checkpoint = Checkpoint(self.folder) if need_weights else None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return self.checkpoint.files
+
+    @cached_property
+    def _layer_keys(self) -> list[str]:
+        """The decoder layer's own tensor names (relative to model.layers.{i}.), built on meta."""
+        return list(meta_decoder_layer(self.family, self.config).state_dict().keys())
+
+    @cached_property
+    def _writer_keys(self) -> list[str]:
+        return writer_keys(self.family, self.config)
+
+    def writer_names(self, layer: int) -> list[str]:
+        """Checkpoint-style names of the [H, in] matrices that write into the residual stream in
+        decoder layer `layer` (o_proj, down_proj; every expert's w2 for Mixtral)."""
+        return [f"model.layers.{layer}.{rel}" for rel in self._writer_keys]
+
+    def locate(self, name: str) -> tuple[str, tuple]:
+        """Checkpoint-style tensor name → (the tensor that holds it on disk, index of its part).
+
+        A per-expert name whose checkpoint is fused (transformers v5 layout) maps to the fused
+        tensor and the expert's slice; a transformers-v5 module name whose checkpoint keeps the
+        older name (e.g. Mixtral's router mlp.gate) maps to that name."""
+        if name in self.files:
+            return name, WHOLE
+        m = _LAYER.match(name)
+        if m:
+            prefix, rel = f"model.layers.{m.group(1)}.", m.group(2)
+            for key in self._layer_keys:
+                sources = tensor_sources(self.family, key, self.config)
+                for source, index in sources:
+                    if source == rel and prefix + key in self.files:  # fused on disk
+                        return prefix + key, index
+                if key == rel and len(sources) == 1 and sources[0][1] == WHOLE and prefix + sources[0][0] in self.files:
+                    return prefix + sources[0][0], WHOLE  # renamed on disk
+        raise CapError(
+            f"{self.checkpoint.where}: no tensor '{name}' in this {self.family.model_type} model "
+            f"(is the adapter for another model?)"
+        )
+
+    def shape(self, name: str) -> list[int]:
+        """Shape of the (part of the) tensor `name` without reading its data."""
+        from safetensors import SafetensorError, safe_open
+
+        stored, index = self.locate(name)
+        path = self._file(stored)
+        try:
+            with safe_open(path, framework="pt") as f:
+                shape = f.get_slice(stored).get_shape()
+        except (SafetensorError, OSError) as e:
+            raise CapError(f"{path}: not a readable safetensors file ({e})") from None
+        return list(torch.empty(shape, device="meta")[index].shape)
+
+    def _file(self, stored: str) -> Path:
+        path = self.files[stored]
+        if not path.is_file():
+            raise CapError(
+                f"{self.checkpoint.where}: tensor '{stored}' is listed in '{path.name}', which does not exist"
+            )
+        return path
+
+    def read_by_file(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for each name, reading one safetensors file at a time (in file order)."""
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[tuple[str, str, tuple]]] = {}
+        for name in names:
+            stored, index = self.locate(name)
+            by_file.setdefault(self._file(stored), []).append((name, stored, index))
+        for path in sorted(by_file):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for name, stored, index in by_file[path]:
+                        yield name, (f.get_tensor(stored) if index == WHOLE else f.get_slice(stored)[index])
+            except (SafetensorError, OSError) as e:
+                raise CapError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def writer_keys(family: Family, config) -> list[str]:
+    """Residual writer matrices of one decoder layer, as checkpoint names relative to the layer
+    (e.g. self_attn.o_proj.weight, mlp.down_proj.weight, block_sparse_moe.experts.{e}.w2.weight).
+
+    A writer module that is an nn.Linear contributes its weight; a fused experts module (Mixtral in
+    transformers v5) its `down_proj` [E, H, I], which the checkpoint keeps per expert."""
+    layer = meta_decoder_layer(family, config)
+    keys = []
+    for path in family.writers:
+        module = layer.get_submodule(path)
+        key = f"{path}.weight" if isinstance(module, nn.Linear) else f"{path}.down_proj"
+        keys += [source for source, _ in tensor_sources(family, key, config)]
+    return keys

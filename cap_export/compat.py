@@ -1,0 +1,109 @@
+"""Which model family an adapter belongs to, and whether it fits the base model it is used with:
+the family fallback when no base model is given (`family_without_base`), the shape and family
+checks (`check_fits`, `check_lora_family`), and the note when a 'block' adapter's export is only
+an approximation on a family (`approximation_note`).
+Every user-facing problem is a one-line CapError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cap_common.adapters.io import WEIGHTS_NAME
+from cap_common.errors import CapError
+from cap_common.models.families import Family, family_of
+from cap_export.adapters import Control, Lora
+from cap_export.base import Base, model_config
+from cap_export.folders import PROVENANCE
+
+
+def recorded_base(adapter_config: dict) -> Path | None:
+    """The base model folder an adapter records (base_model_name_or_path), when it exists here."""
+    recorded = adapter_config.get("base_model_name_or_path")
+    return Path(recorded) if recorded and (Path(recorded) / "config.json").is_file() else None
+
+
+def family_without_base(
+    control_config: dict, hidden_size: int, mixtral_experts: int | None, cohere: bool
+) -> tuple[Family, object, str]:
+    """Family and a config for naming the writers when no base model is given: from the adapter's
+    base_model_name_or_path if that folder exists, else from --mixtral N / --cohere, else Llama-like
+    names (self_attn.o_proj, mlp.down_proj — the same in every non-MoE family). Returns a note too."""
+    import transformers
+
+    if mixtral_experts is not None and mixtral_experts < 1:
+        raise CapError(f"--mixtral {mixtral_experts}: the number of experts must be at least 1")
+    recorded = recorded_base(control_config)
+    if recorded:
+        family, config = model_config(recorded)
+        return family, config, f"family {family.model_type} from {recorded}/config.json"
+    if mixtral_experts:
+        config = transformers.AutoConfig.for_model(
+            "mixtral",
+            hidden_size=hidden_size,
+            num_local_experts=mixtral_experts,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+        )
+        return family_of("mixtral"), config, f"Mixtral naming with {mixtral_experts} experts (--mixtral)"
+    model_type = "cohere" if cohere else "llama"
+    config = transformers.AutoConfig.for_model(
+        model_type, hidden_size=hidden_size, num_attention_heads=1, num_key_value_heads=1
+    )
+    return (
+        family_of(model_type),
+        config,
+        ("no base model: writers named self_attn.o_proj and mlp.down_proj (pass --base for Mixtral-style models)"),
+    )
+
+
+def check_fits(control: Control, base: Base) -> None:
+    """The adapter was trained on a model of this shape: hidden size and layer indices."""
+    where = control.folder / WEIGHTS_NAME
+    if control.hidden_size != base.hidden_size:
+        raise CapError(
+            f"{where}: hidden size {control.hidden_size}, but {base.folder}/config.json has hidden_size "
+            f"{base.hidden_size} (adapter and base model do not match)"
+        )
+    if max(control.layers) >= base.num_layers:
+        raise CapError(
+            f"{where}: has layer {max(control.layers)}, but {base.folder}/config.json has "
+            f"{base.num_layers} layers (adapter and base model do not match)"
+        )
+    recorded = recorded_base(control.config)
+    if recorded:
+        try:
+            raw = json.loads((recorded / "config.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            raw = None
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        if model_type and model_type != base.family.model_type:
+            raise CapError(
+                f"{where}: trained on a {model_type} model ({recorded}), but {base.folder} is {base.family.model_type}"
+            )
+
+
+def check_lora_family(lora: Lora, base: Base) -> None:
+    """A LoRA that cap-export made for one model family is not applied to another."""
+    made_for = lora.provenance.get("model_type")
+    if made_for and made_for != base.family.model_type:
+        raise CapError(
+            f"{lora.folder}: made for a {made_for} model ({PROVENANCE}), but {base.folder} is {base.family.model_type}"
+        )
+
+
+def approximation_note(target: str, family: Family) -> str | None:
+    """Why the writers form of a 'block' adapter is not exact on this family (None when it is)."""
+    if target != "block" or family.block == "parallel":
+        return None
+    why = (
+        "the MLP reads the attention output before the block's adapter would transform it"
+        if family.block == "sequential"
+        else "the writers' outputs pass through post-norms, and the MLP reads the attention output first"
+    )
+    return (
+        f"this adapter was trained on the whole block delta (control_adapter_target 'block'); on a "
+        f"{family.model_type} model the exported form is an approximation ({why}). "
+        f"`cap-export verify` measures the gap"
+    )

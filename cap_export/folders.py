@@ -1,0 +1,85 @@
+"""Adapter folders and provenance: which folder holds an adapter's two files, and the
+cap_export.json record that cap-export writes beside each export (what it was made from).
+
+- `adapter_folder`: an epoch<N>/ folder, a plain adapter folder, or a training checkpoint with an
+  adapter/ subfolder → the folder holding adapter_model.safetensors + adapter_config.json.
+- `read_provenance`: the cap_export.json beside an export, its values checked against
+  `PROVENANCE_TYPES` (the writers are convert and merge, with cap_common.files.write_json).
+Every user-facing problem is a one-line CapError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cap_common.adapters.io import CONFIG_NAME, WEIGHTS_NAME, check_types, is_int, is_number
+from cap_common.errors import CapError
+
+PROVENANCE = "cap_export.json"  # beside an exported LoRA or merged model: what it was made from
+
+# Which matrix of W' an export uses: W'₊ (class +1), the exact inverse (I+W')⁻¹−I, or −W'.
+DIRECTIONS = ("forward", "inverse", "negate")
+
+
+def adapter_folder(path) -> Path:
+    """The folder holding the two adapter files: `path` itself, or `path`/adapter/ (training checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CapError(f"{path}: not found")
+    if not path.is_dir():
+        raise CapError(
+            f"{path}: not a folder (expected an epoch<N>/ or adapter folder with {WEIGHTS_NAME} and {CONFIG_NAME})"
+        )
+    if (path / WEIGHTS_NAME).exists() or (path / CONFIG_NAME).exists():
+        return path
+    if (path / "adapter" / WEIGHTS_NAME).exists():
+        return path / "adapter"
+    if (path / "ds").is_dir():
+        raise CapError(
+            f"{path}: a training checkpoint without an adapter/ subfolder; use the epoch<N>/ folder "
+            f"(or a checkpoint that holds adapter/{WEIGHTS_NAME} and adapter/{CONFIG_NAME})"
+        )
+    raise CapError(f"{path}: no {WEIGHTS_NAME} and {CONFIG_NAME} here (expected an epoch<N>/ or adapter folder)")
+
+
+def _str_or_null(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+# cap_export.json key → (accepts the value, what is expected); see convert._provenance and merge.merge.
+PROVENANCE_TYPES = {
+    **{
+        key: (_str_or_null, "a string or null")
+        for key in (
+            "kind",
+            "source",
+            "base",
+            "lora",
+            "lora_kind",
+            "model_type",
+            "dtype",
+            "control_adapter_type",
+            "control_adapter_target",
+        )
+    },
+    "direction": (lambda v: v is None or v in DIRECTIONS, f"one of {', '.join(DIRECTIONS)} or null"),
+    "rank": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "scale": (is_number, "a finite number"),
+    "multiplicative": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def read_provenance(folder: Path) -> dict:
+    """The cap_export.json record beside an export ({} when there is none); a corrupt one is a CapError."""
+    path = Path(folder) / PROVENANCE
+    try:
+        record = json.loads(path.read_text())
+    except OSError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CapError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise CapError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    check_types(record, PROVENANCE_TYPES, path)
+    return record

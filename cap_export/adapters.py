@@ -1,7 +1,8 @@
 """The adapters cap-export reads: a trained Control Adapter and a PEFT LoRA, as loaded models.
 
-- `Control` / `load_control`: a Control Adapter (cap's or qlora-pipe-lite's key layout) and its
-  W' factors in each direction (forward, exact inverse, negated).
+- `Control` / `load_control`: a Control Adapter (cap's or qlora-pipe-lite's: A/B or Q/S keys,
+  .safetensors or .bin, type from the config, the run TOML or the tensor names) and its W' factors
+  in each direction (forward, exact inverse, negated).
 - `Lora` / `load_lora`: a PEFT LoRA folder (additive, or multiplicative with the "multiplicative"
   marker), with PEFT's per-module scaling.
 Every user-facing problem is a one-line CapError naming the file.
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 from cap_common.adapters import factors
-from cap_common.adapters.io import WEIGHTS_NAME, control_state_by_layer, load_adapter
+from cap_common.adapters.io import control_state_by_layer, load_adapter, weights_file
 from cap_common.errors import CapError
-from cap_export.folders import adapter_folder, read_provenance
+from cap_export import note
+from cap_export.folders import adapter_folder, read_provenance, run_toml_type
 
 LORA_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(A|B)\.weight$")
@@ -32,6 +34,11 @@ class Control:
     folder: Path
     config: dict
     states: dict[int, dict[str, torch.Tensor]]
+
+    @property
+    def weights(self) -> Path:
+        """The weights file read (adapter_model.safetensors or .bin), for messages."""
+        return weights_file(self.folder)
 
     @property
     def adapter_type(self) -> str:
@@ -83,12 +90,18 @@ class Control:
 
 def load_control(path) -> Control:
     folder = adapter_folder(path)
-    tensors, config = load_adapter(folder)
+    from_toml = run_toml_type(folder)
+    tensors, config = load_adapter(folder, from_toml[0] if from_toml else None)
     states = control_state_by_layer(tensors)
     if not states:
         raise CapError(
-            f"{folder / WEIGHTS_NAME}: a LoRA adapter, not a Control Adapter "
+            f"{weights_file(folder)}: a LoRA adapter, not a Control Adapter "
             f"(no *.control_A / *.control_Q keys); use `cap-export merge` or `gguf` for LoRA"
+        )
+    if from_toml and config["control_adapter_type"] == from_toml[0]:
+        note(
+            f"control_adapter_type {from_toml[0]!r} from {from_toml[1]} (qlora-pipe-lite kept it only in "
+            f"the training config, not in {folder.name}/adapter_config.json)"
         )
     return Control(folder, config, states)
 
@@ -127,7 +140,7 @@ def load_lora(path) -> Lora:
     tensors, config = load_adapter(folder)
     if control_state_by_layer(tensors):
         raise CapError(
-            f"{folder / WEIGHTS_NAME}: a Control Adapter, not a LoRA; convert it first with "
+            f"{weights_file(folder)}: a Control Adapter, not a LoRA; convert it first with "
             f"`cap-export additive` (or `multiplicative`)"
         )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -135,7 +148,7 @@ def load_lora(path) -> Lora:
         m = _LORA_KEY.match(key)
         if m is None:
             raise CapError(
-                f"{folder / WEIGHTS_NAME}: unexpected key {key} (only lora_A / lora_B weights can be exported)"
+                f"{weights_file(folder)}: unexpected key {key} (only lora_A / lora_B weights can be exported)"
             )
         pairs.setdefault(m.group(1), {})[m.group(2)] = value
     return Lora(folder, config, {name: (p["A"], p["B"]) for name, p in pairs.items()}, read_provenance(folder))

@@ -1,6 +1,6 @@
 """cap-export: convert, merge, verify and GGUF-export trained adapters (see README, 'cap-export').
 
-The command line only: each of the five commands checks its arguments, calls the modules that do
+The command line only: each of the six commands checks its arguments, calls the modules that do
 the work and reports. Over 300 lines because the commands' options, help texts and result lines
 live here; the work modules are imported inside each command, so `cap-export --help` never
 imports torch.
@@ -17,6 +17,7 @@ import click
 
 from cap_common.cli import user_errors
 from cap_export import PROG, note
+from cap_export.peer import PeerGroup
 
 _path = click.Path(path_type=Path)
 _exists = click.Path(exists=True, path_type=Path)
@@ -84,7 +85,7 @@ mixtral_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PeerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Turn a trained adapter (an epoch<N>/ folder or a training checkpoint) into files that PEFT,
     transformers and llama.cpp load.
@@ -95,6 +96,7 @@ def main():
     merge BASE LORA OUT                full model folder with the LoRA merged in
     gguf LORA OUT --base BASE          GGUF LoRA adapter for llama.cpp
     verify BASE ADAPTER [EXPORTED]     max |Δlogit| and KL between trained and exported forms
+    inspect ADAPTER                    per-layer norms, singular values and effective ranks
 
     Run `cap-export COMMAND --help` for each; the README's 'cap-export' section explains the math.
     """
@@ -141,12 +143,15 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
         base = Base(base_dir, need_weights=False)
         check_fits(control, base)
         family, config, how = base.family, base.config, f"family {base.family.model_type} from {base_dir}/config.json"
+        made_for = family.model_type
     else:
         family, config, how = family_without_base(control.config, control.hidden_size, mixtral, cohere)
+        # Without a base model only the modules (and the hidden size) are recorded: any family that has them merges it.
+        made_for = family.model_type if inputs["BASE recorded in CKPT"] else None
     converted = convert.multiplicative(
         control,
         writer_keys(family, config),
-        family.model_type,
+        made_for,
         direction,
         dtype,
         str(Path(base_dir).resolve()) if base_dir else "",
@@ -261,10 +266,10 @@ def merge(base_dir, lora_dir, out, multiplicative_flag, scale, force, cohere, mi
 @click.option("--base", "base_dir", type=_path, required=True, help="base model folder (its config.json)")
 @click.option(
     "--outtype",
-    type=click.Choice(["f32", "f16"]),
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False),
     default="f32",
     show_default=True,
-    help="GGUF tensor type of lora_a / lora_b",
+    help="GGUF tensor type of lora_a / lora_b (any case; q8_0 stores rows not a multiple of 32 long as f16)",
 )
 @force_option
 @user_errors(PROG)
@@ -282,6 +287,11 @@ def gguf(lora_dir, out, base_dir, outtype, force):
     lora = load_lora(lora_dir)
     with staged_output(out, force, is_file=True, inputs=inputs) as tmp_file:
         summary = export_gguf(lora, base, tmp_file, outtype)
+    if summary.get("f16_fallback"):
+        note(
+            f"{summary['f16_fallback']} tensors have rows that are not a multiple of 32 values long (q8_0's "
+            f"block), e.g. lora_b [out, r] for r < 32: stored as f16, as llama.cpp's converter does"
+        )
     click.echo(
         f"{PROG} gguf: {summary['tensors']} tensors, architecture {summary['architecture']}, "
         f"alpha {summary['alpha']:g}, {outtype} → {out} ({_mib(Path(out).stat().st_size)}) "
@@ -402,6 +412,42 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
     )
     if not ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("adapter", type=_path)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON document instead of the table")
+@click.option(
+    "--plot", "png", type=_path, default=None, metavar="PNG", help="also draw ‖W'‖_F and ‖W'‖₂ by layer into PNG"
+)
+@click.option("--top", type=int, default=8, show_default=True, help="leading singular values shown per row")
+@user_errors(PROG)
+def inspect(adapter, as_json, png, top):
+    """Per layer of a Control Adapter (W') or per module of a PEFT LoRA (s·B·A): Frobenius and
+    spectral norm, the leading --top singular values and the effective rank, from the factors.
+
+    ADAPTER is an epoch<N>/ folder, a training checkpoint or a LoRA folder. erank = exp(H(p)) with
+    p = σ/Σσ; rank>1% counts σ above 1% of σ_max. See cap_export/inspect_adapter.py.
+    """
+    import json
+
+    from cap_export import inspect_adapter
+
+    start = time.time()
+    if png is not None:
+        inspect_adapter.plot_available()
+        inspect_adapter.check_plot(png, adapter)
+    report = inspect_adapter.inspect(adapter, top)
+    if png is not None:
+        inspect_adapter.write_plot(report, png)
+    if as_json:
+        click.echo(json.dumps({**report.to_json(), "plot": str(png) if png else None}, indent=2))
+        return
+    lines = report.table()
+    lines[-1] += f" [{time.time() - start:.1f} s]"
+    click.echo("\n".join(lines))
+    if png is not None:
+        click.echo(f"plot → {png}")
 
 
 if __name__ == "__main__":

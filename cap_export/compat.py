@@ -1,21 +1,24 @@
 """Which model family an adapter belongs to, and whether it fits the base model it is used with:
 the family fallback when no base model is given (`family_without_base`), the shape and family
-checks (`check_fits`, `check_lora_family`), and the note when a 'block' adapter's export is only
-an approximation on a family (`approximation_note`).
+checks (`check_fits`, `check_lora_family`, and `check_lora_modules` for a multiplicative LoRA made
+without a base model), and the note when a 'block' adapter's export is only an approximation on a
+family (`approximation_note`).
 Every user-facing problem is a one-line CapError naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from cap_common.adapters.io import WEIGHTS_NAME
 from cap_common.errors import CapError
 from cap_common.models.families import Family, family_of
 from cap_export.adapters import Control, Lora
-from cap_export.base import Base, model_config
+from cap_export.base import Base, model_config, writer_keys
 from cap_export.folders import PROVENANCE
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def recorded_base(adapter_config: dict) -> Path | None:
@@ -54,13 +57,16 @@ def family_without_base(
     return (
         family_of(model_type),
         config,
-        ("no base model: writers named self_attn.o_proj and mlp.down_proj (pass --base for Mixtral-style models)"),
+        (
+            "no base model: writers self_attn.o_proj and mlp.down_proj, for any family that has them; "
+            "Mixtral: pass --base or --mixtral N"
+        ),
     )
 
 
 def check_fits(control: Control, base: Base) -> None:
     """The adapter was trained on a model of this shape: hidden size and layer indices."""
-    where = control.folder / WEIGHTS_NAME
+    where = control.weights
     if control.hidden_size != base.hidden_size:
         raise CapError(
             f"{where}: hidden size {control.hidden_size}, but {base.folder}/config.json has hidden_size "
@@ -91,6 +97,49 @@ def check_lora_family(lora: Lora, base: Base) -> None:
         raise CapError(
             f"{lora.folder}: made for a {made_for} model ({PROVENANCE}), but {base.folder} is {base.family.model_type}"
         )
+
+
+def check_lora_modules(lora: Lora, base: Base) -> None:
+    """A multiplicative LoRA that records its modules and hidden size (cap-export multiplicative, any
+    family when made without --base) fits BASE: same hidden size, every module present in every
+    adapted layer, and no residual writer of BASE left out (all of Mixtral's experts)."""
+    modules, hidden = lora.provenance.get("modules"), lora.provenance.get("hidden_size")
+    where = lora.folder / PROVENANCE
+    if hidden and hidden != base.hidden_size:
+        raise CapError(
+            f"{where}: made for hidden size {hidden}, but {base.folder}/config.json has hidden_size "
+            f"{base.hidden_size} (LoRA and base model do not match)"
+        )
+    if not modules:
+        return
+    mixtral = ""
+    if base.family.fused_experts:
+        experts = getattr(base.config, "num_local_experts", None) or "N"
+        mixtral = f"; for this Mixtral model export with --mixtral {experts} (its expert count) or --base {base.folder}"
+    layers = sorted({int(m.group(1)) for m in map(_LAYER.match, lora.pairs) if m})
+    for layer in layers:
+        for module in modules:
+            try:
+                base.locate(f"model.layers.{layer}.{module}.weight")
+            except CapError:
+                raise CapError(
+                    f"{where}: this LoRA is for {', '.join(_short(modules))} in layer {layer}, but "
+                    f"{base.folder} ({base.family.model_type}, {base.num_layers} layers) has no "
+                    f"model.layers.{layer}.{module}{mixtral}"
+                ) from None
+    left_out = [key.removesuffix(".weight") for key in writer_keys(base.family, base.config)]
+    left_out = [key for key in left_out if key not in modules]
+    if left_out:
+        raise CapError(
+            f"{where}: this LoRA is for {', '.join(_short(modules))}, but {base.folder} "
+            f"({base.family.model_type}) also writes the residual stream with {', '.join(_short(left_out))}, "
+            f"which it would leave unchanged{mixtral}"
+        )
+
+
+def _short(modules: list[str]) -> list[str]:
+    """Module names for a message: at most four, then a count."""
+    return modules if len(modules) <= 4 else [*modules[:3], f"… ({len(modules)} in all)"]
 
 
 def approximation_note(target: str, family: Family) -> str | None:

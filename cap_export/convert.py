@@ -84,7 +84,7 @@ def _stored(t: torch.Tensor, dtype: str, key: str, control: Control) -> torch.Te
     return out
 
 
-def _provenance(kind: str, control: Control, direction: str, rank, dtype: str, family: str, base=None) -> dict:
+def _provenance(kind: str, control: Control, direction: str, rank, dtype: str, family, base=None) -> dict:
     return {
         "kind": kind,
         "source": str(control.folder.resolve()),
@@ -101,7 +101,7 @@ def _provenance(kind: str, control: Control, direction: str, rank, dtype: str, f
 def multiplicative(
     control: Control,
     writer_keys: list[str],
-    model_type: str,
+    model_type: str | None,
     direction: str = "forward",
     dtype: str = "float32",
     base_path: str = "",
@@ -110,7 +110,9 @@ def multiplicative(
     """Multiplicative LoRA: on every writer of every adapted layer, lora_A = V [k,H], lora_B = U [H,k].
 
     writer_keys: the writers' checkpoint names relative to a layer (cap_export.base.writer_keys). The
-    adapter_config carries "multiplicative": true so that `merge` applies M ← M + B·(A·M)."""
+    adapter_config carries "multiplicative": true so that `merge` applies M ← M + B·(A·M).
+    model_type: the family it was made for, or None (no base model): cap_export.json then records
+    only the modules and the hidden size, and `merge` takes any base model that has them."""
     tensors, ranks = {}, {}
     for layer in tqdm(control.layers, desc="multiplicative", unit="layer", disable=not progress or None):
         U, V = control.factors(layer, direction)
@@ -123,13 +125,10 @@ def multiplicative(
     config = lora_config(
         ranks, control.layers, base_path or control.config.get("base_model_name_or_path", ""), multiplicative=True
     )
-    return Converted(
-        tensors,
-        config,
-        _provenance("multiplicative", control, direction, None, dtype, model_type),
-        len(ranks),
-        config["r"],
-    )
+    provenance = _provenance("multiplicative", control, direction, None, dtype, model_type)
+    provenance["modules"] = [key.removesuffix(".weight") for key in writer_keys]
+    provenance["hidden_size"] = control.hidden_size
+    return Converted(tensors, config, provenance, len(ranks), config["r"])
 
 
 def left_multiply(V: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

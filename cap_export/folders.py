@@ -2,7 +2,10 @@
 cap_export.json record that cap-export writes beside each export (what it was made from).
 
 - `adapter_folder`: an epoch<N>/ folder, a plain adapter folder, or a training checkpoint with an
-  adapter/ subfolder → the folder holding adapter_model.safetensors + adapter_config.json.
+  adapter/ subfolder → the folder holding adapter_model.safetensors (or qlora-pipe-lite's
+  adapter_model.bin) + adapter_config.json.
+- `run_toml_type`: the control_adapter_type of a qlora-pipe-lite Aug 2025 run, from the training
+  TOML it copied into the run folder (its adapter_config.json lost that field).
 - `read_provenance`: the cap_export.json beside an export, its values checked against
   `PROVENANCE_TYPES` (the writers are convert and merge, with cap_common.files.write_json).
 Every user-facing problem is a one-line CapError naming the file.
@@ -13,7 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cap_common.adapters.io import CONFIG_NAME, WEIGHTS_NAME, check_types, is_int, is_number
+import tomllib
+
+from cap_common.adapters.io import BIN_NAME, CONFIG_NAME, WEIGHTS_NAME, check_types, is_int, is_number
 from cap_common.errors import CapError
 
 PROVENANCE = "cap_export.json"  # beside an exported LoRA or merged model: what it was made from
@@ -31,16 +36,41 @@ def adapter_folder(path) -> Path:
         raise CapError(
             f"{path}: not a folder (expected an epoch<N>/ or adapter folder with {WEIGHTS_NAME} and {CONFIG_NAME})"
         )
-    if (path / WEIGHTS_NAME).exists() or (path / CONFIG_NAME).exists():
+    if any((path / name).exists() for name in (WEIGHTS_NAME, BIN_NAME, CONFIG_NAME)):
         return path
-    if (path / "adapter" / WEIGHTS_NAME).exists():
+    if any((path / "adapter" / name).exists() for name in (WEIGHTS_NAME, BIN_NAME)):
         return path / "adapter"
     if (path / "ds").is_dir():
         raise CapError(
             f"{path}: a training checkpoint without an adapter/ subfolder; use the epoch<N>/ folder "
             f"(or a checkpoint that holds adapter/{WEIGHTS_NAME} and adapter/{CONFIG_NAME})"
         )
-    raise CapError(f"{path}: no {WEIGHTS_NAME} and {CONFIG_NAME} here (expected an epoch<N>/ or adapter folder)")
+    raise CapError(
+        f"{path}: no {WEIGHTS_NAME} (or {BIN_NAME}) and {CONFIG_NAME} here (expected an epoch<N>/ or adapter folder)"
+    )
+
+
+def run_toml_type(folder: Path) -> tuple[str, Path] | None:
+    """(control_adapter_type, the TOML) for a qlora-pipe-lite adapter whose adapter_config.json names
+    no type: its Aug 2025 version kept `control_adapter_type` (full / symmetrise / antisymmetrise)
+    only in the training TOML, which it copies into the run folder, the parent of epoch<N>/. None
+    when the config names a type, or no TOML there (or several disagreeing ones) names one."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        if not isinstance(config, dict) or "control_adapter_type" in config:
+            return None
+    except (OSError, ValueError):
+        return None  # load_adapter reports it
+    found: dict[str, Path] = {}
+    for toml in sorted(folder.parent.glob("*.toml")):
+        try:
+            kind = tomllib.loads(toml.read_text(encoding="utf-8")).get("control_adapter_type")
+        except (OSError, ValueError):
+            continue
+        if isinstance(kind, str):
+            found.setdefault(kind, toml)
+    return next(iter(found.items())) if len(found) == 1 else None
 
 
 def _str_or_null(v) -> bool:
@@ -65,6 +95,11 @@ PROVENANCE_TYPES = {
     },
     "direction": (lambda v: v is None or v in DIRECTIONS, f"one of {', '.join(DIRECTIONS)} or null"),
     "rank": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "hidden_size": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "modules": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "a list of strings or null",
+    ),
     "scale": (is_number, "a finite number"),
     "multiplicative": (lambda v: isinstance(v, bool), "true or false"),
 }

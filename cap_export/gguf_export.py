@@ -13,6 +13,10 @@ What llama.cpp's adapter loader checks, and what this writes:
   unchanged: the permutation acts on output rows only).
 - Each module's PEFT scaling s is kept: llama.cpp computes α/r per pair, so where s·r ≠ α, lora_b
   is multiplied by s·r/α.
+- Tensor types f32, f16, bf16 and q8_0 (what llama.cpp's convert_lora_to_gguf.py offers), encoded
+  with gguf.quants.quantize. Q8_0 packs blocks of 32 values along a row; a tensor whose rows are
+  not a multiple of 32 long (lora_b [out, r] for r = 8, 16, …) is stored as f16, as llama.cpp's
+  converter does.
 Multiplicative LoRAs are refused: llama.cpp only adds B·A to a weight.
 """
 
@@ -45,7 +49,8 @@ ARCHITECTURES = {
     "gemma2": (gguf.MODEL_ARCH.GEMMA2, False),
     "phi3": (gguf.MODEL_ARCH.PHI3, False),
 }
-OUTTYPES = {"f32": np.float32, "f16": np.float16}
+Q = gguf.GGMLQuantizationType
+OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
 
 
@@ -110,8 +115,19 @@ def gguf_tensors(lora: Lora, base: Base) -> tuple[str, float, dict[str, tuple[to
     return gguf.MODEL_ARCH_NAMES[arch], alpha, out
 
 
+def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """(data for GGUFWriter.add_tensor, its GGML type): `t` in the --outtype, or f16 where q8_0's
+    32-value blocks do not fit the rows (gguf.QuantError, llama.cpp's converter falls back the same way)."""
+    qtype = OUTTYPES[outtype]
+    array = np.ascontiguousarray(t.to(torch.float32).numpy())
+    try:
+        return gguf.quants.quantize(array, qtype), qtype
+    except gguf.QuantError:
+        return gguf.quants.quantize(array, Q.F16), Q.F16
+
+
 def export_gguf(lora: Lora, base: Base, path, outtype: str = "f32", progress: bool = True) -> dict:
-    """Write the GGUF adapter file `path`; returns a summary."""
+    """Write the GGUF adapter file `path`; returns a summary (`f16_fallback`: tensors q8_0 could not pack)."""
     if lora.marked_multiplicative:
         raise CapError(
             f"{lora.folder}: a multiplicative LoRA; llama.cpp applies LoRA additively — export the "
@@ -119,23 +135,25 @@ def export_gguf(lora: Lora, base: Base, path, outtype: str = "f32", progress: bo
         )
     check_lora_family(lora, base)
     arch, alpha, tensors = gguf_tensors(lora, base)
-    arrays = {}
+    arrays, fallback = {}, 0
     for name, (A, B) in tqdm(sorted(tensors.items()), desc="gguf", unit="module", disable=not progress or None):
         for suffix, t in (("lora_a", A), ("lora_b", B)):
-            array = np.ascontiguousarray(t.numpy().astype(OUTTYPES[outtype]))
-            bad = non_finite(torch.from_numpy(array))
+            data, qtype = encode(t, outtype)
+            fallback += qtype != OUTTYPES[outtype]
+            bad = non_finite(torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)))
             if bad:
-                hint = "; f16 overflows above 65504, use --outtype f32" if outtype == "f16" else ""
-                raise CapError(f"{lora.folder}: GGUF tensor {name}.{suffix} in {outtype} holds {bad}{hint}")
-            arrays[f"{name}.{suffix}"] = array
+                stored = qtype.name.lower()
+                hint = "; f16 overflows above 65504, use --outtype f32" if stored in ("f16", "q8_0") else ""
+                raise CapError(f"{lora.folder}: GGUF tensor {name}.{suffix} in {stored} holds {bad}{hint}")
+            arrays[f"{name}.{suffix}"] = (data, qtype)
     writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    for name, array in arrays.items():
-        writer.add_tensor(name, array)
+    for name, (data, qtype) in arrays.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
-    return {"architecture": arch, "alpha": alpha, "tensors": 2 * len(tensors)}
+    return {"architecture": arch, "alpha": alpha, "tensors": 2 * len(tensors), "f16_fallback": fallback}

@@ -28,7 +28,7 @@ from cap_common.files import os_error_message, write_json
 from cap_common.models.loading import INDEX
 from cap_export.adapters import Lora
 from cap_export.base import Base
-from cap_export.compat import check_lora_family
+from cap_export.compat import check_lora_family, check_lora_modules
 from cap_export.folders import PROVENANCE
 
 _CHUNK = 1 << 22  # float64 elements per block of rows (32 MiB)
@@ -144,6 +144,7 @@ def _tensor_bytes(path: Path) -> int:
 def merge(base: Base, lora: Lora, out: Path, multiplicative: bool, scale: float = 1.0, progress: bool = True) -> dict:
     """Write the merged model into the (empty) folder `out`; returns a summary."""
     check_lora_family(lora, base)
+    check_lora_modules(lora, base)
     edits = plan(base, lora, multiplicative, scale)
     shards = sorted(set(base.files.values()), key=lambda p: p.name)
     for shard in shards:

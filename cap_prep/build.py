@@ -7,9 +7,11 @@
    they come. Memory stays O(batch + documents), not O(tokens) nor O(longest document's tokens);
    packing reads the store back a step at a time (pread, not a memory map: see TokenStore).
 3. Per dataset, over its non-empty documents in source order (files sorted by path, records in
-   file order): control_class = 0 gives each document +1 or -1 at random; the eval split takes
-   round(eval_fraction * n) whole documents at random (at least 1 when eval_fraction > 0 and the
-   dataset has 2 or more documents; never all of them).
+   file order): control_class = 0 gives each document +1 or -1 at random; max_tokens keeps the
+   documents that come first in a seeded random order while their running token total stays
+   within it (qlora-pipe-lite's rule: it stops at the first document that would pass it), in
+   source order; the eval split takes round(eval_fraction * n) of the n kept documents at random
+   (at least 1 when eval_fraction > 0 and n >= 2; never all of them).
 4. Streams: without mix_datasets, one per dataset, documents in source order, so a sequence holds
    one dataset's tokens; with mix_datasets, one stream per split, all documents in a seeded random
    order. Each stream is packed (pack.py); max_sequences then keeps a seeded uniform sample of that
@@ -49,7 +51,7 @@ SHARD_BYTES = 256 << 20  # a shard holds at most this many bytes of rows
 CHUNK_BYTES = 32 << 20  # rows packed and written per step
 BATCH_DOCS = 2048  # documents per tokenizer call ...
 BATCH_CHARS = 4_000_000  # ... or this many characters, whichever comes first
-_CLASS, _EVAL, _MIX, _CAP = 1, 2, 3, 4  # purposes of the seeded generators
+_CLASS, _EVAL, _MIX, _CAP, _MAX_TOKENS = 1, 2, 3, 4, 5  # purposes of the seeded generators
 
 
 def rng(cfg, purpose: int, index: int = 0) -> np.random.Generator:
@@ -105,7 +107,10 @@ def prepare(cfg, *, force: bool = False, quiet: bool = False, shard_bytes: int =
             f"{cfg.source}: sequence_len = {cfg.sequence_len} leaves no room for tokens after the "
             f"{len(options.prefix)}-token sequence_prefix (needs at least {len(options.prefix) + 1})"
         )
-    encoders = [DocumentEncoder(tok, options, ds.document_suffix, _where(cfg, d)) for d, ds in enumerate(cfg.datasets)]
+    encoders = [
+        DocumentEncoder(tok, options, ds.document_suffix, _where(cfg, d), ds.document_prefix)
+        for d, ds in enumerate(cfg.datasets)
+    ]
 
     with lock.build_folder(cfg.prepared_root, fp, force, say) as tmp:
         if tmp is None:
@@ -204,7 +209,7 @@ def _build_from(
     tokenized = [_tokenize_dataset(cfg, d, files, encoders[d], store, quiet) for d, files in enumerate(inputs)]
     store.finish()
 
-    tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]  # (train, eval) DocTables
+    tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]  # (train, eval) DocTables, max_tokens drops
     masked = np.zeros(options.vocab_size, dtype=bool)
     masked[options.mask] = True
     splits, per_dataset = {}, [{} for _ in cfg.datasets]
@@ -252,6 +257,9 @@ def _build_from(
                 "bytes": t.bytes,
                 "documents": len(t.length),
                 "empty_documents": t.empty,
+                "max_tokens": ds.max_tokens,
+                "max_tokens_dropped_documents": tables[d][2][0],
+                "max_tokens_dropped_tokens": tables[d][2][1],
                 **per_dataset[d],
             }
             for d, (ds, t) in enumerate(zip(cfg.datasets, tokenized))
@@ -347,18 +355,41 @@ def _tokenize_dataset(
     return Tokenized(start, length, empty, len(files), total_bytes)
 
 
-def _assign(cfg, d: int, t: Tokenized) -> tuple[DocTable, DocTable]:
-    """Classes per document and the eval split of dataset d: (train, eval) tables in source order."""
+def max_tokens_keep(length: np.ndarray, max_tokens: int, order: np.ndarray) -> np.ndarray:
+    """[n] bool: the documents that come first in `order` while the running total of their lengths
+    stays <= max_tokens (the first one that would pass it and all after it are dropped)."""
+    total = np.cumsum(length[order])
+    keep = np.zeros(len(length), dtype=bool)
+    keep[order[: int(np.searchsorted(total, max_tokens, side="right"))]] = True
+    return keep
+
+
+def _assign(cfg, d: int, t: Tokenized) -> tuple[DocTable, DocTable, tuple[int, int]]:
+    """Classes per document, max_tokens and the eval split of dataset d: (train, eval) tables in
+    source order, and the (documents, tokens) max_tokens dropped."""
     n = len(t.length)
-    klass = cfg.datasets[d].control_class
+    ds = cfg.datasets[d]
+    klass = ds.control_class
     if klass == 0:
         classes = rng(cfg, _CLASS, d).choice(np.array([-1, 1], dtype=np.int8), size=n)
     else:
         classes = np.full(n, klass, dtype=np.int8)
     table = DocTable(t.start, t.length, classes, np.full(n, d, dtype=np.int16))
+    dropped = (0, 0)
+    if ds.max_tokens is not None:
+        order = rng(cfg, _MAX_TOKENS, d).permutation(n)
+        keep = max_tokens_keep(t.length, ds.max_tokens, order)
+        if not keep.any():
+            raise CapError(
+                f"{_where(cfg, d)}: max_tokens = {ds.max_tokens} keeps no document (the first in the seeded "
+                f"order has {int(t.length[order[0]])} tokens)"
+            )
+        dropped = (int((~keep).sum()), int(t.length[~keep].sum()))
+        table = table.take(keep)
+        n = len(table)
     is_eval = np.zeros(n, dtype=bool)
     is_eval[rng(cfg, _EVAL, d).choice(n, eval_count(n, cfg.eval_fraction), replace=False)] = True
-    return table.take(~is_eval), table.take(is_eval)
+    return table.take(~is_eval), table.take(is_eval), dropped
 
 
 def _streams(cfg, tables: list[DocTable], split: int) -> list[DocTable]:

@@ -21,8 +21,9 @@ def main(config, add_prefix_space, force):
     """Tokenize and pack the [[datasets]] of CONFIG for cap-train.
 
     CONFIG is the TOML file shared with cap-train and cap-export; the keys cap-prep reads
-    (model_dir, prepared_dir, sequence_len, sequence_prefix, mask_tokens, drop_tails,
-    mix_datasets, max_sequences, eval_fraction, seed and [[datasets]]) are listed in the README's
+    (model_dir, prepared_dir, sequence_len, sequence_prefix, document_prefix, document_suffix,
+    mask_tokens, drop_tails, mix_datasets, max_sequences, eval_fraction, seed and [[datasets]]
+    with their control_class, document_prefix, document_suffix and max_tokens) are listed in the README's
     config reference. The result goes to <prepared_dir>/<fingerprint>/ (manifest.json,
     train-*.arrow, eval-*.arrow); a second run with the same inputs reuses it.
     """

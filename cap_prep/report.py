@@ -87,4 +87,11 @@ def summary(manifest: dict) -> str:
             f"padding {_pct(s['padding_tokens'], s['sequences'] * L)}, loss tokens +1 "
             f"{s['loss_tokens']['+1']:,} / -1 {s['loss_tokens']['-1']:,}{capped}"
         )
+    for ds in manifest["datasets"]:
+        if ds.get("max_tokens_dropped_documents"):
+            lines.append(
+                f"{_short(ds['dataset_path'])}: max_tokens = {ds['max_tokens']:,} kept "
+                f"{ds['documents'] - ds['max_tokens_dropped_documents']:,} of {ds['documents']:,} documents "
+                f"({ds['max_tokens_dropped_tokens']:,} tokens dropped)"
+            )
     return "\n".join(lines)

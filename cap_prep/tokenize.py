@@ -1,13 +1,16 @@
 """The tokenizer side of cap-prep: loading it, resolving the token options, encoding batches.
 
 A document's tokens (decided here, used by pack.py):
-    tokens = tokenizer(text + suffix_text)        # the tokenizer's own special tokens included
-             minus a leading BOS                   # the sequence prefix (default BOS) starts every sequence
+    tokens = prefix_ids                             # document_prefix as token ids
+             + tokenizer(prefix_text + text + suffix_text)
+               (the tokenizer's own special tokens included)
+               minus a leading BOS                  # the sequence prefix (default BOS) starts every sequence
              + suffix_ids                           # document_suffix as token ids
 where document_suffix = None appends EOS only when the encoding does not already end with EOS
 (and the tokenizer has one); "" appends nothing; a string is appended to the text before
-tokenizing; an id or a list of ids is appended after. A document whose text is empty, or
-tokenizes to nothing (before the suffix), is skipped and counted as empty.
+tokenizing; an id or a list of ids is appended after. document_prefix likewise: None or ""
+nothing, a string is put before the text, ids before the tokens. A document whose text is
+empty, or tokenizes to nothing (before prefix ids and suffix), is skipped and counted as empty.
 
 Batches go through the fast tokenizer's Rust batch encoder (`encode_batch_fast`), which runs on
 all cores (rayon) when TOKENIZERS_PARALLELISM is true (the default set here) and releases the GIL,
@@ -137,18 +140,20 @@ def resolve_options(tok, sequence_prefix, mask_tokens, where: str) -> TokenOptio
 class DocumentEncoder:
     """Encodes batches of one dataset's documents into (flat tokens [T] int32, lengths [n] int64)."""
 
-    def __init__(self, tok, options: TokenOptions, document_suffix, where: str):
+    def __init__(self, tok, options: TokenOptions, document_suffix, where: str, document_prefix=None):
         self.backend = tok.backend_tokenizer
         self.encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         self.bos = options.bos_id
         self.eos = options.eos_id
         self.suffix_text = document_suffix if isinstance(document_suffix, str) else ""
         self.eos_if_missing = document_suffix is None and self.eos is not None
-        if document_suffix is None or isinstance(document_suffix, str):
-            ids = ()
-        else:
-            ids = document_suffix
-        self.suffix_ids = check_ids(ids, options.vocab_size, f"{where}: document_suffix = {document_suffix!r}")
+        self.suffix_ids = check_ids(
+            _ids(document_suffix), options.vocab_size, f"{where}: document_suffix = {document_suffix!r}"
+        )
+        self.prefix_text = document_prefix if isinstance(document_prefix, str) else ""
+        self.prefix_ids = check_ids(
+            _ids(document_prefix), options.vocab_size, f"{where}: document_prefix = {document_prefix!r}"
+        )
         self._windows = None
 
     @property
@@ -163,7 +168,10 @@ class DocumentEncoder:
 
     def encode_texts(self, texts: list[str]):
         """The tokenizer's encodings of the non-empty texts (runs without the GIL), and how many were empty."""
-        kept = [t + self.suffix_text for t in texts if t] if self.suffix_text else [t for t in texts if t]
+        if self.prefix_text or self.suffix_text:
+            kept = [self.prefix_text + t + self.suffix_text for t in texts if t]
+        else:
+            kept = [t for t in texts if t]
         return (self.encode(kept, add_special_tokens=True) if kept else []), len(texts) - len(kept)
 
     def encode_long(self, source, write) -> int:
@@ -178,6 +186,10 @@ class DocumentEncoder:
                 return 0
             write(flat)
             return len(flat)
+        if self.prefix_text and isinstance(source, str):
+            source = self.prefix_text + source
+        elif self.prefix_text:
+            source = itertools.chain([self.prefix_text], source)
         pieces = itertools.chain(
             [np.asarray(w.prefix, dtype=np.int32)],
             w.encode(source, self.suffix_text),
@@ -190,6 +202,9 @@ class DocumentEncoder:
                 if ids[0] == self.bos:
                     ids = ids[1:]  # the leading BOS (the sequence prefix supplies it)
             if len(ids):
+                if n == 0 and len(self.prefix_ids):  # before the first token: the document is not empty
+                    write(self.prefix_ids)
+                    n += len(self.prefix_ids)
                 write(ids)
                 n += len(ids)
                 last = int(ids[-1])
@@ -210,7 +225,8 @@ class DocumentEncoder:
         return flat, lengths, n_empty + n_blank
 
     def _finish(self, flat: np.ndarray, lengths: np.ndarray):
-        """Drop each leading BOS and empty bodies, then append the suffix; vectorised over the batch."""
+        """Drop each leading BOS and empty bodies, then put the prefix ids before and the suffix after;
+        vectorised over the batch."""
         starts = np.cumsum(lengths) - lengths
         nonempty = lengths > 0
         skip = np.zeros(len(lengths), dtype=np.int64)
@@ -227,17 +243,26 @@ class DocumentEncoder:
         else:
             suffix = self.suffix_ids
             add = np.full(len(body), len(suffix) > 0)
-        if not skip.any() and not add.any() and keep.all():
+        head = self.prefix_ids
+        P = len(head)
+        if not P and not skip.any() and not add.any() and keep.all():
             return flat, lengths, 0
-        new_lengths = body + add * len(suffix)
+        new_lengths = P + body + add * len(suffix)
         new_starts = np.cumsum(new_lengths) - new_lengths
         out = np.empty(int(new_lengths.sum()), dtype=np.int32)
         body_starts = np.cumsum(body) - body
         n_body = int(body.sum())
         src = np.arange(n_body) + np.repeat(starts - body_starts, body)
-        dst = np.arange(n_body) + np.repeat(new_starts - body_starts, body)
+        dst = np.arange(n_body) + np.repeat(new_starts + P - body_starts, body)
         out[dst] = flat[src]
+        if P:
+            out[new_starts[:, None] + np.arange(P)] = head
         if add.any():
-            at = new_starts[add] + body[add]
+            at = new_starts[add] + P + body[add]
             out[at[:, None] + np.arange(len(suffix))] = suffix
         return out, new_lengths, n_blank
+
+
+def _ids(spec) -> tuple[int, ...]:
+    """The token ids of a document_prefix / document_suffix (none for None or a string)."""
+    return () if spec is None or isinstance(spec, str) else tuple(spec)

@@ -45,6 +45,7 @@ APPLIED = (
     "checkpoint_interval_hours",
     "max_checkpoints",
     "evals_per_run",
+    "evals_per_epoch",
     "eval_gradient_accumulation_steps",
     "activation_checkpointing",
 )
@@ -60,6 +61,8 @@ PREP = (
     "max_sequences",
     "eval_fraction",
     "add_prefix_space",
+    "document_prefix",
+    "document_suffix",
 )
 MODEL = ("model_dir", "model_dtype", "lora_alpha", "control_adapter_target", "use_column_major_topology")
 FIXED = (

@@ -4,7 +4,8 @@ position; the step loop, evals, checkpoints and the final adapters. cap_train.wo
 The loop, per optimizer step t (1-based):
     loss_t = engine.train_batch(gradient_accumulation_steps micro batches of this rank's order)
     Adam step (inside DeepSpeed, gradient clipping), then the decoupled regularization step
-    evals at evals_per_run evenly spaced steps (0 and the last included),
+    evals at evals_per_run evenly spaced steps (0 and the last included), or with evals_per_epoch
+    at step 0 and evenly spaced steps of each epoch (its last step included),
     a checkpoint every checkpoint_interval_hours, at each epoch end and at the last step.
 A resume (--resume-from, chosen and checked by cap_train.cli) continues from the checkpoint's
 position with this launch's optimizer and schedule settings (cap_train.resume).
@@ -70,6 +71,21 @@ def eval_steps(evals_per_run: int, total_steps: int) -> set[int]:
     if evals_per_run == 1 or total_steps == 0:
         return {0}
     return {round(i * total_steps / (evals_per_run - 1)) for i in range(evals_per_run)}
+
+
+def epoch_eval_steps(evals_per_epoch: int, steps_per_epoch: int, total_steps: int, epoch_start: int = 0) -> set[int]:
+    """qlora-pipe-lite's evals_per_epoch: step 0 (before any update), then in every epoch
+    e = max(1, min(evals_per_epoch, steps_per_epoch)) evals, after its local steps
+    max(1, round(i·steps_per_epoch/e)) for i = 1..e (the last one at the epoch's end; Python's
+    round). Epochs start at epoch_start + k·steps_per_epoch; steps past total_steps are dropped."""
+    steps = {0}
+    if steps_per_epoch <= 0:
+        return steps
+    e = max(1, min(evals_per_epoch, steps_per_epoch))
+    local = {max(1, round(i * steps_per_epoch / e)) for i in range(1, e + 1)}
+    for start in range(epoch_start, total_steps, steps_per_epoch):
+        steps.update(start + s for s in local if start + s <= total_steps)
+    return steps
 
 
 class Trainer:
@@ -370,7 +386,12 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         metrics = Metrics(cfg.output_dir, self.rank == 0, self.total_steps, self.step)
-        evals = eval_steps(cfg.evals_per_run, self.total_steps)
+        if cfg.evals_per_epoch is not None:  # the current epoch began at step - step_in_epoch
+            evals = epoch_eval_steps(
+                cfg.evals_per_epoch, self.order.steps_per_epoch, self.total_steps, self.step - self.step_in_epoch
+            )
+        else:
+            evals = eval_steps(cfg.evals_per_run, self.total_steps)
         tokens_per_step = cfg.sequence_len * self.order.rows_per_step * self.dp_world
         step_flops = tokens_per_step * self.flops_per_token()
         peak_flops = self.world * device_peak_flops(self.device, torch_dtype(cfg.model_dtype))[0]

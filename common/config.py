@@ -2,8 +2,10 @@
 
 `load_config(path)` parses and validates everything up front and returns a frozen `Config`.
 Every key of qlora-pipe-lite's README is here with the same default and meaning, plus cap's own
-(marked "cap:" in the help). Each key is declared once, with its parser and help text; the README's
-config reference is generated from these declarations (`python -m cap_common.config --reference`).
+(marked "cap:" in the help); every key either generation of qlora-pipe-lite reads (Aug 2025 and
+Oct 2025) is accepted, with its meaning there, or with a note when it cannot mean anything in cap.
+Each key is declared once, with its parser and help text; the README's config reference is
+generated from these declarations (`python -m cap_common.config --reference`).
 Relative paths are resolved against the config file's folder.
 Over 300 lines because every key is declared here, each with its default, parser and help.
 """
@@ -14,6 +16,9 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -115,19 +120,70 @@ def module_names(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
-def layer_range(v: Any) -> tuple[int, ...]:
-    """'a:b' (both inclusive, first layer 0) or a list of layer indices → sorted unique indices."""
-    allowed = "expected 'first:last' (inclusive, e.g. '0:29') or a list of layer indices"
+_LAYER_PART = re.compile(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", re.ASCII)
+
+
+def layer_range(v: Any) -> tuple[int, ...] | None:
+    """qlora-pipe-lite's forms → sorted unique layer indices (first layer 0): a string of comma-separated
+    'a:b' ranges (both ends inclusive) and single layers ('0:10, 20:25, 30'), a layer index, or a list
+    of indices. A string with no parts ('') means all layers (None), as there."""
+    allowed = (
+        "expected 'first:last' (inclusive, e.g. '0:29'), comma-separated ranges and layers "
+        "(e.g. '0:10, 20:25, 30'), a layer index or a list of layer indices"
+    )
+    if _is_int(v) and v >= 0:
+        return (v,)
     if isinstance(v, str):
-        parts = v.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise Invalid(allowed)
-        a, b = int(parts[0]), int(parts[1])
-        if a > b:
-            raise Invalid(f"{allowed}; first ({a}) is after last ({b})")
-        return tuple(range(a, b + 1))
+        layers = []
+        for part in v.split(","):
+            if not part.strip():
+                continue
+            m = _LAYER_PART.fullmatch(part)
+            if not m:
+                raise Invalid(allowed)
+            a, b = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if a > b:
+                raise Invalid(f"{allowed}; first ({a}) is after last ({b})")
+            layers.extend(range(a, b + 1))
+        return tuple(sorted(set(layers))) if layers else None
     if isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v):
         return tuple(sorted(set(v)))
+    raise Invalid(allowed)
+
+
+def target_modules_spec(v: Any) -> tuple[str, ...] | None:
+    """A list of module names, or PEFT's 'all-linear' (every linear layer but the LM head) = None."""
+    if v == "all-linear":
+        return None
+    try:
+        return module_names(v)
+    except Invalid:
+        raise Invalid("expected 'all-linear' or a non-empty list of module names, e.g. ['q_proj', 'v_proj']") from None
+
+
+# DeepSpeed matches a 'type:<regex>' partition_method against the pipeline layers' class names
+# (case-insensitive search); these are cap's (cap_common/models/layers.py).
+_PIPELINE_LAYER_CLASSES = ("EmbeddingPipe", "DecoderLayerPipe", "LmHeadPipe")
+
+
+def partition_spec(v: Any) -> str:
+    """qlora-pipe-lite's partition_method, where it means what cap's pipeline does: every stage gets an
+    equal number of decoder layers ('uniform', or 'type:<regex>' matching the decoder layers only)."""
+    allowed = (
+        "expected 'uniform' or 'type:<regex>' matching only the decoder layers (e.g. 'type:decoderlayer'): "
+        "cap gives every pipeline stage an equal number of decoder layers; 'parameters' is not supported"
+    )
+    if not isinstance(v, str):
+        raise Invalid(allowed)
+    if v.lower() == "uniform":
+        return v
+    if v.lower().startswith("type:"):
+        try:
+            pattern = re.compile(v[5:], re.IGNORECASE)
+        except re.error:
+            raise Invalid(allowed) from None
+        if [n for n in _PIPELINE_LAYER_CLASSES if pattern.search(n)] == ["DecoderLayerPipe"]:
+            return v
     raise Invalid(allowed)
 
 
@@ -146,12 +202,29 @@ class DatasetConfig:
     control_class: int = key(
         1, choice(1, -1, 0), help="+1 enhance, -1 suppress, 0 neutral (each document randomly +1/-1, seeded)"
     )
+    document_prefix: str | tuple[int, ...] | None = key(
+        None,
+        token_spec,
+        help="put before each document: '' nothing; a string is prepended to the text before tokenizing; "
+        "token id(s) are put before its tokens (default: the top-level document_prefix)",
+    )
     document_suffix: str | tuple[int, ...] | None = key(
         None,
         token_spec,
         help="appended to each document: default EOS if the tokenizer did not add one; '' nothing; "
-        "a string to tokenize; token id(s)",
+        "a string to tokenize; token id(s) (default: the top-level document_suffix)",
     )
+    max_tokens: int | None = key(
+        None,
+        integer(1),
+        help="use at most this many of the dataset's tokens: its documents in a seeded random order are kept "
+        "while their running total (prefix and suffix included) stays within it; the first that would pass it "
+        "and all after are dropped (default: all)",
+    )
+
+
+# keys a run record (to_dict) holds only when set, so that records of runs from before they existed compare equal
+_RECORDED_WHEN_SET = ("document_prefix", "max_tokens")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +264,12 @@ class Config:
         None, integer(1), help="micro batches per eval batch (default: gradient_accumulation_steps)"
     )
     pipeline_stages: int = key(1, integer(1), help="pipeline stages; must divide the world size")
+    partition_method: str = key(
+        "type:decoderlayer",
+        partition_spec,
+        help="how layers are split over pipeline stages: cap always gives each stage an equal number of decoder "
+        "layers, which 'uniform' and 'type:<regex matching decoder layers>' mean here ('parameters' is not supported)",
+    )
     use_column_major_topology: bool = key(
         False,
         boolean,
@@ -218,11 +297,23 @@ class Config:
     lora_weight_decay_type: str = key("nuclear", choice("nuclear", "l2", "l1"), help="regularizer of W")
     lora_max_norm: float = key(0.0, number(0), help="max Frobenius norm of W, 0 = off")
     lora_weight_dtype: str = key("float32", choice("float32", "bfloat16"), help="adapter parameter dtype")
+    control_adapter_gamma: float | None = key(
+        None,
+        number(0, 0.5, lo_open=True),
+        help="accepted, no effect: qlora-pipe-lite's re-orthogonalization step for Q; cap's spectral Q is "
+        "exactly orthonormal",
+    )
     target_modules: tuple[str, ...] | None = key(
-        None, module_names, help="LoRA target modules (default: all linear layers); not with control adapters"
+        None,
+        target_modules_spec,
+        help="LoRA target modules; 'all-linear' or unset: every linear layer but the LM head; "
+        "not with control adapters",
     )
     layers_to_transform: tuple[int, ...] | None = key(
-        None, layer_range, help="'a:b' inclusive or a list (default: all layers)"
+        None,
+        layer_range,
+        help="'a:b' inclusive, comma-separated ranges and layers ('0:10, 20:25, 30'), an index or a list "
+        "(default: all layers)",
     )
     load_in_4bit: bool = key(False, boolean, help="quantize the base to 4-bit nf4 (QLoRA)")
     full_fine_tune: bool = key(False, boolean, help="train all weights in bf16")
@@ -233,12 +324,24 @@ class Config:
     max_checkpoints: int = key(3, integer(1), help="checkpoints kept")
     eval_fraction: float = key(0.01, number(0, 1, hi_open=True), help="fraction of documents held out for eval")
     evals_per_run: int = key(11, integer(0), help="evals per run, including one before training and one at the end")
+    evals_per_epoch: int | None = key(
+        None,
+        integer(1),
+        help="instead of evals_per_run: evals at evenly spaced steps of each epoch (the last at its end), "
+        "plus one before training",
+    )
     # data
     max_sequences: int | None = key(None, integer(1), help="cap on the number of sequences (default unlimited)")
     drop_tails: bool = key(False, boolean, help="drop the partial sequence at each document's end")
     mix_datasets: bool = key(False, boolean, help="let one sequence hold tokens of several datasets")
     sequence_prefix: str | tuple[int, ...] | None = key(
         None, token_spec, help="tokens starting each sequence (default BOS if any)"
+    )
+    document_prefix: str | tuple[int, ...] | None = key(
+        None, token_spec, help="default of every dataset's document_prefix (see datasets.document_prefix)"
+    )
+    document_suffix: str | tuple[int, ...] | None = key(
+        None, token_spec, help="default of every dataset's document_suffix (see datasets.document_suffix)"
     )
     mask_tokens: bool | tuple[int, ...] = key(
         False, mask_spec, help="tokens given class 0 / label -100: true = all special tokens, or ids"
@@ -288,7 +391,11 @@ class Config:
             if isinstance(v, tuple):
                 return [plain(x) for x in v]
             if dataclasses.is_dataclass(v):
-                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+                return {
+                    f.name: plain(getattr(v, f.name))
+                    for f in dataclasses.fields(v)
+                    if not (f.name in _RECORDED_WHEN_SET and getattr(v, f.name) is None)
+                }
             return v
 
         return {
@@ -343,8 +450,13 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
         err("use_control_adapters and full_fine_tune are mutually exclusive")
     if c.full_fine_tune and c.load_in_4bit:
         err("full_fine_tune and load_in_4bit are mutually exclusive (a 4-bit base cannot be trained)")
-    if c.use_control_adapters and c.target_modules is not None:
+    if c.use_control_adapters and (c.target_modules is not None or "target_modules" in present):
         err("target_modules is not allowed with use_control_adapters (control adapters act on whole layers)")
+    if "evals_per_run" in present and "evals_per_epoch" in present:
+        err(
+            "evals_per_run and evals_per_epoch are mutually exclusive "
+            "(evals_per_run: evals over the whole run; evals_per_epoch: evals in each epoch)"
+        )
     if not c.full_fine_tune and c.lora_rank is None:
         err(f"missing required key 'lora_rank' (needed for {c.mode} training)")
     if c.lora_weight_decay > 0 and c.lora_weight_dtype != "float32":
@@ -370,6 +482,33 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
         err(f"warmup_fraction = {c.warmup_fraction} needs warmup = 'linear'")
     if c.min_lr > c.lr:
         err(f"min_lr = {c.min_lr} must not exceed lr = {c.lr}")
+
+
+_noted: set[str] = set()
+
+
+def _notes(c: Config, where: str) -> None:
+    """One line on stderr, once per process, for each key that is accepted but has no effect in cap.
+    Worker processes (RANK set by the launcher) stay quiet: the command that started them has said it."""
+    notes = []
+    if c.control_adapter_gamma is not None:
+        notes.append(
+            f"control_adapter_gamma = {c.control_adapter_gamma:g} has no effect in cap: it sizes qlora-pipe-lite's "
+            "step that pulls Q back towards orthonormal, and cap's spectral control adapter uses an exactly "
+            "orthonormal Q (a QR of the parameter in every forward), so there is nothing to correct"
+        )
+    if c.full_fine_tune:
+        for name in ("target_modules", "layers_to_transform"):
+            if getattr(c, name) is not None:
+                notes.append(
+                    f"{name} has no effect with full_fine_tune in cap: a full fine-tune trains every weight "
+                    "(qlora-pipe-lite's freezes the weights outside them)"
+                )
+    for text in notes:
+        line = f"note: {where}: {text}"
+        if line not in _noted and "RANK" not in os.environ:
+            _noted.add(line)
+            print(line, file=sys.stderr, flush=True)
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
@@ -402,6 +541,9 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     for i, t in enumerate(tables):
         d = _parse_table(DatasetConfig, t, f"{where}: datasets[{i}]")
         d["dataset_path"] = str(base / d["dataset_path"])
+        for name in ("document_prefix", "document_suffix"):  # the top-level key is every dataset's default
+            if name not in t and name in values:
+                d[name] = values[name]
         datasets.append(DatasetConfig(**d))
     values["datasets"] = tuple(datasets)
     # paths
@@ -418,6 +560,7 @@ def config_from_dict(raw: dict, path: Path) -> Config:
         )
     cfg = Config(**values, source=path)
     _check_modes(cfg, where, set(raw))
+    _notes(cfg, where)
     n_layers = _model_layers(model_dir, where)
     if n_layers is not None:
         if cfg.layers_to_transform and cfg.layers_to_transform[-1] >= n_layers:

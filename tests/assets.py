@@ -45,6 +45,8 @@ _FAMILY_CONFIG = {
             "layer_types": ["sliding_attention", "full_attention"] * 2,
         },
     ),
+    # Not in FAMILIES (the full test matrix); built on demand by the tests that cover every family cap knows.
+    "phi3": (transformers.Phi3Config, {}),
 }
 
 

@@ -66,6 +66,11 @@ def test_reference_readme_defaults(write):
         "max_checkpoints": 3,
         "eval_fraction": 0.01,
         "evals_per_run": 11,
+        "evals_per_epoch": None,
+        "partition_method": "type:decoderlayer",
+        "control_adapter_gamma": None,
+        "document_prefix": None,
+        "document_suffix": None,
         "max_sequences": None,
         "drop_tails": False,
         "mix_datasets": False,
@@ -87,6 +92,7 @@ def test_reference_readme_defaults(write):
     assert cfg.eval_accumulation == cfg.gradient_accumulation_steps
     assert cfg.prepared_root == cfg.output_dir / "prepared"
     assert cfg.datasets[0].control_class == 1 and cfg.datasets[0].document_suffix is None
+    assert cfg.datasets[0].document_prefix is None and cfg.datasets[0].max_tokens is None
     assert cfg.mode == "lora"
     # relative paths resolve against the config file's folder
     assert cfg.output_dir == (cfg.source.parent / "out").resolve()
@@ -104,6 +110,8 @@ def test_frozen(write):
     [
         ("layers_to_transform = '1:2'", "", {"layers_to_transform": (1, 2)}),
         ("layers_to_transform = [3, 0, 3]", "", {"layers_to_transform": (0, 3)}),
+        ("layers_to_transform = '0:1, 3'", "", {"layers_to_transform": (0, 1, 3)}),
+        ("target_modules = 'all-linear'", "", {"target_modules": None}),
         ("sequence_prefix = ''", "", {"sequence_prefix": ""}),
         ("sequence_prefix = 7", "", {"sequence_prefix": (7,)}),
         ("mask_tokens = [1, 2]", "", {"mask_tokens": (1, 2)}),

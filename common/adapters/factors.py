@@ -71,9 +71,10 @@ def thin_svd(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """The k largest singular values of U·V, descending (the rest are zero)."""
-    Ru = torch.linalg.qr(U).R
-    Rv = torch.linalg.qr(V.T).R
+    """The k largest singular values of U·V, descending (the rest are zero). R factors only
+    (mode "r": no Q is formed)."""
+    Ru = torch.linalg.qr(U, mode="r").R
+    Rv = torch.linalg.qr(V.T, mode="r").R
     return torch.linalg.svdvals(Ru @ Rv.T)
 
 

@@ -1,4 +1,5 @@
 """Adapter folders: `adapter_model.safetensors` + `adapter_config.json` (docs/formats.md, section 4).
+qlora-pipe-lite's `adapter_model.bin` (a pickled state dict) is read too, weights-only: no code runs.
 
 Key layout (i = decoder layer index):
 - control adapters: base_model.model.model.layers.{i}.control_A.weight [r,H], .control_B.weight [H,r];
@@ -6,7 +7,8 @@ Key layout (i = decoder layer index):
 - LoRA (PEFT naming): base_model.model.model.layers.{i}.<module path>.lora_A.weight [r,in],
   .lora_B.weight [out,r]
 The config is PEFT-LoraConfig-shaped, plus control_adapter_type / control_adapter_target for
-control adapters; a control adapter folder without them (qlora-pipe-lite's) means full / block.
+control adapters. A control adapter folder without them (qlora-pipe-lite's) means target block and
+the type its tensor names show: control_Q / control_S spectral, control_A / control_B full.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,11 +30,13 @@ from cap_common.errors import CapError
 from cap_common.files import follow_umask, fsync, make_temp_dir, temp_name, write_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"  # qlora-pipe-lite's pickled state dict (read only, weights-only)
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model.model.layers."
 CONTROL_TARGETS = ("block", "writers")
 
 _CONTROL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.control_(?:(A|B)\.weight|(Q|S))$")
+_AB_TYPES = ("full", "symmetrise", "antisymmetrise")
 _LORA_KEY = re.compile(r"^(.*)\.lora_(A|B)\.weight$")
 
 
@@ -138,19 +143,85 @@ def save_adapter(folder, tensors: dict[str, torch.Tensor], adapter_config: dict)
 
 
 # ---------------------------------------------------------------- loading
-def load_adapter(folder) -> tuple[dict[str, torch.Tensor], dict]:
+def weights_file(folder) -> Path:
+    """The adapter's weights in `folder`: adapter_model.safetensors, else qlora-pipe-lite's
+    adapter_model.bin; the safetensors path when there is neither (for messages)."""
+    folder = Path(folder)
+    for name in (WEIGHTS_NAME, BIN_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    return folder / WEIGHTS_NAME
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """{key: tensor} from a safetensors file, or from a .bin with torch.load(weights_only=True): only
+    a dict of str → tensor is accepted, nothing else in the pickle is ever constructed or run."""
+    path = Path(path)
+    if path.suffix != ".bin":
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error type, or OSError/ValueError
+            raise CapError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # UnpicklingError (a global the file needs), RuntimeError (not a zip/pickle), EOFError
+        text = " ".join(str(e).split())
+        m = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+        if m:
+            raise CapError(
+                f"{path}: needs the Python object {m.group(1)} to load; only a plain state dict (names → "
+                f"tensors) is read from a .bin, weights-only, so no code in it runs"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Please file an issue| Check the documentation|$)", text)
+        text = (detail.group(1) if detail else text)[:200] or "the file ends early"
+        raise CapError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {text})") from None
+    if not isinstance(state, dict):
+        raise CapError(f"{path}: holds a {type(state).__name__}; expected a state dict (names → tensors)")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CapError(
+                f"{path}: entry {str(key)[:80]!r} is {type(value).__name__}, not a tensor; expected a state dict "
+                f"(names → tensors)"
+            )
+    return dict(state)
+
+
+def detect_control_type(states: dict[int, dict[str, torch.Tensor]], weights: Path, hint: str | None = None) -> str:
+    """control_adapter_type from the tensor names, for a config that names none (qlora-pipe-lite's):
+    control_Q / control_S → spectral (its Sep 2025 design on), control_A / control_B → `hint` when
+    that is an A/B type (its Aug 2025 run TOML), else full."""
+    names = set().union(*states.values())
+    if names <= {"Q", "S"}:
+        return "spectral"
+    if names <= {"A", "B"}:
+        return hint if hint in _AB_TYPES else "full"
+    raise CapError(
+        f"{weights}: holds both control_A / control_B and control_Q / control_S keys; a Control Adapter has "
+        f"one kind (A/B: full, symmetrise, antisymmetrise; Q/S: spectral)"
+    )
+
+
+def load_adapter(folder, control_type: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read and validate an adapter folder → (tensors, adapter_config).
 
-    Control adapter configs get control_adapter_type "full" / control_adapter_target "block" when
-    absent. Every problem is a CapError naming the file (and key).
+    The weights are adapter_model.safetensors, or adapter_model.bin when there is no safetensors
+    file. A control adapter config without control_adapter_type gets the type its tensor names show
+    (`detect_control_type`; `control_type` is the hint for A/B tensors), and control_adapter_target
+    "block" when absent. Every problem is a CapError naming the file (and key).
     """
     folder = Path(folder)
-    weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    weights, config_path = weights_file(folder), folder / CONFIG_NAME
     if not folder.is_dir():
         raise CapError(f"{folder}: adapter folder not found (expected {WEIGHTS_NAME} and {CONFIG_NAME} in it)")
     for path in (weights, config_path):
         if not path.is_file():
-            raise CapError(f"{path}: file not found (an adapter folder holds {WEIGHTS_NAME} and {CONFIG_NAME})")
+            raise CapError(
+                f"{path}: file not found (an adapter folder holds {WEIGHTS_NAME} or {BIN_NAME}, and {CONFIG_NAME})"
+            )
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -158,13 +229,11 @@ def load_adapter(folder) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(config, dict):
         raise CapError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     check_types(config, CONFIG_TYPES, config_path)
-    try:
-        tensors = load_file(weights)
-    except Exception as e:  # safetensors raises its own error type, or OSError/ValueError
-        raise CapError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    tensors = read_weights(weights)
     control = control_state_by_layer(tensors)
     if control:
-        config.setdefault("control_adapter_type", "full")
+        if "control_adapter_type" not in config:
+            config["control_adapter_type"] = detect_control_type(control, weights, control_type)
         config.setdefault("control_adapter_target", "block")
         _check_control(control, config, weights, config_path)
     else:

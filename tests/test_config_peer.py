@@ -1,0 +1,572 @@
+"""qlora-pipe-lite's configs in cap: every key either generation reads, in the shapes of its example
+configs, loads with its meaning there; cap-prep applies max_tokens, document_prefix and the
+top-level document_suffix (checked token by token against a direct tokenizer call); each new kind
+of bad value is one line and exit code 2.
+
+The generations (see /work/shared/reference/qlora-pipe-lite-spec.md): "Era A" (Aug 2025, A/B Control
+Adapters, the one its README documents) and "HEAD" (Oct 2025, Q/S Control Adapters).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tomllib
+import transformers
+from click.testing import CliRunner
+
+from cap_common import config as config_module
+from cap_common.config import Config, DatasetConfig, load_config
+from cap_prep import build, cache, load_manifest, prepare, report, windows
+from cap_prep.cli import main as prep_main
+from cap_prep.tokenize import DocumentEncoder, resolve_options
+from cap_train.cli import main as train_main
+from cap_train.trainer import epoch_eval_steps, eval_steps
+from tests.test_prep import L, documents, read, reference_pack, write_all_formats, write_config
+from tests.test_prep_windows import make_text, metaspace_folder
+
+# Every key qlora-pipe-lite reads: HEAD's (spec §2) and Era A's extras (spec §E.1).
+PEER_KEYS = {
+    "model_dir", "output_dir", "lr", "epochs", "sequence_len", "datasets", "eval_fraction", "evals_per_epoch",
+    "gradient_accumulation_steps", "eval_gradient_accumulation_steps", "pipeline_stages", "partition_method",
+    "use_column_major_topology", "checkpoint_interval_hours", "max_checkpoints", "beta1", "beta2", "eps",
+    "full_fine_tune", "use_control_adapters", "load_in_4bit", "lora_rank", "lora_dropout", "lora_weight_dtype",
+    "lora_weight_decay", "control_adapter_gamma", "target_modules", "layers_to_transform", "max_sequences",
+    "drop_tails", "mix_datasets", "sequence_prefix", "document_prefix", "document_suffix", "mask_tokens",
+    # Era A only
+    "lora_alpha", "lora_weight_decay_type", "lora_max_norm", "control_adapter_type", "evals_per_run",
+}  # fmt: skip
+PEER_DATASET_KEYS = {"dataset_path", "control_class", "max_tokens", "document_suffix"}
+
+# The shapes of qlora-pipe-lite's examples/config_{control_adapter,lora,qlora,full_finetune}.toml
+SHAPES = {
+    "control adapter (HEAD)": """
+model_dir = '{model}'
+output_dir = '/tmp/never-written/control_adapter'
+use_control_adapters = true
+lora_rank = 16
+lora_dropout = 0.0
+lora_weight_dtype = 'float32'
+lora_weight_decay = 10.0
+control_adapter_gamma = 0.5
+layers_to_transform = '0:2'
+lr = 2e-5
+epochs = 2
+beta1 = 0.9
+beta2 = 0.99
+eps = 1e-6
+sequence_len = 4096
+gradient_accumulation_steps = 64
+eval_gradient_accumulation_steps = 8
+pipeline_stages = 1
+partition_method = 'uniform'
+use_column_major_topology = false
+checkpoint_interval_hours = 1
+max_checkpoints = 3
+eval_fraction = 0.01
+evals_per_epoch = 10
+max_sequences = 100000
+drop_tails = false
+mix_datasets = false
+sequence_prefix = 0
+document_prefix = 'Story: '
+document_suffix = '<|eos|>'
+mask_tokens = true
+
+[[datasets]]
+dataset_path = 'data/positive/*.json'
+control_class = 1
+max_tokens = 10000000
+
+[[datasets]]
+dataset_path = 'data/negative/*.json'
+control_class = -1
+max_tokens = 10000000
+
+[[datasets]]
+dataset_path = 'data/neutral/*.txt'
+control_class = 0
+""",
+    "control adapter (Era A)": """
+model_dir = '{model}'
+output_dir = 'out'
+use_control_adapters = true
+control_adapter_type = 'symmetrise'
+lora_rank = 16
+lora_alpha = 4
+lora_dropout = 0.05
+lora_weight_decay = 10.0
+lora_weight_decay_type = 'nuclear'
+lora_max_norm = 1.0
+lora_weight_dtype = 'float32'
+layers_to_transform = '0:1, 2:3'
+lr = 2e-5
+sequence_len = 4096
+gradient_accumulation_steps = 64
+evals_per_run = 5
+
+[[datasets]]
+dataset_path = 'data/positive_examples.json'
+control_class = 1
+document_suffix = "<EOT>"
+
+[[datasets]]
+dataset_path = 'data/negative_examples.json'
+control_class = -1
+document_suffix = ""
+""",
+    "lora (HEAD)": """
+model_dir = '{model}'
+output_dir = 'out'
+lora_rank = 64
+lora_alpha = 64
+lora_dropout = 0.05
+lora_weight_decay = 10.0
+lora_weight_dtype = 'float32'
+target_modules = 'all-linear'
+layers_to_transform = '0:1,3'
+lr = 5e-5
+sequence_len = 2048
+pipeline_stages = 2
+partition_method = 'type:decoderlayer'
+evals_per_epoch = 4
+document_suffix = [1]
+
+[[datasets]]
+dataset_path = 'raw_text_data/*.txt'
+
+[[datasets]]
+dataset_path = 'structured_data/*.parquet'
+document_suffix = 5
+document_prefix = [7, 8]
+""",
+    "qlora (Era A)": """
+model_dir = '{model}'
+output_dir = 'out'
+load_in_4bit = true
+lora_rank = 64
+lora_alpha = 64
+lora_dropout = 0.05
+lora_weight_decay = 10.0
+lora_weight_decay_type = 'l2'
+lora_max_norm = 1.0
+target_modules = ['q_proj', 'k_proj', 'v_proj', 'o_proj']
+layers_to_transform = 2
+lr = 5e-5
+sequence_len = 2048
+mask_tokens = [0, 1]
+
+[[datasets]]
+dataset_path = 'data/*.jsonl'
+""",
+    "full fine-tune (HEAD)": """
+model_dir = '{model}'
+output_dir = 'out'
+full_fine_tune = true
+target_modules = ['mlp']
+layers_to_transform = '1, 3'
+lr = 1e-5
+sequence_len = 2048
+evals_per_epoch = 1
+
+[[datasets]]
+dataset_path = 'data/*.json'
+""",
+}
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    return tiny_model_dir("llama")  # 4 decoder layers
+
+
+@pytest.fixture
+def quiet_notes(monkeypatch):
+    """A fresh record of the notes printed, as in a new process (and not a launched worker)."""
+    monkeypatch.setattr(config_module, "_noted", set())
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- the example shapes
+def test_shapes_use_every_key_of_both_generations():
+    top, per_dataset = set(), set()
+    for text in SHAPES.values():
+        raw = tomllib.loads(text)
+        top |= set(raw)
+        per_dataset |= {k for t in raw["datasets"] for k in t}
+    assert top >= PEER_KEYS and per_dataset >= PEER_DATASET_KEYS
+    fields = {f for f in Config.__dataclass_fields__ if f != "source"}
+    assert PEER_KEYS <= fields and PEER_DATASET_KEYS <= set(DatasetConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_peer_example_shapes_load(shape, tmp_path, model, quiet_notes, capsys):
+    cfg = load_config(write(tmp_path, SHAPES[shape].format(model=model)))
+    notes = capsys.readouterr().err.strip().splitlines()
+    if shape == "control adapter (HEAD)":
+        assert cfg.mode == "control" and cfg.control_adapter_type == "full"
+        assert cfg.layers_to_transform == (0, 1, 2)
+        assert cfg.evals_per_epoch == 10 and cfg.evals_per_run == 11  # the default, unused
+        assert cfg.partition_method == "uniform" and cfg.control_adapter_gamma == 0.5
+        assert cfg.sequence_prefix == (0,) and cfg.mask_tokens is True
+        assert [d.control_class for d in cfg.datasets] == [1, -1, 0]
+        assert [d.max_tokens for d in cfg.datasets] == [10_000_000, 10_000_000, None]
+        # the top-level document_prefix / document_suffix are every dataset's
+        assert {(d.document_prefix, d.document_suffix) for d in cfg.datasets} == {("Story: ", "<|eos|>")}
+        assert len(notes) == 1 and "control_adapter_gamma = 0.5 has no effect in cap" in notes[0]
+    elif shape == "control adapter (Era A)":
+        assert cfg.control_adapter_type == "symmetrise" and cfg.alpha == 4.0
+        assert (cfg.lora_weight_decay_type, cfg.lora_max_norm, cfg.lora_dropout) == ("nuclear", 1.0, 0.05)
+        assert cfg.layers_to_transform == (0, 1, 2, 3) and cfg.evals_per_run == 5 and cfg.evals_per_epoch is None
+        assert [d.document_suffix for d in cfg.datasets] == ["<EOT>", ""]
+        assert [d.document_prefix for d in cfg.datasets] == [None, None]
+        assert notes == []
+    elif shape == "lora (HEAD)":
+        assert cfg.mode == "lora" and cfg.target_modules is None  # 'all-linear' = cap's default
+        assert cfg.layers_to_transform == (0, 1, 3) and cfg.alpha == 64.0
+        assert cfg.pipeline_stages == 2 and cfg.partition_method == "type:decoderlayer"
+        assert [(d.document_prefix, d.document_suffix) for d in cfg.datasets] == [(None, (1,)), ((7, 8), (5,))]
+        assert notes == []
+    elif shape == "qlora (Era A)":
+        assert cfg.mode == "qlora" and cfg.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+        assert cfg.layers_to_transform == (2,) and cfg.lora_weight_decay_type == "l2"
+        assert notes == []
+    else:
+        assert cfg.mode == "full" and cfg.lora_rank is None and cfg.evals_per_epoch == 1
+        assert cfg.layers_to_transform == (1, 3) and cfg.target_modules == ("mlp",)
+        assert len(notes) == 2 and all("has no effect with full_fine_tune" in n for n in notes)
+
+
+def test_notes_print_once_per_process_and_not_in_workers(tmp_path, model, quiet_notes, capsys, monkeypatch):
+    path = write(tmp_path, SHAPES["control adapter (HEAD)"].format(model=model))
+    load_config(path)
+    load_config(path)
+    err = capsys.readouterr().err
+    assert err.count("control_adapter_gamma") == 1 and err.startswith(f"note: {path}: control_adapter_gamma")
+    monkeypatch.setattr(config_module, "_noted", set())
+    monkeypatch.setenv("RANK", "0")  # a worker cap-train launched: its launcher said it
+    load_config(path)
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- single keys
+MINIMAL = """
+model_dir = '{model}'
+output_dir = 'out'
+lr = 2e-5
+sequence_len = 64
+lora_rank = 4
+{extra}
+[[datasets]]
+dataset_path = 'data/*.json'
+{dataset_extra}
+"""
+
+
+@pytest.fixture
+def minimal(tmp_path, model):
+    def make(extra="", dataset_extra=""):
+        return write(tmp_path, MINIMAL.format(model=model, extra=extra, dataset_extra=dataset_extra))
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "value, layers",
+    [
+        ("'0:2'", (0, 1, 2)),
+        ("'0:1,3'", (0, 1, 3)),
+        ("' 0 : 1 , 3 ,, '", (0, 1, 3)),
+        ("'1,3,2,3'", (1, 2, 3)),
+        ("'3'", (3,)),
+        ("2", (2,)),
+        ("[3, 1, 1]", (1, 3)),
+        ("'2:3, 0:2'", (0, 1, 2, 3)),
+        ("''", None),  # qlora-pipe-lite: empty = all layers
+    ],
+)
+def test_layers_to_transform_forms(value, layers, minimal):
+    assert load_config(minimal(f"layers_to_transform = {value}")).layers_to_transform == layers
+
+
+@pytest.mark.parametrize(
+    "value", ["'uniform'", "'UNIFORM'", "'type:decoderlayer'", "'type:DecoderLayer'", "'type:^dec'"]
+)
+def test_partition_methods_cap_supports(value, minimal):
+    assert load_config(minimal(f"partition_method = {value}")).partition_method == value.strip("'")
+
+
+def test_partition_method_default_is_what_cap_does(minimal):
+    from cap_common.models.pipeline import PARTITION_METHOD
+
+    cfg = load_config(minimal())
+    assert (cfg.partition_method, PARTITION_METHOD) == ("type:decoderlayer", "type:DecoderLayerPipe")
+    assert (cfg.evals_per_epoch, cfg.control_adapter_gamma, cfg.document_prefix, cfg.document_suffix) == (None,) * 4
+    assert (cfg.datasets[0].document_prefix, cfg.datasets[0].max_tokens) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "extra, dataset_extra, expected",
+    [
+        ("document_prefix = 'A: '", "", ("A: ", None)),
+        ("document_prefix = 'A: '", "document_prefix = [4, 5]", ((4, 5), None)),
+        ("document_prefix = 3\ndocument_suffix = ''", "", ((3,), "")),
+        ("document_suffix = ' END'", "", (None, " END")),
+        ("document_suffix = ' END'", "document_suffix = 9", (None, (9,))),
+        ("document_prefix = 'A'\ndocument_suffix = 'B'", "document_prefix = ''\ndocument_suffix = ''", ("", "")),
+    ],
+)
+def test_top_level_document_prefix_and_suffix_are_dataset_defaults(extra, dataset_extra, expected, minimal):
+    cfg = load_config(minimal(extra, dataset_extra))
+    assert (cfg.datasets[0].document_prefix, cfg.datasets[0].document_suffix) == expected
+
+
+def test_new_dataset_keys_keep_old_fingerprints_and_run_records(minimal):
+    """Unset, document_prefix and max_tokens are not in the prep keys nor the run record, so prepared
+    folders and checkpoints of configs written before they existed keep matching."""
+    plain = load_config(minimal())
+    assert cache.prep_keys(plain)["datasets"] == [{"control_class": 1, "document_suffix": None}]
+    assert plain.to_dict()["datasets"][0].keys() == {"dataset_path", "control_class", "document_suffix"}
+    cfg = load_config(minimal("document_prefix = 'A: '", "max_tokens = 100"))
+    assert cache.prep_keys(cfg)["datasets"] == [
+        {"control_class": 1, "document_suffix": None, "document_prefix": "A: ", "max_tokens": 100}
+    ]
+    assert cfg.to_dict()["datasets"][0]["document_prefix"] == "A: " and cfg.to_dict()["datasets"][0]["max_tokens"]
+
+
+# (config change, dataset change, the words the one-line message must contain)
+ERRORS = [
+    ("evals_per_run = 5\nevals_per_epoch = 2", "", ["evals_per_run and evals_per_epoch are mutually exclusive"]),
+    ("evals_per_epoch = 0", "", ["evals_per_epoch = 0", "expected an integer >= 1"]),
+    ("partition_method = 'parameters'", "", ["partition_method = 'parameters'", "'parameters' is not supported"]),
+    ("partition_method = 'type:pipe'", "", ["partition_method = 'type:pipe'", "matching only the decoder layers"]),
+    ("partition_method = 'type:['", "", ["partition_method = 'type:['", "'uniform'"]),
+    ("partition_method = 1", "", ["partition_method = 1", "'uniform'"]),
+    ("control_adapter_gamma = 0.75", "", ["control_adapter_gamma = 0.75", "(0, 0.5]"]),
+    ("control_adapter_gamma = 'x'", "", ["control_adapter_gamma = 'x'", "expected a number"]),
+    ("target_modules = 'all'", "", ["target_modules = 'all'", "'all-linear'"]),
+    ("target_modules = []", "", ["target_modules = []", "non-empty list"]),
+    ("use_control_adapters = true\ntarget_modules = 'all-linear'", "", ["target_modules is not allowed"]),
+    ("layers_to_transform = '0:2, x'", "", ["layers_to_transform = '0:2, x'", "'first:last'"]),
+    ("layers_to_transform = '1, 3:1'", "", ["layers_to_transform = '1, 3:1'", "first (3) is after last (1)"]),
+    ("layers_to_transform = '0:1:2'", "", ["layers_to_transform = '0:1:2'", "comma-separated"]),
+    ("layers_to_transform = '0:1, 9'", "", ["layer 9 does not exist", "0:3"]),
+    ("layers_to_transform = -1", "", ["layers_to_transform = -1", "a layer index"]),
+    ("layers_to_transform = true", "", ["layers_to_transform = True", "a layer index"]),
+    ("document_prefix = 1.5", "", ["document_prefix = 1.5", "token id"]),
+    ("document_suffix = [1, -2]", "", ["document_suffix = [1, -2]", "token id"]),
+    ("", "document_prefix = true", ["datasets[0]: document_prefix = True", "token id"]),
+    ("", "max_tokens = 0", ["datasets[0]: max_tokens = 0", "expected an integer >= 1"]),
+    ("", "max_tokens = 'all'", ["datasets[0]: max_tokens = 'all'", "expected an integer >= 1"]),
+]
+
+
+@pytest.mark.parametrize("extra, dataset_extra, words", ERRORS, ids=[(e[0] or e[1]).split("\n")[-1] for e in ERRORS])
+def test_errors_are_one_line_exit_2(extra, dataset_extra, words, minimal):
+    path = minimal(extra, dataset_extra)
+    result = CliRunner().invoke(train_main, [str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith(f"cap-train: error: {path}")
+    for w in words:
+        assert w in lines[0]
+
+
+# ---------------------------------------------------------------- evals_per_epoch
+def test_epoch_eval_steps():
+    # e = evals_per_epoch evals per epoch at max(1, round(i * spe / e)), i = 1..e, plus step 0
+    assert epoch_eval_steps(10, 10, 30) == {0, *range(1, 31)}
+    assert epoch_eval_steps(3, 10, 20) == {0, 3, 7, 10, 13, 17, 20}
+    assert epoch_eval_steps(4, 10, 10) == {0, 2, 5, 8, 10}  # 2.5 → 2 and 7.5 → 8: Python's round
+    assert epoch_eval_steps(10, 3, 6) == {0, 1, 2, 3, 4, 5, 6}  # at most one per step
+    assert epoch_eval_steps(1, 5, 15) == {0, 5, 10, 15}  # the end of every epoch
+    assert epoch_eval_steps(2, 5, 11) == {0, 2, 5, 7, 10}  # max_steps cut the third epoch at 11
+    assert epoch_eval_steps(2, 5, 13, epoch_start=3) == {0, 5, 8, 10, 13}  # epochs restarted at step 3
+    assert epoch_eval_steps(5, 0, 0) == {0}
+    # the whole-run schedule is unchanged
+    assert eval_steps(11, 100) == {0, *range(10, 101, 10)}
+
+
+# ---------------------------------------------------------------- cap-prep
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return transformers.AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+
+
+def reference_document(tok, text: str, prefix, suffix) -> list[int]:
+    """A document's tokens by the documented rule, from one direct tokenizer call: prefix ids +
+    tokenizer(prefix text + text + suffix text) without its leading BOS + suffix ids (None: EOS if missing)."""
+    ids = tok((prefix if isinstance(prefix, str) else "") + text + (suffix if isinstance(suffix, str) else ""))[
+        "input_ids"
+    ]
+    if ids and ids[0] == tok.bos_token_id:
+        ids = ids[1:]
+    if suffix is None and ids[-1:] != [tok.eos_token_id]:
+        ids = ids + [tok.eos_token_id]
+    elif isinstance(suffix, (list, int)):
+        ids = ids + ([suffix] if isinstance(suffix, int) else suffix)
+    head = [prefix] if isinstance(prefix, int) else (prefix if isinstance(prefix, list) else [])
+    return head + ids
+
+
+def prepared(tmp_path, model, datasets: list[tuple[list[str], dict]], **keys):
+    """Write the documents, run cap-prep on a TOML config (as a user would), return (cfg, folder)."""
+    tables = []
+    for i, (docs, extra) in enumerate(datasets):
+        write_all_formats(tmp_path / f"data{i}", docs)
+        tables.append({"dataset_path": f"data{i}/*", **extra})
+    cfg = load_config(write_config(tmp_path, model, tables, **keys))
+    return cfg, prepare(cfg, quiet=True, shard_bytes=8 * 5 * L)
+
+
+def expected_rows(tok, streams):
+    """streams: [(documents, class, prefix, suffix)] → rows packed by the reference packer, one stream each."""
+    rows = []
+    for docs, klass, prefix, suffix in streams:
+        tokens = [reference_document(tok, t, prefix, suffix) for t in docs]
+        rows += reference_pack([(t, [klass] * len(t)) for t in tokens], [tok.bos_token_id], tok.pad_token_id, False)
+    return rows
+
+
+def test_document_prefix_and_top_level_suffix(tmp_path, model, tok):
+    a, b, c, d = (documents(9, seed=s) for s in (31, 32, 33, 34))
+    cfg, folder = prepared(
+        tmp_path,
+        model,
+        [
+            (a, {}),  # both top-level values
+            (b, {"control_class": -1, "document_prefix": [7, 8]}),  # id prefix, top-level suffix
+            (c, {"document_prefix": 9, "document_suffix": [3, 4]}),  # one id, id suffix
+            (d, {"document_prefix": "", "document_suffix": ""}),  # neither
+        ],
+        document_prefix="Chapter one. ",
+        document_suffix=" The end.",
+    )
+    streams = [
+        (a, 1, "Chapter one. ", " The end."),
+        (b, -1, [7, 8], " The end."),
+        (c, 1, 9, [3, 4]),
+        (d, 1, "", ""),
+    ]
+    expected = expected_rows(tok, streams)
+    ids, cls = read(folder)
+    assert ids.tolist() == [r[0] for r in expected]
+    assert cls.tolist() == [r[1] for r in expected]
+    # ... and that is not what the documents give without them
+    plain = expected_rows(tok, [(docs, k, None, None) for docs, k, _, _ in streams])
+    assert [r[0] for r in plain] != [r[0] for r in expected]
+    assert load_manifest(folder)["prep_config"]["datasets"][1]["document_prefix"] == [7, 8]
+
+
+@pytest.mark.parametrize("prefix", ["Chapter one. ", [7, 8]])
+@pytest.mark.parametrize("suffix", [None, " The end.", [3]])
+@pytest.mark.parametrize("model_name", ["tiny", "metaspace"])
+def test_long_documents_get_the_same_prefix(prefix, suffix, model_name, tmp_path, tiny_model_dir, monkeypatch):
+    """The windowed path for long documents (streamed or not) == the batch path == one tokenizer call."""
+    for name, value in (("WINDOW_CHARS", 300), ("OVERLAP_CHARS", 64), ("MARGIN_TOKENS", 4), ("BATCH_WINDOWS", 3)):
+        monkeypatch.setattr(windows, name, value)
+    folder = tiny_model_dir("llama") if model_name == "tiny" else metaspace_folder(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = DocumentEncoder(tok, resolve_options(tok, None, False, "cfg"), suffix, "cfg", prefix)
+    for seed in range(2):
+        text = make_text(seed, 3000)
+        expected = reference_document(tok, text, prefix, suffix)
+        assert enc([text])[0].tolist() == expected
+        for source in (text, iter([text[:1000], text[1000:1001], text[1001:]])):
+            out = []
+            assert enc.encode_long(source, out.append) == len(expected)
+            assert np.concatenate(out).tolist() == expected
+
+
+def test_max_tokens_keep_stops_at_the_first_overflow():
+    lengths = np.array([5, 3, 4, 2])
+    keep = build.max_tokens_keep(lengths, 10, np.array([2, 0, 1, 3]))
+    assert keep.tolist() == [True, False, True, False]  # 4 + 5 = 9; + 3 passes 10; the 2 after it is not tried
+    assert build.max_tokens_keep(lengths, 14, np.array([0, 1, 2, 3])).tolist() == [True] * 4
+    assert build.max_tokens_keep(lengths, 4, np.array([0, 1, 2, 3])).tolist() == [False] * 4
+
+
+def test_max_tokens(tmp_path, model, tok):
+    pos, neg = documents(30, seed=41), documents(12, seed=42)
+    prefix = "Note: "
+    lengths = np.array([len(reference_document(tok, t, prefix, None)) for t in pos])
+    max_tokens = int(lengths.sum() * 0.4)
+    cfg, folder = prepared(
+        tmp_path,
+        model,
+        [(pos, {"max_tokens": max_tokens}), (neg, {"control_class": -1})],
+        document_prefix=prefix,
+        seed=5,
+    )
+    # the rule, walked by hand over the seeded order: keep while the running total (prefix and
+    # suffix included) stays within max_tokens, stop at the first document that would pass it
+    order = np.random.default_rng([5, build._MAX_TOKENS, 0]).permutation(len(pos))
+    kept, total = set(), 0
+    for i in order:
+        if total + lengths[i] > max_tokens:
+            break
+        kept.add(int(i))
+        total += int(lengths[i])
+    assert 0 < len(kept) < len(pos) and total <= max_tokens
+    expected = expected_rows(
+        tok, [([t for i, t in enumerate(pos) if i in kept], 1, prefix, None), (neg, -1, prefix, None)]
+    )
+    ids, cls = read(folder)
+    assert ids.tolist() == [r[0] for r in expected]
+    assert cls.tolist() == [r[1] for r in expected]
+    m = load_manifest(folder)
+    ds = m["datasets"][0]
+    assert (ds["documents"], ds["max_tokens"]) == (len(pos), max_tokens)
+    assert ds["max_tokens_dropped_documents"] == len(pos) - len(kept)
+    assert ds["max_tokens_dropped_tokens"] == int(lengths.sum()) - total
+    assert ds["train"]["tokens"] == total and m["datasets"][1]["max_tokens_dropped_documents"] == 0
+    assert f"max_tokens = {max_tokens:,} kept {len(kept)} of {len(pos)} documents" in report.summary(m)
+
+
+def test_max_tokens_before_the_eval_split(tmp_path, model, tok):
+    docs = [f"Document {i}: " + t for i, t in enumerate(documents(40, seed=43))]
+    lengths = [len(reference_document(tok, t, None, None)) for t in docs]
+    cfg, folder = prepared(tmp_path, model, [(docs, {"max_tokens": sum(lengths) // 2})], eval_fraction=0.25)
+    m = load_manifest(folder)["datasets"][0]
+    kept = len(docs) - m["max_tokens_dropped_documents"]
+    assert m["eval"]["documents"] == round(0.25 * kept) and m["train"]["documents"] + m["eval"]["documents"] == kept
+    assert m["train"]["tokens"] + m["eval"]["tokens"] == sum(lengths) - m["max_tokens_dropped_tokens"]
+    assert m["train"]["tokens"] + m["eval"]["tokens"] <= sum(lengths) // 2
+
+
+@pytest.mark.parametrize(
+    "table, keys, words",
+    [
+        ({"max_tokens": 1}, {}, ["datasets[0]: max_tokens = 1 keeps no document", "tokens)"]),
+        (
+            {"document_prefix": [1, 600]},
+            {},
+            ["datasets[0]: document_prefix", "600", "out of the tokenizer's vocabulary"],
+        ),
+        (
+            {},
+            {"document_prefix": 9999},
+            ["datasets[0]: document_prefix = (9999,)", "out of the tokenizer's vocabulary"],
+        ),
+    ],
+)
+def test_prep_errors_are_one_line_exit_2(table, keys, words, tmp_path, model):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in documents(6, seed=44)))
+    config = write_config(tmp_path, model, [{"dataset_path": "data/*", **table}], **keys)
+    result = CliRunner().invoke(prep_main, [str(config)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cap-prep: error: "), result.stderr
+    for part in words:
+        assert part in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folders

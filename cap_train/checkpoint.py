@@ -66,7 +66,7 @@ class Checkpoints:
         if final.exists():  # re-reaching a step after a resume: replace the old copy
             final.rename(self.root / f".trash-{final.name}")
         os.replace(tmp, final)
-        for old in self.complete()[: -self.max_checkpoints]:
+        for old in self.complete()[: -self.max_checkpoints] if self.max_checkpoints > 0 else []:
             trash = self.root / f".trash-{old.name}"
             old.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)

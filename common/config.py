@@ -296,7 +296,7 @@ class Config:
     lora_weight_decay: float = key(0.0, number(0), help="decoupled weight decay on W = s*B*A (needs float32 adapters)")
     lora_weight_decay_type: str = key("nuclear", choice("nuclear", "l2", "l1"), help="regularizer of W")
     lora_max_norm: float = key(0.0, number(0), help="max Frobenius norm of W, 0 = off")
-    lora_weight_dtype: str = key("float32", choice("float32", "bfloat16"), help="adapter parameter dtype")
+    lora_weight_dtype: str = key("float32", choice("float32", "bfloat16", "float16"), help="adapter parameter dtype")
     control_adapter_gamma: float | None = key(
         None,
         number(0, 0.5, lo_open=True),
@@ -307,13 +307,13 @@ class Config:
         None,
         target_modules_spec,
         help="LoRA target modules; 'all-linear' or unset: every linear layer but the LM head; "
-        "not with control adapters",
+        "full fine-tune: only weights whose name contains one train; not with control adapters",
     )
     layers_to_transform: tuple[int, ...] | None = key(
         None,
         layer_range,
         help="'a:b' inclusive, comma-separated ranges and layers ('0:10, 20:25, 30'), an index or a list "
-        "(default: all layers)",
+        "(default: all layers); full fine-tune: other decoder layers stay frozen",
     )
     load_in_4bit: bool = key(False, boolean, help="quantize the base to 4-bit nf4 (QLoRA)")
     full_fine_tune: bool = key(False, boolean, help="train all weights in bf16")
@@ -321,7 +321,7 @@ class Config:
     checkpoint_interval_hours: float = key(
         1.0, number(0, lo_open=True), help="hours between checkpoints (fractions allowed)"
     )
-    max_checkpoints: int = key(3, integer(1), help="checkpoints kept")
+    max_checkpoints: int = key(3, integer(), help="checkpoints kept (0 or less: all)")
     eval_fraction: float = key(0.01, number(0, 1, hi_open=True), help="fraction of documents held out for eval")
     evals_per_run: int = key(11, integer(0), help="evals per run, including one before training and one at the end")
     evals_per_epoch: int | None = key(
@@ -459,6 +459,11 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
         )
     if not c.full_fine_tune and c.lora_rank is None:
         err(f"missing required key 'lora_rank' (needed for {c.mode} training)")
+    if c.lora_weight_dtype == "float16":  # qlora-pipe-lite's later generation takes it
+        err(
+            "lora_weight_dtype = 'float16' is not supported: DeepSpeed's pipeline engine reduces float32 "
+            "and bfloat16 gradients only; use 'bfloat16' (or the default 'float32')"
+        )
     if c.lora_weight_decay > 0 and c.lora_weight_dtype != "float32":
         err(
             f"lora_weight_decay = {c.lora_weight_decay} needs lora_weight_dtype = 'float32' "
@@ -497,13 +502,6 @@ def _notes(c: Config, where: str) -> None:
             "step that pulls Q back towards orthonormal, and cap's spectral control adapter uses an exactly "
             "orthonormal Q (a QR of the parameter in every forward), so there is nothing to correct"
         )
-    if c.full_fine_tune:
-        for name in ("target_modules", "layers_to_transform"):
-            if getattr(c, name) is not None:
-                notes.append(
-                    f"{name} has no effect with full_fine_tune in cap: a full fine-tune trains every weight "
-                    "(qlora-pipe-lite's freezes the weights outside them)"
-                )
     for text in notes:
         line = f"note: {where}: {text}"
         if line not in _noted and "RANK" not in os.environ:

@@ -155,6 +155,7 @@ ERRORS = [
     ("full_fine_tune = true\nload_in_4bit = true", ["mutually exclusive"]),
     ("use_control_adapters = true\ntarget_modules = ['q_proj']", ["target_modules is not allowed"]),
     ("lora_weight_decay = 10.0\nlora_weight_dtype = 'bfloat16'", ["needs lora_weight_dtype = 'float32'"]),
+    ("lora_weight_dtype = 'float16'", ["'float16' is not supported", "use 'bfloat16'"]),
     ("drop_tails = 'yes'", ["drop_tails = 'yes'", "expected true or false"]),
     ("mask_tokens = 'eos'", ["mask_tokens = 'eos'", "token id"]),
     ("pipeline_stages = 8", ["pipeline_stages = 8", "more stages than the model's 4 layers"]),

@@ -242,7 +242,7 @@ def test_peer_example_shapes_load(shape, tmp_path, model, quiet_notes, capsys):
     else:
         assert cfg.mode == "full" and cfg.lora_rank is None and cfg.evals_per_epoch == 1
         assert cfg.layers_to_transform == (1, 3) and cfg.target_modules == ("mlp",)
-        assert len(notes) == 2 and all("has no effect with full_fine_tune" in n for n in notes)
+        assert notes == []  # both keys restrict what trains (tests/test_train_full_select.py)
 
 
 def test_notes_print_once_per_process_and_not_in_workers(tmp_path, model, quiet_notes, capsys, monkeypatch):

@@ -98,6 +98,16 @@ class StageBuilder:
         with and without 4-bit (whose per-expert linears of fused MoE experts are not targets)."""
         return self.spec.target_modules or self.linear_names
 
+    def _select_trainable(self, module: nn.Module, prefix: str, layer: int | None = None) -> None:
+        """Base weights train only in a full fine-tune, and there (qlora-pipe-lite's rule) only where
+        some target_modules entry is a substring of the weight's Hugging Face name `prefix + name`
+        and, for a decoder layer, its index is in layers_to_transform; an unset key selects all."""
+        spec = self.spec
+        in_layers = layer is None or spec.layers_to_transform is None or layer in spec.layers_to_transform
+        for name, p in module.named_parameters():
+            targeted = spec.target_modules is None or any(t in prefix + name for t in spec.target_modules)
+            p.requires_grad_(self.trainable_base and in_layers and targeted)
+
     def position_class(self, position: int) -> type[nn.Module]:
         if position == 0:
             return EmbeddingPipe
@@ -117,18 +127,21 @@ class StageBuilder:
 
     def embedding(self) -> EmbeddingPipe:
         family, config = self.source.family, self.source.config
-        embed = load_embedding(self.source, self.dtype).requires_grad_(self.trainable_base)
+        embed = load_embedding(self.source, self.dtype)
+        self._select_trainable(embed, "model.embed_tokens.")
         self._embedding = embed
         return EmbeddingPipe(embed, config.hidden_size**0.5 if family.embed_scale else None)
 
     def head(self) -> LmHeadPipe:
         family, config = self.source.family, self.source.config
-        norm = load_final_norm(self.source, self.dtype).requires_grad_(self.trainable_base)
+        norm = load_final_norm(self.source, self.dtype)
+        self._select_trainable(norm, "model.norm.")
         if self.tied and self._embedding is not None:  # one matrix for both ends of this stage
             head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
             head.weight = self._embedding.weight
         else:
-            head = load_lm_head(self.source, self.dtype).requires_grad_(self.trainable_base)
+            head = load_lm_head(self.source, self.dtype)
+            self._select_trainable(head, "lm_head.")
         return LmHeadPipe(
             norm,
             head,
@@ -140,7 +153,7 @@ class StageBuilder:
     def decoder_layer(self, index: int) -> DecoderLayerPipe:
         spec, family, config = self.spec, self.source.family, self.source.config
         layer = load_decoder_layer(self.source, index, self.dtype, quantize=spec.load_in_4bit)
-        layer.requires_grad_(self.trainable_base)
+        self._select_trainable(layer, f"model.layers.{index}.", index)
         transformed = spec.layers_to_transform is None or index in spec.layers_to_transform
         adapter = None
         if transformed and spec.mode in ("control", "lora", "qlora"):

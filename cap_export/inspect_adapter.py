@@ -13,6 +13,7 @@ erank is 1 for a rank-1 matrix and k for k equal singular values; an all-zero ma
 adapter) has erank 0. The summary's total is the Frobenius norm of all layers together,
 √(Σ_layers ‖W‖_F²). `inspect` returns a `Report` (table lines, JSON document); `write_plot` draws
 ‖W‖_F and ‖W‖₂ by layer.
+Slightly over 300 lines: one analysis with its three outputs (table, JSON, plot) kept together.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Key layout (i = decoder layer index):
 The config is PEFT-LoraConfig-shaped, plus control_adapter_type / control_adapter_target for
 control adapters. A control adapter folder without them (qlora-pipe-lite's) means target block and
 the type its tensor names show: control_Q / control_S spectral, control_A / control_B full.
+Over 300 lines because it is the one reader of every adapter file a user may hand cap (both
+generations' layouts, .safetensors and weights-only .bin) and checks each field they may get wrong.
 """
 
 from __future__ import annotations

@@ -88,16 +88,34 @@ class Control:
         return U, V
 
 
-def load_control(path) -> Control:
+def _read(path) -> tuple[Path, dict[str, torch.Tensor], dict, tuple[str, Path] | None]:
+    """(folder, tensors, adapter_config, the run TOML's control_adapter_type) of the adapter at `path`."""
     folder = adapter_folder(path)
     from_toml = run_toml_type(folder)
     tensors, config = load_adapter(folder, from_toml[0] if from_toml else None)
-    states = control_state_by_layer(tensors)
-    if not states:
+    return folder, tensors, config, from_toml
+
+
+def load_control(path) -> Control:
+    folder, tensors, config, from_toml = _read(path)
+    if not control_state_by_layer(tensors):
         raise CapError(
             f"{weights_file(folder)}: a LoRA adapter, not a Control Adapter "
             f"(no *.control_A / *.control_Q keys); use `cap-export merge` or `gguf` for LoRA"
         )
+    return _control(folder, tensors, config, from_toml)
+
+
+def load_any(path) -> Control | Lora:
+    """The Control Adapter or PEFT LoRA at `path`, whichever its tensor names show (read once)."""
+    folder, tensors, config, from_toml = _read(path)
+    if control_state_by_layer(tensors):
+        return _control(folder, tensors, config, from_toml)
+    return _lora(folder, tensors, config)
+
+
+def _control(folder: Path, tensors: dict[str, torch.Tensor], config: dict, from_toml) -> Control:
+    states = control_state_by_layer(tensors)
     if from_toml and config["control_adapter_type"] == from_toml[0]:
         note(
             f"control_adapter_type {from_toml[0]!r} from {from_toml[1]} (qlora-pipe-lite kept it only in "
@@ -143,6 +161,10 @@ def load_lora(path) -> Lora:
             f"{weights_file(folder)}: a Control Adapter, not a LoRA; convert it first with "
             f"`cap-export additive` (or `multiplicative`)"
         )
+    return _lora(folder, tensors, config)
+
+
+def _lora(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Lora:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         m = _LORA_KEY.match(key)

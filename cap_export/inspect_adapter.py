@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from cap_common.adapters import factors
-from cap_common.adapters.io import CONFIG_NAME, WEIGHTS_NAME, control_state_by_layer
+from cap_common.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from cap_common.errors import CapError
 from cap_export.folders import PROVENANCE, adapter_folder
 
@@ -161,43 +161,15 @@ def measure(U: torch.Tensor, V: torch.Tensor, top: int) -> dict:
     }
 
 
-def _header_kind(folder: Path) -> str | None:
-    """ "control" or "lora" from the keys in the safetensors header (no tensor is read); None when
-    there is no readable .safetensors (qlora-pipe-lite's .bin, or a damaged file)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(folder / WEIGHTS_NAME, framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:
-        return None
-    return "control" if control_state_by_layer(dict.fromkeys(keys)) else "lora"
-
-
-def _load(folder: Path):
-    """The Control Adapter or PEFT LoRA in `folder`; when the header cannot tell, the Control
-    Adapter is tried first and its error is the one reported if neither loads."""
-    from cap_export.adapters import load_control, load_lora
-
-    kind = _header_kind(folder)
-    if kind is not None:
-        return load_control(folder) if kind == "control" else load_lora(folder)
-    try:
-        return load_control(folder)
-    except CapError as first:
-        try:
-            return load_lora(folder)
-        except CapError:
-            raise first from None
-
-
 def inspect(path, top: int = 8) -> Report:
     """The report of the Control Adapter or PEFT LoRA at `path` (epoch<N>/, adapter or checkpoint folder)."""
     if top < 1:
         raise CapError(f"--top {top}: must be at least 1")
+    from cap_export.adapters import load_any
+
     folder = adapter_folder(path)
     with _one_thread():
-        return _inspect(folder, _load(folder), top)
+        return _inspect(folder, load_any(folder), top)
 
 
 @contextlib.contextmanager

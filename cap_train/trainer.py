@@ -412,12 +412,13 @@ class Trainer:
             self.tokens += tokens_per_step
             self.check_finite(loss)
             dt = time.time() - t0
+            mfu = step_flops / dt / peak_flops
             values = {
                 "train/loss": loss,
                 "train/grad_norm": self.optimizer.grad_norm,
                 "train/lr": lr,
                 "train/tokens_per_s": tokens_per_step / dt,
-                "train/mfu": step_flops / dt / peak_flops,
+                "train/mfu": mfu,
                 # which rows this rank read, position-weighted: resume tests compare it
                 "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum()),
             }
@@ -426,7 +427,7 @@ class Trainer:
             if self.step in evals:
                 values.update(self.evaluate())
             metrics.scalars(self.step, values)
-            metrics.progress(self.step, loss, tokens_per_step / dt, lr, step_flops / dt / peak_flops)
+            metrics.progress(self.step, loss, tokens_per_step / dt, lr, mfu)
             epoch_end = self.step_in_epoch == self.order.steps_per_epoch
             if epoch_end:
                 self.epoch += 1

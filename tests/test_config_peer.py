@@ -24,6 +24,7 @@ from cap_prep.cli import main as prep_main
 from cap_prep.tokenize import DocumentEncoder, resolve_options
 from cap_train.cli import main as train_main
 from cap_train.trainer import epoch_eval_steps, eval_steps
+from tests.test_config import write  # noqa: F401 - the fixture: cfg.toml from MINIMAL + extra keys
 from tests.test_prep import L, documents, read, reference_pack, write_all_formats, write_config
 from tests.test_prep_windows import make_text, metaspace_folder
 
@@ -189,7 +190,7 @@ def quiet_notes(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
 
 
-def write(tmp_path, text: str):
+def config_file(tmp_path, text: str):
     path = tmp_path / "cfg.toml"
     path.write_text(text)
     return path
@@ -209,7 +210,7 @@ def test_shapes_use_every_key_of_both_generations():
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_peer_example_shapes_load(shape, tmp_path, model, quiet_notes, capsys):
-    cfg = load_config(write(tmp_path, SHAPES[shape].format(model=model)))
+    cfg = load_config(config_file(tmp_path, SHAPES[shape].format(model=model)))
     notes = capsys.readouterr().err.strip().splitlines()
     if shape == "control adapter (HEAD)":
         assert cfg.mode == "control" and cfg.control_adapter_type == "full"
@@ -246,7 +247,7 @@ def test_peer_example_shapes_load(shape, tmp_path, model, quiet_notes, capsys):
 
 
 def test_notes_print_once_per_process_and_not_in_workers(tmp_path, model, quiet_notes, capsys, monkeypatch):
-    path = write(tmp_path, SHAPES["control adapter (HEAD)"].format(model=model))
+    path = config_file(tmp_path, SHAPES["control adapter (HEAD)"].format(model=model))
     load_config(path)
     load_config(path)
     err = capsys.readouterr().err
@@ -258,27 +259,6 @@ def test_notes_print_once_per_process_and_not_in_workers(tmp_path, model, quiet_
 
 
 # ---------------------------------------------------------------- single keys
-MINIMAL = """
-model_dir = '{model}'
-output_dir = 'out'
-lr = 2e-5
-sequence_len = 64
-lora_rank = 4
-{extra}
-[[datasets]]
-dataset_path = 'data/*.json'
-{dataset_extra}
-"""
-
-
-@pytest.fixture
-def minimal(tmp_path, model):
-    def make(extra="", dataset_extra=""):
-        return write(tmp_path, MINIMAL.format(model=model, extra=extra, dataset_extra=dataset_extra))
-
-    return make
-
-
 @pytest.mark.parametrize(
     "value, layers",
     [
@@ -293,21 +273,21 @@ def minimal(tmp_path, model):
         ("''", None),  # qlora-pipe-lite: empty = all layers
     ],
 )
-def test_layers_to_transform_forms(value, layers, minimal):
-    assert load_config(minimal(f"layers_to_transform = {value}")).layers_to_transform == layers
+def test_layers_to_transform_forms(value, layers, write):
+    assert load_config(write(f"layers_to_transform = {value}")).layers_to_transform == layers
 
 
 @pytest.mark.parametrize(
     "value", ["'uniform'", "'UNIFORM'", "'type:decoderlayer'", "'type:DecoderLayer'", "'type:^dec'"]
 )
-def test_partition_methods_cap_supports(value, minimal):
-    assert load_config(minimal(f"partition_method = {value}")).partition_method == value.strip("'")
+def test_partition_methods_cap_supports(value, write):
+    assert load_config(write(f"partition_method = {value}")).partition_method == value.strip("'")
 
 
-def test_partition_method_default_is_what_cap_does(minimal):
+def test_partition_method_default_is_what_cap_does(write):
     from cap_common.models.pipeline import PARTITION_METHOD
 
-    cfg = load_config(minimal())
+    cfg = load_config(write())
     assert (cfg.partition_method, PARTITION_METHOD) == ("type:decoderlayer", "type:DecoderLayerPipe")
     assert (cfg.evals_per_epoch, cfg.control_adapter_gamma, cfg.document_prefix, cfg.document_suffix) == (None,) * 4
     assert (cfg.datasets[0].document_prefix, cfg.datasets[0].max_tokens) == (None, None)
@@ -324,18 +304,18 @@ def test_partition_method_default_is_what_cap_does(minimal):
         ("document_prefix = 'A'\ndocument_suffix = 'B'", "document_prefix = ''\ndocument_suffix = ''", ("", "")),
     ],
 )
-def test_top_level_document_prefix_and_suffix_are_dataset_defaults(extra, dataset_extra, expected, minimal):
-    cfg = load_config(minimal(extra, dataset_extra))
+def test_top_level_document_prefix_and_suffix_are_dataset_defaults(extra, dataset_extra, expected, write):
+    cfg = load_config(write(extra, dataset_extra))
     assert (cfg.datasets[0].document_prefix, cfg.datasets[0].document_suffix) == expected
 
 
-def test_new_dataset_keys_keep_old_fingerprints_and_run_records(minimal):
+def test_new_dataset_keys_keep_old_fingerprints_and_run_records(write):
     """Unset, document_prefix and max_tokens are not in the prep keys nor the run record, so prepared
     folders and checkpoints of configs written before they existed keep matching."""
-    plain = load_config(minimal())
+    plain = load_config(write())
     assert cache.prep_keys(plain)["datasets"] == [{"control_class": 1, "document_suffix": None}]
     assert plain.to_dict()["datasets"][0].keys() == {"dataset_path", "control_class", "document_suffix"}
-    cfg = load_config(minimal("document_prefix = 'A: '", "max_tokens = 100"))
+    cfg = load_config(write("document_prefix = 'A: '", "max_tokens = 100"))
     assert cache.prep_keys(cfg)["datasets"] == [
         {"control_class": 1, "document_suffix": None, "document_prefix": "A: ", "max_tokens": 100}
     ]
@@ -370,8 +350,8 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("extra, dataset_extra, words", ERRORS, ids=[(e[0] or e[1]).split("\n")[-1] for e in ERRORS])
-def test_errors_are_one_line_exit_2(extra, dataset_extra, words, minimal):
-    path = minimal(extra, dataset_extra)
+def test_errors_are_one_line_exit_2(extra, dataset_extra, words, write):
+    path = write(extra, dataset_extra)
     result = CliRunner().invoke(train_main, [str(path)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()

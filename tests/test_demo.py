@@ -1,8 +1,6 @@
 """The demo and the example configs: every bundled config loads; the demo pipeline steers SmolLM2."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cap_common.config import load_config
+from tests.test_train import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 # (config, model_type, layers) of the real model each example is written for
@@ -71,9 +70,7 @@ def test_demo_pipeline_steers_smollm2(tmp_path):
     try:
         stdout, stderr = proc.communicate(timeout=1500)
     finally:  # a timeout or an interrupt leaves no cap-train behind
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

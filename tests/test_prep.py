@@ -48,6 +48,19 @@ def write_all_formats(folder, docs: list[str]) -> None:
         (folder / "4.jsonl").write_text("\n".join(json.dumps({"text": docs[i]}) for i in parts[4]))
 
 
+def required_keys(model) -> dict:
+    """The keys every cap-prep test config has: control adapters, sequence_len L, no eval split."""
+    return {
+        "model_dir": str(model),
+        "output_dir": "out",
+        "lr": 1e-4,
+        "lora_rank": 2,
+        "use_control_adapters": True,
+        "sequence_len": L,
+        "eval_fraction": 0.0,
+    }
+
+
 @pytest.fixture
 def make(tmp_path, tiny_model_dir, monkeypatch):
     """make(datasets, **keys) -> Config; datasets are (docs, {dataset keys}) pairs."""
@@ -60,18 +73,7 @@ def make(tmp_path, tiny_model_dir, monkeypatch):
         for i, (docs, extra) in enumerate(datasets):
             write_all_formats(tmp_path / f"data{i}", docs)
             tables.append({"dataset_path": f"data{i}/*", **extra})
-        raw = {
-            "model_dir": str(model),
-            "output_dir": "out",
-            "lr": 1e-4,
-            "lora_rank": 2,
-            "use_control_adapters": True,
-            "sequence_len": L,
-            "eval_fraction": 0.0,
-            **keys,
-            "datasets": tables,
-        }
-        return config_from_dict(raw, tmp_path / "cfg.toml")
+        return config_from_dict({**required_keys(model), **keys, "datasets": tables}, tmp_path / "cfg.toml")
 
     return cfg
 
@@ -83,16 +85,7 @@ def tok(tiny_model_dir):
 
 def write_config(folder, model, datasets: list[dict], **keys):
     """A cfg.toml in `folder` with the required keys, `keys` and one [[datasets]] table per dict."""
-    raw = {
-        "model_dir": str(model),
-        "output_dir": "out",
-        "lr": 1e-4,
-        "lora_rank": 2,
-        "use_control_adapters": True,
-        "sequence_len": L,
-        "eval_fraction": 0.0,
-        **keys,
-    }
+    raw = {**required_keys(model), **keys}
     lines = [f"{k} = {json.dumps(v)}" for k, v in raw.items()]
     for table in datasets:
         lines += ["[[datasets]]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]

@@ -104,9 +104,14 @@ def finish(*procs: subprocess.Popen, timeout: float = 600) -> None:
             assert proc.wait(timeout=timeout) == 0, proc.err_path.read_text()[-3000:]
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill the process group `proc` leads (started with start_new_session) if it still runs; reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def metrics(out_dir: Path) -> dict[int, dict]:
@@ -304,9 +309,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, uninter
             seen = _wait_for(lambda: any(_step_of(p) >= 20 for p in ckpts.glob("step*")), proc)
         else:  # while a checkpoint in epoch 2 is being written
             seen = _wait_for(lambda: any(_step_of(p) >= 50 for p in ckpts.glob(".tmp-step*")), proc)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
     assert seen, "the run ended before the kill point: " + log.read_text()[-2000:]
     run_train(cfg, 1, "--resume-from-checkpoint")
     name = "epoch2/adapter_model.safetensors"

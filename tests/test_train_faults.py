@@ -18,7 +18,7 @@ import transformers
 
 from cap_train.checkpoint import damage, read_state
 from tests import assets
-from tests.test_train import CAP_TRAIN, ENV, free_port, write_config
+from tests.test_train import CAP_TRAIN, ENV, free_port, stop, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,7 @@ def test_a_killed_worker_is_named_in_one_line(tmp_path, tiny_model_dir):
         os.kill(victim, signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
     assert proc.returncode == 128 + signal.SIGKILL
     lines = [line for line in err.splitlines() if line.startswith("cap-train: rank")]
     assert len(lines) == 1, err

@@ -1,21 +1,53 @@
 #!/usr/bin/env bash
 # The CUDA checks, in one script sized for < 8 minutes on one H200 (run: make gpu-check, or on the
 # device machine after `make .venv/.cap-installed`). It prints:
-#   1. kernels: the Triton CE tests on CUDA, and bench_loss (fused vs unfused, peak memory and time)
+#   1. kernels: the Triton CE tests on CUDA ("kernel tests: all passed", or the node id of every
+#      failed test), and bench_loss (fused vs unfused, peak memory and time)
 #   2. cap-train on a random-init Llama-3.1-8B-shaped model (seq 4096, control adapters rank 16,
 #      bf16): tokens/s, MFU = 4·N·tokens/s ÷ 989 TFLOP/s (H100/H200 dense bf16), peak memory.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# A failing part is reported in a line (or its last lines) and the next part still runs; the exit
+# status is non-zero if any part failed. The model, data, logs and outputs (~16 GB) go to $WORK: a
+# temporary folder, removed on exit, interrupt or termination, unless the caller gave WORK=...
+set -uo pipefail  # no -e: every part runs, and a failing one is added to $failed
+cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
-WORK=${WORK:-$(mktemp -d)}
-echo "== GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
+if [[ -z ${WORK:-} ]]; then
+    WORK=$(mktemp -d)
+    trap 'rm -rf -- "$WORK"' EXIT
+fi
+trap 'exit 130' INT
+trap 'exit 143' TERM
+failed=()
+echo "== GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(0))' 2>&1 | tail -1)"
 
 echo "== 1. kernels on CUDA"
-$PY -m pytest -q tests/test_kernels.py 2>&1 | tail -3
-$PY benchmarks/bench_loss.py --seqs 2048,8192,32768 --vocabs 32000,128256 2>&1 | tail -20
+# -rfE: a short summary line per failed or erroring test, "FAILED <node id> - <message>".
+$PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels.py >"$WORK/kernels.log" 2>&1
+rc=$?
+ids=$(awk '/short test summary info/ {s = 1; next} s && ($1 == "FAILED" || $1 == "ERROR") {print $2}' \
+    "$WORK/kernels.log")
+totals=$(tail -1 "$WORK/kernels.log" | tr -d '=' | xargs)  # e.g. "12 passed, 2 skipped in 3.4s"
+if ((rc == 0)); then
+    echo "kernel tests: all passed ($totals)"
+elif [[ -n $ids ]]; then
+    failed+=("kernel tests")
+    echo "kernel tests: $(wc -l <<<"$ids") failed: $(xargs <<<"$ids")  ($totals)"
+else  # no per-test summary: a collection, usage or internal error
+    failed+=("kernel tests")
+    echo "kernel tests: pytest exited $rc; last lines:"
+    tail -5 "$WORK/kernels.log"
+fi
+if $PY benchmarks/bench_loss.py --seqs 2048,8192,32768 --vocabs 32000,128256 >"$WORK/bench_loss.log" 2>&1; then
+    tail -20 "$WORK/bench_loss.log"
+else
+    rc=$?
+    failed+=("bench_loss")
+    echo "bench_loss: FAILED (exit $rc): $(grep -v '^[[:space:]]*$' "$WORK/bench_loss.log" | tail -1)"
+fi
 
 echo "== 2. cap-train, Llama-3.1-8B shape, seq 4096, control adapter r=16, bf16"
-$PY - "$WORK" <<'PYEOF'
+rc=0
+$PY - "$WORK" >"$WORK/prepare.log" 2>&1 <<'PYEOF' || rc=$?
 import sys, json, torch, transformers
 from pathlib import Path
 work = Path(sys.argv[1]); model_dir = work / "llama8b"
@@ -47,8 +79,13 @@ dataset_path = '{data}'
 """)
 print("wrote", model_dir)
 PYEOF
-.venv/bin/cap-train "$WORK/cfg.toml" --num-gpus 1 2>&1 | tail -5
-$PY - "$WORK" <<'PYEOF'
+if ((rc != 0)); then
+    failed+=("cap-train")
+    echo "cap-train: not run, writing the model and config failed (exit $rc); last lines:"
+    tail -5 "$WORK/prepare.log"
+elif .venv/bin/cap-train "$WORK/cfg.toml" --num-gpus 1 >"$WORK/train.log" 2>&1; then
+    tail -5 "$WORK/train.log"
+    $PY - "$WORK" <<'PYEOF' || failed+=("metrics")
 import json, statistics, sys
 from pathlib import Path
 rows = [json.loads(l) for l in (Path(sys.argv[1]) / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -57,3 +94,16 @@ n = 8.03e9
 print(f"tokens/s {tps:,.0f}   MFU {4 * n * tps / 989e12:.1%} (4N FLOPs/token)   "
       f"peak {max(r['memory/peak_cuda_gib'] for r in rows):.1f} GiB")
 PYEOF
+else
+    rc=$?
+    failed+=("cap-train")
+    echo "cap-train: FAILED (exit $rc); last lines:"
+    tail -15 "$WORK/train.log"
+fi
+
+if ((${#failed[@]})); then
+    printf -v list '%s, ' "${failed[@]}"
+    echo "== FAILED: ${list%, }"
+    exit 1
+fi
+echo "== all checks passed"

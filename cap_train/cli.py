@@ -14,23 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import click
 
 from cap_common.cli import user_errors
 from cap_common.config import Config, load_config
 from cap_common.errors import CapError
-
-
-def _gpus() -> int:
-    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies); without an NVIDIA device
-    node there are none, and torch (2 s to import) is not needed to say so."""
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+from cap_train.devices import choose_gpus, visible_gpus
 
 
 def free_port() -> int:
@@ -55,9 +45,16 @@ def worker_args(
     return args
 
 
-def deepspeed_command(args: list[str], hostfile: str, master_addr=None, master_port=None) -> list[str]:
-    """DeepSpeed's multi-node launcher (ssh/pdsh to the hostfile's nodes) running cap_train.worker."""
+def deepspeed_command(
+    args: list[str], hostfile: str, master_addr=None, master_port=None, include=None, exclude=None
+) -> list[str]:
+    """DeepSpeed's multi-node launcher (ssh/pdsh to the hostfile's nodes) running cap_train.worker;
+    --include/--exclude select hosts and GPUs in DeepSpeed's `host:0,1@host2` form."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--hostfile", hostfile]
+    if include:
+        cmd += ["--include", include]
+    if exclude:
+        cmd += ["--exclude", exclude]
     if master_addr:
         cmd += ["--master_addr", master_addr]
     cmd += ["--master_port", str(master_port or 29500), "--module", "cap_train.worker", *args]
@@ -100,8 +97,16 @@ def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str
     "--num-gpus",
     type=click.IntRange(min=1),
     default=None,
-    help="Processes on this node (GPUs; on CPU, gloo processes sharing the cores). Default: all GPUs, or 1.",
+    help="Processes on this node (GPUs; on CPU, gloo processes sharing the cores). Default: every GPU "
+    "CUDA_VISIBLE_DEVICES leaves (and --include/--exclude select), or 1. Not with --hostfile (its slots decide).",
 )
+@click.option(
+    "--include",
+    default=None,
+    help="GPUs to use, DeepSpeed's form: localhost:0,2 on one node (names as in CUDA_VISIBLE_DEVICES, which "
+    "must show them); with --hostfile, hosts and GPUs: node1:0,1@node2.",
+)
+@click.option("--exclude", default=None, help="GPUs (or, with --hostfile, hosts/GPUs) not to use; form as --include.")
 @click.option("--master-addr", default=None, help="Address of the rank-0 node for multi-node runs.")
 @click.option(
     "--master-port",
@@ -129,7 +134,16 @@ def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str
 @click.option("--add-prefix-space", is_flag=True, help="Tokenize with add_prefix_space (when cap-prep runs from here).")
 @user_errors("cap-train")
 def main(
-    config, num_gpus, master_addr, master_port, hostfile, resume_from_checkpoint, accept_config_change, add_prefix_space
+    config,
+    num_gpus,
+    include,
+    exclude,
+    master_addr,
+    master_port,
+    hostfile,
+    resume_from_checkpoint,
+    accept_config_change,
+    add_prefix_space,
 ):
     """Train the adapters (or full model) that CONFIG describes.
 
@@ -139,21 +153,28 @@ def main(
     adapter_config.json) and logs/.
     """
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
-    gpus = _gpus()
-    procs = num_gpus or max(gpus, 1)
-    if not hostfile:
-        if gpus and procs > gpus:
-            raise CapError(f"--num-gpus {procs}: this node has only {gpus} GPU(s)")
+    env = dict(os.environ)
+    if hostfile:
+        if num_gpus is not None:
+            raise CapError(
+                "--num-gpus does not apply with --hostfile: the hostfile's slots (and --include/--exclude) "
+                "say how many GPUs each node runs"
+            )
+        gpus, procs = [], None
+    else:
+        gpus = choose_gpus(visible_gpus(env), include, exclude, num_gpus, env.get("CUDA_VISIBLE_DEVICES"))
+        procs = len(gpus) or num_gpus or 1
         cfg.check_world_size(procs)
     resume_from, restart_epoch = None, False
     if resume_from_checkpoint:
-        resume_from, restart_epoch = resume_choice(cfg, None if hostfile else procs, accept_config_change)
+        resume_from, restart_epoch = resume_choice(cfg, procs, accept_config_change)
     elif accept_config_change:
         raise CapError("--accept-config-change only applies with --resume-from-checkpoint")
     else:
         _refuse_to_mix_runs(cfg)
-    env = dict(os.environ)
-    if not gpus:
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # rank r uses entry r (LOCAL_RANK)
+    elif not hostfile:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))  # the user's setting wins
     log_dir = cfg.output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
@@ -165,12 +186,22 @@ def main(
         log_dir=log_dir,
     )
     click.echo(
-        f"cap-train: {procs if not hostfile else 'hostfile'} process(es); each rank's full output: "
+        f"cap-train: {procs or 'hostfile'} process(es){f' on GPU {chr(44).join(gpus)}' if gpus else ''}; "
+        f"each rank's full output: "
         f"{log_dir}/rank<r>.log",
         err=True,
     )
     if hostfile:
-        rc = subprocess.call(deepspeed_command(args, hostfile, master_addr, master_port), env=env)
+        from cap_train.launch import forward_environment
+
+        skipped = forward_environment(env, log_dir / "deepspeed_env")
+        if skipped:
+            click.echo(
+                f"cap-train: not forwarded to the other nodes (quotes or $ in the value): {', '.join(skipped)}",
+                err=True,
+            )
+        cmd = deepspeed_command(args, hostfile, master_addr, master_port, include, exclude)
+        rc = subprocess.call(cmd, env=env)
         if rc:
             click.echo(f"cap-train: a worker failed (exit code {rc}); see its message above and {log_dir}", err=True)
     else:

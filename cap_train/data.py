@@ -13,25 +13,41 @@ import torch
 import torch.distributed as dist
 
 from cap_common.config import Config
-from cap_common.errors import CapError
+from cap_train import startup
 from cap_train.order import TrainOrder
 
 
 def prepared_splits(cfg: Config, rank: int):
-    """(train Split, eval Split); global rank 0 runs cap-prep when the cache is missing."""
+    """(train Split, eval Split). Global rank 0 runs cap-prep when the cache is missing while the
+    others wait on a gloo group of their own with the long PREPARE_TIMEOUT; then every rank must see
+    the prepared folder (cap_train.startup.agree)."""
     from cap_prep.build import dataset_folder, prepare
     from cap_prep.cache import is_complete
     from cap_prep.shards import open_split
 
-    folder = dataset_folder(cfg) if rank == 0 else None
-    if rank == 0 and not is_complete(folder):
-        prepare(cfg)
-    # rank 0 hashes the inputs once; the others take its answer instead of re-reading every file
-    box = [str(folder) if folder else None]
-    dist.broadcast_object_list(box, src=0)
-    folder = Path(box[0])
-    if not is_complete(folder):
-        raise CapError(f"{folder}: prepared dataset missing on this node (is prepared_dir on shared storage?)")
+    wait = dist.new_group(backend="gloo", timeout=startup.prepare_timeout())
+    box: list = [None]
+    if rank == 0:
+        try:
+            folder = dataset_folder(cfg)  # rank 0 hashes the inputs once; the others take its answer
+            if not is_complete(folder):
+                prepare(cfg)
+            box = [("ok", str(folder))]
+        except BaseException as e:
+            box = [("failed", f"{type(e).__name__}: {e}")]
+            dist.broadcast_object_list(box, src=0, group=wait)  # the others stop now, not at a timeout
+            raise
+    dist.broadcast_object_list(box, src=0, group=wait)
+    dist.destroy_process_group(wait)
+    outcome, value = box[0]
+    if outcome == "failed":
+        raise startup.PeerFailed(f"rank 0 could not prepare the data: {value}")
+    folder = Path(value)
+    startup.agree(
+        None
+        if startup.seen_within(lambda: is_complete(folder))
+        else f"prepared dataset {folder} is not on this node (prepared_dir must be storage every node shares)"
+    )
     return open_split(folder, "train"), open_split(folder, "eval")
 
 

@@ -2,8 +2,8 @@
 stop the others and say in one line which rank failed and how.
 
 Each worker gets the environment DeepSpeed's and torch's launchers give (RANK, LOCAL_RANK,
-WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR, MASTER_PORT); CUDA_VISIBLE_DEVICES is left as the user set
-it, so LOCAL_RANK indexes the GPUs this process may use. Workers route their own output
+WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR, MASTER_PORT); CUDA_VISIBLE_DEVICES lists the GPUs cap-train
+chose (cap_train.devices), so LOCAL_RANK indexes them. Workers route their own output
 (cap_train.logs); this process only reports:
 - a rank killed by a signal: `rank 1 (pid …) on HOST was killed by SIGKILL (signal 9)`;
 - a rank that exited with an unexpected code: that code;
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cap_common.files import HOST
 from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER
@@ -144,3 +145,52 @@ def _report(cause: Failure, log_dir: str | None, num_procs: int) -> int:
         return cause.code
     print(f"cap-train: {cause.describe()}; {done}{logs}", file=sys.stderr, flush=True)
     return 128 - cause.code if cause.code < 0 else cause.code
+
+
+# Variables every node of a multi-node run needs as this shell has them: cap's own, the libraries'
+# (HF hub/cache, tokenizers, Triton, torch, OpenMP/MKL threads, gloo, bitsandbytes, CUDA except
+# CUDA_VISIBLE_DEVICES, which DeepSpeed sets per node from the hostfile), and the loader path.
+# DeepSpeed itself forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW*.
+FORWARD_PREFIXES = (
+    "CAP_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "TRITON_",
+    "TORCH",
+    "PYTORCH_",
+    "OMP_",
+    "MKL_",
+    "GLOO_",
+    "BNB_",
+    "CUDA_",
+    "DS_ACCELERATOR",
+    "LD_LIBRARY_PATH",
+)
+NOT_FORWARDED = {"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE"}
+
+
+def forward_environment(env: dict[str, str], path: Path) -> list[str]:
+    """Write DeepSpeed's environment file for a multi-node launch and point env's DS_ENV_FILE at it.
+
+    It holds the FORWARD_PREFIXES variables of `env`, then the lines of the file(s) DeepSpeed would
+    have read itself (~/.deepspeed_env, ./.deepspeed_env, or the user's DS_ENV_FILE), which win.
+    DeepSpeed puts each value into a shell `export` in double quotes, so a value with a quote, $,
+    backtick, backslash or newline cannot travel: those names are returned, not written."""
+    lines, skipped = [], []
+    for key in sorted(env):
+        if key in NOT_FORWARDED or not key.startswith(FORWARD_PREFIXES):
+            continue
+        if any(c in env[key] for c in '"$`\\\n'):
+            skipped.append(key)
+        else:
+            lines.append(f"{key}={env[key]}")
+    name = env.get("DS_ENV_FILE", ".deepspeed_env")
+    for folder in (Path.home(), Path(".")):
+        user_file = folder / name
+        if user_file.is_file():
+            lines += [line for line in user_file.read_text().splitlines() if "=" in line]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    env["DS_ENV_FILE"] = str(path.resolve())
+    return skipped

@@ -19,18 +19,14 @@ class ClippedAdam(Adam):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self.pipe_group = None  # set once DeepSpeed has built its process groups
+        self.device = torch.device("cpu")  # the process group's device (NCCL: this rank's GPU), set by the trainer
         self.grad_norm: float | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            device = grads[0].device
-        else:  # a stage without trainable parameters still joins the all-reduce (NCCL wants CUDA)
-            device = (
-                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-            )
-        sq = torch.zeros((), dtype=torch.float64, device=device)
+        # a stage without trainable parameters still joins the all-reduce, on the group's device
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in grads:
             sq += g.double().square().sum()
         if dist.is_initialized():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import shutil
 import sys
 import time
@@ -55,10 +54,10 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def peak_memory() -> dict[str, float]:
+def peak_memory(device: torch.device) -> dict[str, float]:
     """This process's peak memory so far: CUDA allocator peak, or host peak RSS on CPU."""
-    if torch.cuda.is_available():
-        return {"memory/peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if device.type == "cuda":
+        return {"memory/peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30}
     import resource
 
     return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -92,12 +91,18 @@ class Trainer:
     """This rank's part of the run: its pipeline stage, optimizer, data order and position."""
 
     def __init__(
-        self, cfg: Config, resume_from: Path | None = None, restart_epoch: bool = False, quiet=contextlib.nullcontext
+        self,
+        cfg: Config,
+        device: torch.device,
+        resume_from: Path | None = None,
+        restart_epoch: bool = False,
+        quiet=contextlib.nullcontext,
     ):
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_world = cfg.check_world_size(self.world)
-        self.device = self._choose_device()
+        self.device = device  # cap_train.devices: the accelerator's, matching the process group's backend
+        self._warn_bf16_on_cpu()
         self._load_data()
         state = self._start_position(resume_from, restart_epoch)
         torch.manual_seed(cfg.seed)
@@ -108,18 +113,14 @@ class Trainer:
         self._restore(resume_from, state)
 
     # ---------------------------------------------------------------- construction
-    def _choose_device(self) -> torch.device:
-        """This rank's GPU (LOCAL_RANK), or the CPU; warns once about bf16 on a CPU without it."""
-        cuda = torch.cuda.is_available()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        if not cuda and self.cfg.model_dtype == "bfloat16" and self.rank == 0 and not cpu_has_bf16():
+    def _warn_bf16_on_cpu(self) -> None:
+        if self.device.type == "cpu" and self.cfg.model_dtype == "bfloat16" and self.rank == 0 and not cpu_has_bf16():
             print(
                 "cap-train: warning: model_dtype = 'bfloat16' on a CPU without native bf16 (no AVX512-BF16 "
                 "or AMX): its matmuls run ~60x slower than float32 here; set model_dtype = 'float32'",
                 file=sys.stderr,
                 flush=True,
             )
-        return device
 
     def _load_data(self) -> None:
         """The prepared train / eval splits, this rank's place in the topology and its data order."""
@@ -178,13 +179,12 @@ class Trainer:
 
     def _build_model(self):
         """This rank's stage of the pipeline model (DeepSpeed builds only its stage's layers)."""
-        from deepspeed.pipe import PipelineModule
-
         from cap_common.models.pipeline import PARTITION_METHOD, layer_specs
         from cap_common.models.spec import ModelSpec
+        from cap_train.stage import TrainableStatePipe
 
         cfg = self.cfg
-        model = PipelineModule(
+        model = TrainableStatePipe(
             layers=layer_specs(ModelSpec.from_config(cfg), self.device, loss_fn=self.loss),
             topology=self.topology,
             loss_fn=None,
@@ -203,6 +203,11 @@ class Trainer:
 
         cfg = self.cfg
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            # A stage where layers_to_transform selects no layer still steps with the others and joins
+            # the clipping norm's all-reduce. torch refuses an optimizer without parameters and DeepSpeed
+            # drops empty param groups, so it gets one 0-element placeholder (never in the model or a file).
+            trainable = [torch.nn.Parameter(torch.zeros(0, device=self.device))]
         optimizer = ClippedAdam(
             trainable,
             lr=cfg.lr,
@@ -224,6 +229,7 @@ class Trainer:
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, model_parameters=trainable
         )
         optimizer.pipe_group = engine.grid.get_pipe_parallel_group()
+        optimizer.device = self.device
         return engine, optimizer
 
     # ---------------------------------------------------------------- state
@@ -271,7 +277,7 @@ class Trainer:
         if self.rank == 0:
             print(
                 f"cap-train: resumed from {path} at step {self.step} (epoch {self.epoch + 1}, step "
-                f"{self.step_in_epoch} of {self.order.steps_per_epoch}); lr {self.engine.get_lr()[0]:.3g}",
+                f"{self.step_in_epoch} of {self.order.steps_per_epoch}); lr {self.lr():.3g}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -294,6 +300,11 @@ class Trainer:
         scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
         scheduler.last_epoch = self.step
         scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def lr(self) -> float:
+        """The lr of the next step: lr · λ(step) (the scheduler advances inside train_batch). From the
+        schedule, not the param groups: a stage without trainable parameters has none."""
+        return self.cfg.lr * self.engine.lr_scheduler.lr_lambdas[0](self.step)
 
     def save_checkpoint(self) -> None:
         """Every rank writes its part into the temporary folder, the files are hashed (shared out
@@ -404,7 +415,7 @@ class Trainer:
                 micro = self.batches.iterate(self.order, self.epoch, self.step_in_epoch)
             t0 = time.time()
             rows = self.order.rows(self.epoch)[self.step_in_epoch].reshape(-1)
-            lr = self.engine.get_lr()[0]  # the lr of this step (the scheduler advances inside train_batch)
+            lr = self.lr()
             loss = float(self.engine.train_batch(data_iter=micro))
             reg = regularize_model_(self.model, lr, cfg)
             self.step += 1
@@ -422,7 +433,7 @@ class Trainer:
                 # which rows this rank read, position-weighted: resume tests compare it
                 "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum()),
             }
-            values.update(peak_memory())
+            values.update(peak_memory(self.device))
             values.update(self.gather_norms(reg))
             if self.step in evals:
                 values.update(self.evaluate())

@@ -1,12 +1,13 @@
 """One cap-train process (started by cap_train.launch, or by DeepSpeed's launcher on several
-nodes): join the process group, run this rank's `Trainer` (cap_train.trainer), write the run's
-summary, and turn every failure into one line and an exit code (cap_train.logs).
+nodes): join the process group on the backend and device DeepSpeed's accelerator gives
+(cap_train.devices), pass the start-up checks with every other rank (cap_train.startup), run this
+rank's `Trainer` (cap_train.trainer), write the run's summary, and turn every failure into one line
+and an exit code (cap_train.logs).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shutil
 import sys
@@ -15,11 +16,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cap_common.config import load_config
 from cap_common.errors import CapError
 from cap_common.files import HOST, os_error_message, remove_stale_temps, user_os_errors, write_json_atomic
+from cap_train import startup
+from cap_train.devices import backend_and_device
 from cap_train.launch import die_with_parent
-from cap_train.logs import EXIT_USER, RankOutput, report_crash
+from cap_train.logs import EXIT_PEER_LOST, EXIT_USER, RankOutput, report_crash
 from cap_train.trainer import Trainer
 
 
@@ -49,15 +51,13 @@ def run(config: str, resume_from: str | None, restart_epoch: bool, add_prefix_sp
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would bury cap's progress line
-    cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
     skip_shm_comm_op(deepspeed)
-    # A long timeout: rank 0 may be preparing a large dataset while the others wait.
-    deepspeed.init_distributed(
-        dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=4)
-    )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    trainer = Trainer(cfg, Path(resume_from) if resume_from else None, restart_epoch, output.log_only)
+    backend, device = backend_and_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=backend, timeout=startup.collective_timeout())
+    cfg = startup.check_start(config, {"add_prefix_space": True} if add_prefix_space else None, resume_from)
+    trainer = Trainer(cfg, device, Path(resume_from) if resume_from else None, restart_epoch, output.log_only)
     if dist.get_rank() == 0:
         trainer.ckpts.clean_stale()
         clean_outputs(Path(cfg.output_dir))
@@ -105,6 +105,10 @@ def main(argv=None) -> None:
     except OSError as e:
         output.console_line(f"cap-train: error (rank {rank} on {HOST}): {os_error_message(e)}")
         code = EXIT_USER
+    except startup.PeerFailed as e:  # the failing rank prints the line; this one only logs it
+        with output.log_only():
+            print(f"cap-train: stopped (rank {rank} on {HOST}): {e}", file=sys.stderr, flush=True)
+        code = EXIT_PEER_LOST
     except KeyboardInterrupt:
         code = 130
     except Exception as e:  # noqa: BLE001 - every crash is reported, then the process ends at once

@@ -125,7 +125,7 @@ def test_a_full_disk_stops_the_run_in_one_line(tmp_path, tiny_model_dir, small_d
         use_control_adapters=True,
         epochs=20,
         evals_per_run=0,
-        checkpoint_interval_hours=0.00001,
+        checkpoint_interval_hours=1e-9,  # ~4 µs: a checkpoint after every step
         output_dir=str(out),
         prepared_dir=str(tmp_path / "prepared"),
     )

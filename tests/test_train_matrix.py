@@ -26,17 +26,26 @@ from tests.test_train import metrics, start_train, write_config
 pytestmark = pytest.mark.slow
 
 CONTROL = [
-    ("control", t, target)
+    ("control", t, target, None)
     for t in ("full", "symmetrise", "antisymmetrise", "spectral")
     for target in ("block", "writers")
 ]
-CASES = CONTROL + [("lora", None, None), ("qlora", None, None), ("full", None, None)]
+# (mode, control adapter type, target, layers_to_transform); the last two train a layer subset that
+# leaves one of the two pipeline stages without any trainable parameter (stage 0 holds layers 0-1)
+CASES = CONTROL + [
+    ("lora", None, None, "1:3"),
+    ("qlora", None, None, None),
+    ("full", None, None, None),
+    ("lora", None, None, "0:0"),
+    ("control", "full", "block", "3:3"),
+]
 TOPOLOGIES = ((1, 1), (2, 2))
 STEPS = 2
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the tiny Llama's residual writers
 
 
-def case_keys(mode: str, adapter_type: str | None, target: str | None) -> dict:
+def case_keys(mode: str, adapter_type: str | None, target: str | None, layers: str | None) -> dict:
+    keys = {"layers_to_transform": layers} if layers else {}
     if mode == "control":
         return dict(
             use_control_adapters=True,
@@ -44,12 +53,13 @@ def case_keys(mode: str, adapter_type: str | None, target: str | None) -> dict:
             control_adapter_target=target,
             lr=2e-2,
             lora_alpha=8,
+            **keys,
         )
     return {
-        "lora": dict(lr=2e-2, layers_to_transform="1:3"),
+        "lora": dict(lr=2e-2),
         "qlora": dict(load_in_4bit=True, model_dtype="bfloat16", lr=2e-2),
         "full": dict(full_fine_tune=True, lr=1e-3),
-    }[mode]
+    }[mode] | keys
 
 
 # ---------------------------------------------------------------- the reference
@@ -80,6 +90,8 @@ def control_hooks(model, folder: Path, state_classes: list[torch.Tensor]):
     hooks = []
     for i, block in enumerate(model.model.layers):
         prefix = f"base_model.model.model.layers.{i}."
+        if not any(name.startswith(prefix) for name in tensors):  # not in layers_to_transform
+            continue
         if kind == "spectral":
             state = {"Q": tensors[prefix + "control_Q"], "S": tensors[prefix + "control_S"]}
             d_pos = dense_w(state, kind, scale, "forward").float()
@@ -171,8 +183,9 @@ def reference_eval_loss(
 
 # ---------------------------------------------------------------- the matrix
 def case_id(case) -> str:
-    mode, adapter_type, target = case
-    return f"{mode}-{adapter_type}-{target}" if adapter_type else mode
+    mode, adapter_type, target, layers = case
+    name = f"{mode}-{adapter_type}-{target}" if adapter_type else mode
+    return f"{name}-layers{layers.replace(':', '-')}" if layers else name
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +244,10 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
         assert sorted(record) == list(range(STEPS + 1))
         losses[procs] = [record[s]["train/loss"] for s in range(1, STEPS + 1)]
         got = {k: v for k, v in record[STEPS].items() if k.startswith("eval/")}
+        if mode != "full":  # the written adapter covers exactly the layers the config selects
+            first, last = map(int, (case[3] or "0:3").split(":"))
+            written = load_file(str(out / "epoch1" / "adapter_model.safetensors"))
+            assert {int(k.split(".layers.")[1].split(".")[0]) for k in written} == set(range(first, last + 1))
         ids, control = eval_rows(prepared, per_batch=2 * 2)  # micro_batch_size × gradient_accumulation_steps
         want = reference_eval_loss(mode, model, out / "epoch1", ids, control, tmp_path)
         assert set(got) == set(want) and want["eval/loss_all"] > 0
@@ -240,3 +257,21 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
         if mode != "full":  # the adapter moved the model away from the base
             assert record[STEPS]["eval/loss_all"] != pytest.approx(record[0]["eval/loss_all"], rel=1e-6)
     assert losses[1] == pytest.approx(losses[2], rel=2e-2 if mode == "qlora" else 1e-4)
+
+
+@pytest.mark.parametrize("case_name", ["qlora", "lora-layers0-0"])
+def test_checkpoints_hold_the_trainable_tensors_only(trained, case_name):
+    """The last checkpoint's per-layer files hold exactly the adapter tensors written to epoch1/ (the
+    trainable parameters): no 4-bit quantization state of the frozen base, nothing for a stage
+    without adapters. Read with torch.load(weights_only=True)."""
+    for procs, _ in TOPOLOGIES:
+        proc, err, out, _ = trained[case_name, procs]
+        assert proc.returncode == 0, err[-3000:]
+        checkpoint = max((out / "checkpoints").glob("step*"))
+        saved = set()
+        for path in sorted((checkpoint / "ds").glob("layer_*-model_states.pt")):
+            position = int(path.name.split("_")[1].split("-")[0])  # pipeline position = layer index + 1
+            for key in torch.load(path, weights_only=True):
+                saved.add(f"base_model.model.model.layers.{position - 1}.{key.removeprefix('layer.')}")
+        written = set(load_file(str(out / "epoch1" / "adapter_model.safetensors")))
+        assert saved == written and written, (procs, sorted(saved ^ written)[:5])

@@ -1,0 +1,279 @@
+"""Multi-GPU and multi-node start-up: which GPUs the ranks get (CUDA_VISIBLE_DEVICES with indices,
+UUIDs and MIG instances; DeepSpeed's --include/--exclude forms), the hostfile launch command and the
+environment it forwards, the worker's backend/device pair, and start-up checks that stop every rank
+at once when one rank cannot see what it needs (two worker processes standing in for two nodes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cap_common.errors import CapError
+from cap_train.cli import deepspeed_command
+from cap_train.cli import main as train_main
+from cap_train.devices import backend_and_device, choose_gpus, visible_gpus
+from cap_train.launch import forward_environment
+from tests.test_train import ENV, free_port, stop, write_config
+
+UUIDS = ["GPU-5c1e9a3d-0000-0000-0000-000000000001", "GPU-5c1e9a3d-0000-0000-0000-000000000002"]
+
+
+# ---------------------------------------------------------------- which GPUs
+@pytest.mark.parametrize(
+    "env, count, want",
+    [
+        ({}, 4, ["0", "1", "2", "3"]),
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, 2, ["2", "3"]),
+        ({"CUDA_VISIBLE_DEVICES": ",".join(UUIDS)}, 2, UUIDS),
+        ({"CUDA_VISIBLE_DEVICES": "MIG-aaaa,MIG-bbbb"}, 1, ["MIG-aaaa"]),  # CUDA shows one MIG instance
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0, []),
+        ({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "0"}, 1, []),  # the accelerator chosen wins
+    ],
+)
+def test_visible_gpus_are_the_ones_cuda_visible_devices_leaves(env, count, want):
+    assert visible_gpus(env, count) == want
+
+
+def test_choose_gpus_honours_visibility_include_exclude_and_num():
+    assert choose_gpus(["2", "3"], None, None, None) == ["2", "3"]
+    assert choose_gpus(["2", "3"], None, None, 1) == ["2"]
+    assert choose_gpus(["0", "1", "2", "3"], "localhost:3,1", None, None) == ["3", "1"]
+    assert choose_gpus(["0", "1", "2", "3"], "1,2", None, None) == ["1", "2"]
+    assert choose_gpus(["0", "1", "2", "3"], None, "localhost:0", 2) == ["1", "2"]
+    assert choose_gpus(UUIDS, f"localhost:{UUIDS[1]}", None, None) == [UUIDS[1]]
+    assert choose_gpus([], None, None, 2) == []  # CPU: --num-gpus counts gloo processes
+    assert choose_gpus(["MIG-aaaa"], None, None, None) == ["MIG-aaaa"]
+
+
+@pytest.mark.parametrize(
+    "visible, include, exclude, num, says",
+    [
+        (["2", "3"], "localhost:0", None, None, "GPU 0 is not among the GPUs this process sees: 2, 3"),
+        (["0", "1"], None, None, 3, "--num-gpus 3: only 2 GPU(s)"),
+        (["0", "1"], "otherhost:0", None, None, "without --hostfile"),
+        (["0", "1"], "0", "1", None, "give one of them"),
+        (["0", "1"], None, "0,1", None, "leaves no GPU"),
+        (["0", "1"], None, "5", None, "GPU 5 is not among"),
+        ([], "0", None, None, "no GPU that CUDA can use"),
+        (["MIG-a", "MIG-b"], None, None, None, "one MIG instance"),
+    ],
+)
+def test_choose_gpus_refuses_in_one_line(visible, include, exclude, num, says):
+    with pytest.raises(CapError) as e:
+        choose_gpus(visible, include, exclude, num, "2,3")
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hostfile_launch_command_and_num_gpus_refused(tmp_path, tiny_model_dir):
+    cmd = deepspeed_command(["cfg.toml"], "hosts", "node1", 29600, include="node1:0,1@node2")
+    assert cmd[cmd.index("--include") + 1] == "node1:0,1@node2"
+    assert cmd[cmd.index("--hostfile") + 1] == "hosts" and cmd[cmd.index("--master_addr") + 1] == "node1"
+    assert cmd[-3:] == ["--module", "cap_train.worker", "cfg.toml"]
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    result = CliRunner().invoke(train_main, [str(cfg), "--hostfile", str(hostfile), "--num-gpus", "2"])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "--num-gpus does not apply with --hostfile" in result.output
+
+
+@pytest.mark.parametrize(
+    "visible, args, want",
+    [
+        ("2,3", ["--num-gpus", "2"], "2,3"),
+        ("2,3", [], "2,3"),
+        ("2,3", ["--include", "localhost:3"], "3"),
+        (",".join(UUIDS), ["--exclude", f"localhost:{UUIDS[0]}"], UUIDS[1]),
+        (None, ["--num-gpus", "1"], "0"),
+    ],
+)
+def test_the_launch_gives_the_ranks_the_chosen_gpus(tmp_path, tiny_model_dir, monkeypatch, visible, args, want):
+    """What cap-train hands its launcher on a 4-GPU node (CUDA mocked): CUDA_VISIBLE_DEVICES = the
+    chosen GPUs (rank r uses entry r), one process each, NCCL's path (no CPU accelerator forced)."""
+    from cap_train import devices, launch
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: len(visible.split(",")) if visible else 4)
+    calls = []
+    monkeypatch.setattr(launch, "run_local", lambda cmd, procs, port, env, log_dir: calls.append((procs, env)) or 0)
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    result = CliRunner().invoke(train_main, [str(cfg), *args])
+    assert result.exit_code == 0, result.output
+    ((procs, env),) = calls
+    assert env["CUDA_VISIBLE_DEVICES"] == want and procs == len(want.split(","))
+    assert "DS_ACCELERATOR" not in env
+
+
+def test_the_hostfile_launch_forwards_include_and_environment(tmp_path, tiny_model_dir, monkeypatch):
+    import cap_train.cli
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
+    monkeypatch.setenv("HF_HOME", "/shared/hf")
+    calls = []
+    monkeypatch.setattr(cap_train.cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    result = CliRunner().invoke(train_main, [str(cfg), "--hostfile", str(hostfile), "--include", "node1@node2:0"])
+    assert result.exit_code == 0, result.output
+    ((cmd, env),) = calls
+    assert cmd[cmd.index("--include") + 1] == "node1@node2:0" and "--num_gpus" not in cmd
+    assert "HF_HOME=/shared/hf" in Path(env["DS_ENV_FILE"]).read_text().splitlines()
+
+
+def test_multinode_environment_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".deepspeed_env").write_text("HF_HOME=/from/user/file\nNCCL_IB_DISABLE=1\n")
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "CAP_CACHE_DIR": "/shared/cache",
+        "HF_HOME": "/shared/hf",
+        "HF_HUB_OFFLINE": "1",
+        "TRITON_CACHE_DIR": "/tmp/triton",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "OMP_NUM_THREADS": "8",
+        "CUDA_VISIBLE_DEVICES": "0,1",  # DeepSpeed sets it on each node from the hostfile
+        "HOME": "/home/me",
+        "PATH": "/usr/bin",
+        "TOKENIZERS_PARALLELISM": 'say "hi"',  # cannot travel through DeepSpeed's quoting
+    }
+    skipped = forward_environment(env, tmp_path / "logs" / "deepspeed_env")
+    assert skipped == ["TOKENIZERS_PARALLELISM"]
+    assert env["DS_ENV_FILE"] == str(tmp_path / "logs" / "deepspeed_env")
+    lines = (tmp_path / "logs" / "deepspeed_env").read_text().splitlines()
+    assert lines == [
+        "CAP_CACHE_DIR=/shared/cache",
+        "HF_HOME=/shared/hf",
+        "HF_HUB_OFFLINE=1",
+        "OMP_NUM_THREADS=8",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "TRITON_CACHE_DIR=/tmp/triton",
+        "HF_HOME=/from/user/file",  # the user's own file is read last: it wins
+        "NCCL_IB_DISABLE=1",
+    ]
+    # what DeepSpeed's runner does with the file: KEY=VALUE per line, later lines override
+    from deepspeed.launcher import multinode_runner
+
+    runner = multinode_runner.PDSHRunner.__new__(multinode_runner.PDSHRunner)
+    runner.exports = {}
+    for line in lines:
+        runner.add_export(*line.split("=", 1))
+    assert runner.exports["HF_HOME"] == "/from/user/file" and runner.exports["CAP_CACHE_DIR"] == "/shared/cache"
+
+
+# ---------------------------------------------------------------- backend and device
+def test_backend_and_device_follow_the_accelerator_not_torch_cuda(monkeypatch):
+    """A GPU host whose tests force DeepSpeed's CPU accelerator: gloo + CPU, never NCCL + CPU tensors."""
+    from deepspeed.accelerator import real_accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", None)  # chosen afresh under the mock
+    assert backend_and_device(1) == ("gloo", torch.device("cpu"))
+
+    class Cuda:  # what DeepSpeed's CUDA accelerator answers
+        def device_name(self, index=None):
+            return "cuda"
+
+        def communication_backend_name(self):
+            return "nccl"
+
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", Cuda())
+    assert backend_and_device(1) == ("nccl", torch.device("cuda", 1))
+
+
+# ---------------------------------------------------------------- start-up checks across "nodes"
+def start_worker(cfg, rank: int, port: int, log_dir) -> subprocess.Popen:
+    """One rank of a 2-node run (LOCAL_RANK 0 on each), started as DeepSpeed's launcher would."""
+    env = {
+        **ENV,
+        "DS_ACCELERATOR": "cpu",
+        "RANK": str(rank),
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "cap_train.worker", str(cfg), "--log-dir", str(log_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["output_dir", "model_dir"])
+def test_one_rank_failing_a_start_up_check_stops_every_rank(tmp_path, tiny_model_dir, problem):
+    """Node 2 has another output folder (storage not shared) or no model: both ranks stop within a
+    minute; the failing rank says why in one line; the other stops quietly (exit 3)."""
+    model = tiny_model_dir("llama")
+    node1 = write_config(tmp_path / "node1", model, max_steps=2)
+    if problem == "output_dir":
+        node2 = write_config(tmp_path / "node2", model, max_steps=2, output_dir=str(tmp_path / "node2" / "local-out"))
+        says = "does not hold the marker file rank 0 wrote"
+    else:
+        node2 = write_config(
+            tmp_path / "node2", tmp_path / "no-model", max_steps=2, output_dir=str(tmp_path / "node1" / "out")
+        )
+        says = "no-model': folder not found"  # the config check of rank 1's node
+    port = free_port()
+    t0 = time.monotonic()
+    procs = [start_worker(node1, 0, port, tmp_path / "logs0"), start_worker(node2, 1, port, tmp_path / "logs1")]
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 60
+    assert [p.returncode for p in procs] == [3, 2], outs
+    line = outs[1][1].strip()
+    assert line.count("\n") == 0, line
+    assert line.startswith("cap-train: error (rank 1 on ") and says in line and "every rank stopped" in line
+    assert "Traceback" not in outs[0][1] + outs[1][1] and outs[0][1].strip() == ""
+    assert not list((tmp_path / "node1" / "out").glob(".cap-start-*"))  # markers removed
+
+
+@pytest.mark.slow
+def test_a_failed_data_preparation_stops_the_waiting_ranks(tmp_path, tiny_model_dir):
+    """Rank 0 cannot prepare the data (a dataset file is not JSON): rank 1, waiting for it, stops at
+    once instead of waiting out the preparation timeout."""
+    node1 = write_config(tmp_path / "node1", tiny_model_dir("llama"), max_steps=2)
+    (tmp_path / "node1" / "data" / "neg.jsonl").write_text("{not json\n")
+    port = free_port()
+    procs = [start_worker(node1, 0, port, tmp_path / "logs0"), start_worker(node1, 1, port, tmp_path / "logs1")]
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    assert [p.returncode for p in procs] == [2, 3], outs
+    assert "neg.jsonl" in outs[0][1] and outs[1][1].strip() == ""
+    assert "rank 0 could not prepare the data" in (tmp_path / "logs1" / "rank1.log").read_text()
+
+
+def test_collective_timeouts_come_from_the_environment(monkeypatch):
+    from cap_train import startup
+
+    assert startup.collective_timeout().total_seconds() == 30 * 60
+    assert startup.prepare_timeout().total_seconds() == 4 * 3600
+    monkeypatch.setenv("CAP_COLLECTIVE_TIMEOUT_MIN", "5")
+    assert startup.collective_timeout().total_seconds() == 300
+    monkeypatch.setenv("CAP_COLLECTIVE_TIMEOUT_MIN", "soon")
+    with pytest.raises(CapError, match="CAP_COLLECTIVE_TIMEOUT_MIN='soon': expected a number of minutes"):
+        startup.collective_timeout()

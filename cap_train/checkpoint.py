@@ -1,11 +1,14 @@
 """Checkpoints that are complete or absent, never half-written, and checked before they are used.
 
 Layout: <output_dir>/checkpoints/step00000123/
-    ds/…                 DeepSpeed's model + optimizer state (trainable parameters only)
-    rng-rank<r>.pt       each rank's torch / numpy / python RNG states
-    state.json           written last: the position (step, epoch, step within epoch, tokens), the
-                         config the run had, the prepared data's fingerprint, the topology, the
-                         model's shape, and the size and sha256 of every other file
+    trainable-stage<s>.safetensors   each stage's trainable weights and Adam state, by parameter name
+    rng-rank<r>.safetensors          each rank's RNG states (cap_train/train_state.py)
+    state.json                       written last: the position (step, epoch, step within epoch,
+                                     tokens, global batch), the config the run had, the prepared
+                                     data's fingerprint, the topology, the model's shape, and the
+                                     size and sha256 of every other file
+Format 2 (older cap) held DeepSpeed's per-rank state under ds/ and pickled RNG states; it still
+resumes, on the topology that wrote it.
 A checkpoint is built in `.tmp-step…` and renamed into place by rank 0 after every rank has
 written its part, so a kill -9 at any moment leaves the previous complete checkpoint intact.
 Old checkpoints beyond max_checkpoints are first renamed to `.trash-…`, then deleted.
@@ -29,7 +32,7 @@ from typing import Callable
 from cap_common.files import write_json_atomic
 
 STATE = "state.json"
-FORMAT = 2
+FORMAT = 3
 
 
 class Checkpoints:
@@ -111,7 +114,7 @@ def damage(folder: Path, state: dict) -> str | None:
     """Why the checkpoint's files do not match state.json's record (None: they all match)."""
     files = state.get("files")
     if not isinstance(files, dict) or not files:
-        return None if state.get("format", 1) < FORMAT else f"{STATE} records no files"
+        return None if state.get("format", 1) < 2 else f"{STATE} records no files"
     for name, want in sorted(files.items()):
         path = folder / name
         if not path.is_file():
@@ -152,42 +155,15 @@ def choose(ckpts: Checkpoints, say: Callable[[str], None]) -> Chosen | None:
     return None
 
 
-# ---------------------------------------------------------------- RNG
-# (torch and numpy are imported here, not above: cap-train's CLI chooses checkpoints without them)
-def rng_state() -> dict:
+# ---------------------------------------------------------------- format 2 (cap before checkpoint format 3)
+def load_legacy_rng(folder: Path, rank: int) -> None:
+    """Format-2 checkpoints kept each rank's RNG states in a torch pickle (cap wrote them itself)."""
     import numpy as np
     import torch
 
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all()
-        if torch.cuda.is_initialized()
-        else None,  # only if this process used CUDA
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
+    state = torch.load(folder / f"rng-rank{rank}.pt", weights_only=False)
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_rng(folder: Path, rank: int) -> None:
-    import torch
-
-    tmp = folder / f"rng-rank{rank}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, folder / f"rng-rank{rank}.pt")
-
-
-def load_rng(folder: Path, rank: int) -> None:
-    import torch
-
-    set_rng_state(torch.load(folder / f"rng-rank{rank}.pt", weights_only=False))

@@ -31,9 +31,11 @@ def free_port() -> int:
 
 
 def worker_args(
-    config: str, *, resume_from=None, restart_epoch=False, add_prefix_space=False, log_dir=None
+    config: str, *, resume_from=None, restart_epoch=False, add_prefix_space=False, log_dir=None, accept=False
 ) -> list[str]:
     args = [config]
+    if accept:
+        args.append("--accept-config-change")
     if resume_from:
         args += ["--resume-from", str(resume_from)]
     if restart_epoch:
@@ -132,6 +134,20 @@ def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str
     "(a changed dataset restarts the current epoch).",
 )
 @click.option("--add-prefix-space", is_flag=True, help="Tokenize with add_prefix_space (when cap-prep runs from here).")
+@click.option(
+    "--plan",
+    "show_plan",
+    is_flag=True,
+    help="Print each stage's memory (weights, adapters, optimizer, activations, loss), the pipeline bubble and "
+    "tokens per step, from config.json alone; launch nothing.",
+)
+@click.option(
+    "--gpu-memory",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --plan: GiB per GPU; marks stages that exceed it and names the fewest pipeline_stages that fit.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --plan: the plan as JSON.")
 @user_errors("cap-train")
 def main(
     config,
@@ -144,6 +160,9 @@ def main(
     resume_from_checkpoint,
     accept_config_change,
     add_prefix_space,
+    show_plan,
+    gpu_memory,
+    as_json,
 ):
     """Train the adapters (or full model) that CONFIG describes.
 
@@ -153,6 +172,10 @@ def main(
     adapter_config.json) and logs/.
     """
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
+    if show_plan:
+        return print_plan(cfg, num_gpus, gpu_memory, as_json)
+    if gpu_memory is not None or as_json:
+        raise CapError("--gpu-memory and --json only apply with --plan")
     env = dict(os.environ)
     if hostfile:
         if num_gpus is not None:
@@ -182,6 +205,7 @@ def main(
         str(cfg.source),
         resume_from=resume_from,
         restart_epoch=restart_epoch,
+        accept=accept_config_change,
         add_prefix_space=add_prefix_space,
         log_dir=log_dir,
     )
@@ -215,6 +239,31 @@ def main(
             str(log_dir),
         )
     sys.exit(rc)
+
+
+def print_plan(cfg: Config, num_gpus: int | None, gpu_memory: float | None, as_json: bool) -> None:
+    """cap-train --plan (cap_train/plan.py): on GPUs when this node has some or --gpu-memory is given."""
+    import json
+
+    from cap_train.plan import GIB, describe, make_plan, smallest_fit
+
+    device = "cuda" if gpu_memory is not None or visible_gpus(dict(os.environ)) else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # this process only plans: no accelerator probe
+    processes = num_gpus or cfg.pipeline_stages
+    cfg.check_world_size(processes)
+    plan = make_plan(cfg, processes, device)
+    budget = gpu_memory * GIB if gpu_memory is not None else None
+    fit = smallest_fit(cfg, budget) if budget is not None else ""
+    if as_json:
+        out = plan.to_dict()
+        if budget is not None:
+            out["gpu_memory_bytes"] = budget
+            out["fits"] = max(plan.peaks()) <= budget
+            out["smallest_fit"] = None if fit is None else {"pipeline_stages": fit[0], "load_in_4bit": fit[1]}
+        click.echo(json.dumps(out, indent=1))
+    else:
+        for line in describe(plan, budget, fit):
+            click.echo(line)
 
 
 def _refuse_to_mix_runs(cfg: Config) -> None:

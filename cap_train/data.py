@@ -56,6 +56,7 @@ class Batches:
 
     def __init__(self, split):
         self.split = split
+        self.pulled = 0.0  # checksum of the token ids handed out since the last reset (see iterate)
 
     def micro(self, rows):
         ids, classes = self.split.rows(rows)
@@ -64,6 +65,16 @@ class Batches:
         return (ids, classes), torch.zeros(1)
 
     def iterate(self, order: TrainOrder, epoch: int, start_step: int):
-        """Micro batches of `epoch` from `start_step` on (DeepSpeed pulls one step's worth per train_batch)."""
-        for _, rows in order.micro_batches(epoch, start_step):
-            yield self.micro(rows)
+        """Micro batches of `epoch` from `start_step` on (DeepSpeed pulls one step's worth per train_batch).
+
+        Each one handed out adds Σ_{g,t} (id[g,t] + 1)·(t + 1)·(g + 1) to `pulled`, g being the row's
+        place in the step's global batch (data-parallel rank, micro batch, row): summed over the
+        replicas it identifies the step's rows and their order, whatever the topology."""
+        for i, (_, rows) in enumerate(order.micro_batches(epoch, start_step)):
+            batch = self.micro(rows)
+            ids = batch[0][0].double()
+            first = order.dp_rank * order.rows_per_step + (i % order.accumulation) * order.micro_batch_size
+            g = torch.arange(first, first + len(rows), dtype=torch.float64)
+            t = torch.arange(ids.shape[1], dtype=torch.float64)
+            self.pulled += float((((ids + 1) * (t + 1)).sum(1) * (g + 1)).sum())
+            yield batch

@@ -1,20 +1,20 @@
 """What a resume may change: the checkpoint's recorded run against the config of this launch.
 
 Every key of the config falls in one of four groups:
-- applied: optimizer, schedule, regularization, run length, eval and checkpoint cadence — a new
-  value takes effect from the first step after the checkpoint, and is printed;
+- applied: optimizer, schedule, regularization, run length, eval and checkpoint cadence, how a
+  step is split (micro_batch_size, gradient_accumulation_steps) and the topology (pipeline_stages,
+  processes) — a new value takes effect from the first step after the checkpoint, and is printed;
 - data: anything that changes which sequences make up a step (the data's content identity: the
   inputs' contents in order, the tokenizer and every cap-prep key — not the files' paths, so a
-  moved project resumes as it is; and micro_batch_size, gradient_accumulation_steps, seed) — the
-  old position means nothing in a new order, so these need --accept-config-change, and then the
-  data restarts at the start of the current epoch;
+  moved project resumes as it is; the global batch G = micro · accumulation · replicas; seed) —
+  the old position means nothing in a new order, so these need --accept-config-change, and then
+  the data restarts at the start of the current epoch;
 - model: keys that change what the trained tensors mean but not their shapes (model_dir for a model
   of the same shape, model_dtype, lora_alpha, control_adapter_target, use_column_major_topology)
   — they need --accept-config-change;
-- fixed: keys that change which tensors exist, their shapes or dtypes, or how they are spread over
-  ranks (mode, 4-bit, adapter type, rank, target modules, layers, adapter dtype, pipeline stages,
-  processes, the model's shape; model_dtype in a full fine-tune) — the checkpoint cannot continue
-  under them.
+- fixed: keys that change which tensors exist, their shapes or dtypes (mode, 4-bit, adapter type,
+  rank, target modules, layers, adapter dtype, the model's shape; model_dtype in a full
+  fine-tune) — the checkpoint cannot continue under them.
 Paths (output_dir, prepared_dir) and add_prefix_space (its effect is in the fingerprint) are not compared.
 """
 
@@ -48,8 +48,14 @@ APPLIED = (
     "evals_per_epoch",
     "eval_gradient_accumulation_steps",
     "activation_checkpointing",
+    # how a step's rows are split over micro batches and replicas, not which rows it reads
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    # the topology: a format-3 checkpoint is stored by parameter name (cap_train/train_state.py)
+    "pipeline_stages",
+    "processes",
 )
-DATA = ("data", "micro_batch_size", "gradient_accumulation_steps", "seed")
+DATA = ("data", "global batch", "seed")
 # cap-prep keys: named in the message when the fingerprint changed because of them
 PREP = (
     "datasets",
@@ -74,8 +80,6 @@ FIXED = (
     "target_modules",
     "layers_to_transform",
     "lora_weight_dtype",
-    "pipeline_stages",
-    "processes",
     "model shape",
 )
 
@@ -122,11 +126,25 @@ def data_identity(cfg) -> str:
     return cache.fingerprint(cfg, find_inputs(cfg), cache.FileHashes(cfg.prepared_root), paths=False)
 
 
+def global_batch(config: dict, processes: int | None) -> int | None:
+    """Rows per optimizer step over all replicas, G = micro_batch_size · gradient_accumulation_steps ·
+    (processes / pipeline_stages): the data order's unit (cap_train/order.py); None when unknown."""
+    if not processes:
+        return None
+    return config["micro_batch_size"] * config["gradient_accumulation_steps"] * (processes // config["pipeline_stages"])
+
+
 def run_record(config: dict, data: str, processes: int | None, model_shape: dict) -> dict:
     """What a checkpoint records about its run, flat: config keys plus the derived ones above;
     datasets without their paths (their contents are in `data`)."""
     config = {**config, "datasets": [{k: v for k, v in d.items() if k != "dataset_path"} for d in config["datasets"]]}
-    record = {**config, "data": data, "processes": processes, "model shape": model_shape}
+    record = {
+        **config,
+        "data": data,
+        "processes": processes,
+        "global batch": global_batch(config, processes),
+        "model shape": model_shape,
+    }
     return json.loads(json.dumps(record))  # as it reads back from state.json
 
 

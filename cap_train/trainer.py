@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from cap_common.adapters.regularize import regularize_model_
 from cap_common.config import Config
@@ -35,7 +36,7 @@ from cap_common.errors import CapError
 from cap_common.files import user_os_errors
 from cap_common.models.families import load_hf_config
 from cap_train import resume as resuming
-from cap_train.checkpoint import FORMAT, Checkpoints, checkpoint_files, file_record, load_rng, read_state, save_rng
+from cap_train.checkpoint import FORMAT, Checkpoints, checkpoint_files, file_record, load_legacy_rng, read_state
 from cap_train.data import Batches, prepared_splits
 from cap_train.loss import PipelineLoss
 from cap_train.metrics import Metrics
@@ -44,6 +45,7 @@ from cap_train.optim import ClippedAdam
 from cap_train.order import TrainOrder
 from cap_train.outputs import adapter_norms, adapter_tensors, write_epoch_output
 from cap_train.schedule import lr_lambda
+from cap_train.train_state import load_rng, load_trainable, part_name, save_rng, save_trainable
 
 
 def cpu_has_bf16() -> bool:
@@ -97,8 +99,10 @@ class Trainer:
         resume_from: Path | None = None,
         restart_epoch: bool = False,
         quiet=contextlib.nullcontext,
+        accept_change: bool = False,
     ):
         self.cfg = cfg
+        self.accept_change = accept_change  # --accept-config-change: a changed global batch restarts the epoch
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_world = cfg.check_world_size(self.world)
         self.device = device  # cap_train.devices: the accelerator's, matching the process group's backend
@@ -179,12 +183,13 @@ class Trainer:
 
     def _build_model(self):
         """This rank's stage of the pipeline model (DeepSpeed builds only its stage's layers)."""
+        from deepspeed.pipe import PipelineModule
+
         from cap_common.models.pipeline import PARTITION_METHOD, layer_specs
         from cap_common.models.spec import ModelSpec
-        from cap_train.stage import TrainableStatePipe
 
         cfg = self.cfg
-        model = TrainableStatePipe(
+        model = PipelineModule(
             layers=layer_specs(ModelSpec.from_config(cfg), self.device, loss_fn=self.loss),
             topology=self.topology,
             loss_fn=None,
@@ -241,18 +246,33 @@ class Trainer:
         )
 
     def _read_resume_state(self, path: Path, restart_epoch: bool) -> dict:
-        """The checkpoint's position; its topology must be this run's (the per-rank state is)."""
+        """The checkpoint's position, continued in this run's data order when the global batch is the
+        same (any topology for format 3; the writing topology for format 2)."""
         try:
             state = read_state(path)
         except ValueError as e:
             raise CapError(f"{path}: {e}") from None
         old = state.get("run", {})
-        for key, now in (("processes", self.world), ("pipeline_stages", self.cfg.pipeline_stages)):
-            if key in old and old[key] != now:
-                raise CapError(
-                    f"{path}: written by a run with {key} = {old[key]}; this run has {now} "
-                    f"(a checkpoint resumes on the topology that wrote it)"
-                )
+        self.same_topology = (old.get("processes"), old.get("pipeline_stages")) == (
+            self.world,
+            self.cfg.pipeline_stages,
+        )
+        if state.get("format", 1) < 3 and not self.same_topology:
+            raise CapError(
+                f"{path}: written by an older cap (checkpoint format {state.get('format', 1)}) with "
+                f"{old.get('processes')} process(es) × {old.get('pipeline_stages')} stage(s); it resumes only on "
+                f"that topology (this run: {self.world} × {self.cfg.pipeline_stages})"
+            )
+        old_batch = resuming.global_batch(old, old.get("processes")) if "micro_batch_size" in old else None
+        if old_batch not in (None, self.order.global_batch) and self.accept_change:  # --hostfile: seen only here
+            restart_epoch = self.restarted = True
+        if old_batch not in (None, self.order.global_batch) and not restart_epoch:
+            raise CapError(
+                f"{path}: the global batch changed from {old_batch} to {self.order.global_batch} rows per step "
+                f"(micro_batch_size × gradient_accumulation_steps × data-parallel replicas), so the checkpoint's "
+                "position means nothing in this data order; pass --accept-config-change to restart the current "
+                "epoch, or keep the global batch (e.g. raise gradient_accumulation_steps as replicas drop)"
+            )
         self.step, self.epoch, self.step_in_epoch, self.tokens = (
             state["step"],
             state["epoch"],
@@ -268,11 +288,24 @@ class Trainer:
             )
         return state
 
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """This rank's trainable parameters by name (their global pipeline position leads the name)."""
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
     def _load_checkpoint(self, path: Path, state: dict) -> None:
-        self.engine.load_checkpoint(
-            str(path), tag="ds", load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        load_rng(path, self.rank)
+        if state.get("format", 1) >= 3:
+            load_trainable(path, self.trainable(), self.optimizer, self.device)
+            if self.same_topology:
+                load_rng(path, self.rank)
+            else:  # dropout masks are drawn per rank: a new topology starts its streams afresh
+                torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
+            self.engine.global_steps = self.step
+            self.engine.global_samples = self.step * self.order.global_batch
+        else:  # format 2: DeepSpeed's per-rank files, same topology (checked in _read_resume_state)
+            self.engine.load_checkpoint(
+                str(path), tag="ds", load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            load_legacy_rng(path, self.rank)
         self._apply_schedule()
         if self.rank == 0:
             print(
@@ -315,9 +348,10 @@ class Trainer:
             tmp.mkdir(parents=True)
         dist.barrier()
         try:
-            self.engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
+            if self.dp_rank == 0:  # replicas hold the same weights and optimizer state
+                save_trainable(tmp / part_name(self.stage), self.trainable(), self.optimizer)
             save_rng(tmp, self.rank)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        except (OSError, RuntimeError, SafetensorError) as e:  # safetensors' own error type for a full disk
             why = _write_error(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             raise CapError(
@@ -341,6 +375,7 @@ class Trainer:
                         "epoch": self.epoch,
                         "step_in_epoch": self.step_in_epoch,
                         "tokens": self.tokens,
+                        "global_batch": self.order.global_batch,
                         "total_steps": self.total_steps,
                         "run": self.run_record,
                         "files": dict(sorted(files.items())),
@@ -416,6 +451,7 @@ class Trainer:
             t0 = time.time()
             rows = self.order.rows(self.epoch)[self.step_in_epoch].reshape(-1)
             lr = self.lr()
+            self.batches.pulled = 0.0
             loss = float(self.engine.train_batch(data_iter=micro))
             reg = regularize_model_(self.model, lr, cfg)
             self.step += 1
@@ -432,6 +468,7 @@ class Trainer:
                 "train/mfu": mfu,
                 # which rows this rank read, position-weighted: resume tests compare it
                 "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum()),
+                "data/tokens_checksum": self.tokens_checksum(),
             }
             values.update(peak_memory(self.device))
             values.update(self.gather_norms(reg))
@@ -451,6 +488,12 @@ class Trainer:
                 self.save_checkpoint()
                 last_ckpt = time.time()
         metrics.close()
+
+    def tokens_checksum(self) -> float:
+        """The first stage's replicas' checksums of the token ids DeepSpeed pulled this step (data.Batches)."""
+        value = torch.tensor([self.batches.pulled if self.stage == 0 else 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value)
+        return float(value.item())
 
     def time_for_checkpoint(self, last: float) -> bool:
         """Rank 0's clock decides, so every rank agrees."""
@@ -508,7 +551,7 @@ class Trainer:
                 write_epoch_output(self.cfg, part_dir, folder)
                 shutil.rmtree(part_dir, ignore_errors=True)
                 print(f"cap-train: wrote {folder}", file=sys.stderr)
-        except (OSError, RuntimeError) as e:  # safetensors' errors are RuntimeErrors too
+        except (OSError, RuntimeError, SafetensorError) as e:
             why = _write_error(e, part_dir)
             shutil.rmtree(part_dir, ignore_errors=True)
             raise CapError(f"{folder}: cannot write the trained weights ({why})") from None

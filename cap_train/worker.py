@@ -44,7 +44,9 @@ def skip_shm_comm_op(deepspeed) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def run(config: str, resume_from: str | None, restart_epoch: bool, add_prefix_space: bool, output: RankOutput) -> None:
+def run(
+    config: str, resume_from: str | None, restart_epoch: bool, add_prefix_space: bool, output: RankOutput, accept=False
+) -> None:
     import logging
 
     import deepspeed
@@ -57,7 +59,9 @@ def run(config: str, resume_from: str | None, restart_epoch: bool, add_prefix_sp
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend=backend, timeout=startup.collective_timeout())
     cfg = startup.check_start(config, {"add_prefix_space": True} if add_prefix_space else None, resume_from)
-    trainer = Trainer(cfg, device, Path(resume_from) if resume_from else None, restart_epoch, output.log_only)
+    trainer = Trainer(
+        cfg, device, Path(resume_from) if resume_from else None, restart_epoch, output.log_only, accept_change=accept
+    )
     if dist.get_rank() == 0:
         trainer.ckpts.clean_stale()
         clean_outputs(Path(cfg.output_dir))
@@ -91,6 +95,7 @@ def main(argv=None) -> None:
     parser.add_argument("config")
     parser.add_argument("--resume-from", default=None, help="checkpoint folder (chosen and checked by cap-train)")
     parser.add_argument("--restart-epoch", action="store_true", help="start the checkpoint's epoch over")
+    parser.add_argument("--accept-config-change", action="store_true", help="a changed global batch restarts the epoch")
     parser.add_argument("--add-prefix-space", action="store_true")
     parser.add_argument("--log-dir", default=None, help="folder for this rank's rank<r>.log")
     args = parser.parse_args(argv)
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     output = RankOutput(args.log_dir, rank)
     try:
-        run(args.config, args.resume_from, args.restart_epoch, args.add_prefix_space, output)
+        run(args.config, args.resume_from, args.restart_epoch, args.add_prefix_space, output, args.accept_config_change)
     except CapError as e:
         output.console_line(f"cap-train: error (rank {rank} on {HOST}): {e}")
         code = EXIT_USER

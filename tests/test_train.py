@@ -159,17 +159,19 @@ def test_resume_plan_groups_the_changed_keys():
         "lora_alpha": 4.0,
         "lora_rank": 4,
         "processes": 2,
+        "global batch": 4,
         "model shape": {"hidden_size": 64},
     }
     same = plan(old, dict(old), False, "ckpt")
     assert not same.applied and not same.accepted and not same.restart_epoch
-    p = plan(old, {**old, "lr": 5e-4, "epochs": 3}, False, "ckpt")
-    assert [str(c) for c in p.applied] == ["lr 0.001 → 0.0005", "epochs 1 → 3"] and not p.restart_epoch
-    for changed, restart in (({"data": "b"}, True), ({"lora_alpha": 8.0}, False)):
+    p = plan(old, {**old, "lr": 5e-4, "epochs": 3, "processes": 4}, False, "ckpt")
+    assert [str(c) for c in p.applied] == ["lr 0.001 → 0.0005", "epochs 1 → 3", "processes 2 → 4"]
+    assert not p.restart_epoch
+    for changed, restart in (({"data": "b"}, True), ({"global batch": 8}, True), ({"lora_alpha": 8.0}, False)):
         with pytest.raises(CapError, match="--accept-config-change"):
             plan(old, {**old, **changed}, False, "ckpt")
         assert plan(old, {**old, **changed}, True, "ckpt").restart_epoch is restart
-    for changed in ({"lora_rank": 8}, {"processes": 4}, {"model shape": {"hidden_size": 128}}):
+    for changed in ({"lora_rank": 8}, {"model shape": {"hidden_size": 128}}):
         with pytest.raises(CapError, match="cannot resume"):
             plan(old, {**old, **changed}, True, "ckpt")
     # a key the checkpoint did not record, or an unknown new value, is not compared

@@ -261,17 +261,39 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
 
 @pytest.mark.parametrize("case_name", ["qlora", "lora-layers0-0"])
 def test_checkpoints_hold_the_trainable_tensors_only(trained, case_name):
-    """The last checkpoint's per-layer files hold exactly the adapter tensors written to epoch1/ (the
-    trainable parameters): no 4-bit quantization state of the frozen base, nothing for a stage
-    without adapters. Read with torch.load(weights_only=True)."""
+    """The last checkpoint holds exactly the adapter tensors written to epoch1/ (the trainable
+    parameters) and their Adam moments: no 4-bit quantization state of the frozen base, nothing for a
+    stage without adapters. Read with safetensors alone."""
+    from safetensors import safe_open
+
     for procs, _ in TOPOLOGIES:
         proc, err, out, _ = trained[case_name, procs]
         assert proc.returncode == 0, err[-3000:]
         checkpoint = max((out / "checkpoints").glob("step*"))
-        saved = set()
-        for path in sorted((checkpoint / "ds").glob("layer_*-model_states.pt")):
-            position = int(path.name.split("_")[1].split("-")[0])  # pipeline position = layer index + 1
-            for key in torch.load(path, weights_only=True):
-                saved.add(f"base_model.model.model.layers.{position - 1}.{key.removeprefix('layer.')}")
+        saved, moments = set(), set()
+        for path in sorted(checkpoint.glob("trainable-stage*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    name, _, state = key.partition("#")
+                    position, _, rest = name.partition(".layer.")  # pipeline position = layer index + 1
+                    peft = f"base_model.model.model.layers.{int(position) - 1}.{rest}"
+                    (moments.add((peft, state)) if state else saved.add(peft))
         written = set(load_file(str(out / "epoch1" / "adapter_model.safetensors")))
         assert saved == written and written, (procs, sorted(saved ^ written)[:5])
+        assert moments == {(n, s) for n in written for s in ("exp_avg", "exp_avg_sq")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_the_plan_holds_for_the_tiny_models(trained, case):
+    """cap-train --plan's per-process peak (stage 0, on CPU) within ±20% of the peak resident memory
+    rank 0 reported, on both topologies (tests/test_plan.py holds it for SmolLM2)."""
+    from cap_common.config import load_config
+    from cap_train.plan import GIB, make_plan
+
+    for procs, _ in TOPOLOGIES:
+        proc, err, out, _ = trained[case_id(case), procs]
+        assert proc.returncode == 0, err[-3000:]
+        measured = max(r["memory/peak_rss_gib"] for r in metrics(out).values() if "memory/peak_rss_gib" in r)
+        cfg = load_config(str(out.parent.parent / f"cfg-{case_id(case)}-{procs}.toml"))
+        planned = make_plan(cfg, procs).peaks()[0] / GIB
+        assert planned == pytest.approx(measured, rel=0.2), (procs, planned, measured)

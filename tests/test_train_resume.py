@@ -102,13 +102,13 @@ def damaged(runs, tmp_path_factory, tiny_model_dir):
     for damage in DAMAGES:
         run = _copy(first, tmp_path_factory.mktemp(damage))
         newest = run / "out" / "checkpoints" / "step00000004"
-        victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+        victim = max((p for p in newest.rglob("*.safetensors")), key=lambda p: p.stat().st_size)
         if damage == "truncated":
             victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
         elif damage == "empty_state":
             (newest / "state.json").write_text("")
         elif damage == "missing_rng":
-            (newest / "rng-rank0.pt").unlink()
+            (newest / "rng-rank0.safetensors").unlink()
         else:
             data = bytearray(victim.read_bytes())
             data[len(data) // 2] ^= 0x01

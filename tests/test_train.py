@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -145,6 +146,11 @@ def test_order_is_a_partition_reshuffled_per_epoch():
     assert (orders[0].rows(0) == TrainOrder(103, 0, 3, 1, 2, 4).rows(0)).all()  # deterministic
     resumed = [tuple(r) for _, r in orders[1].micro_batches(0, start_step=2)]
     assert resumed == [tuple(r) for r in e0[1][2:].reshape(-1, 2)]
+    # one global order: 2 replicas × 1 micro batch of 4 read, step by step, the rows 1 replica × 2 of 4 reads
+    perm = np.random.Generator(np.random.PCG64([1, 0])).permutation(103)
+    one = TrainOrder(103, 0, 1, seed=1, micro_batch_size=4, accumulation=2).rows(0).reshape(12, -1)
+    two = np.stack([TrainOrder(103, k, 2, 1, 4, 1).rows(0).reshape(12, -1) for k in range(2)], 1).reshape(12, -1)
+    assert (one == two).all() and (one.reshape(-1) == perm[:96]).all()
 
 
 def test_resume_plan_groups_the_changed_keys():

@@ -1,15 +1,23 @@
-"""cap-train throughput and memory vs a plain transformers + PEFT LoRA loop, same model and settings.
+"""cap-train throughput and memory against a plain transformers + PEFT LoRA loop, run so that the
+figure holds on any machine: the two sides interleaved, several times, medians and spread.
 
-    python benchmarks/bench_train.py [--model DIR] [--seq 512] [--steps 12] [--rank 16] [--dtype D]
+    python benchmarks/bench_train.py [--model DIR] [--seq 512] [--steps 12] [--rank 16]
+        [--dtypes float32,bfloat16] [--modes true,false,selective,offload] [--repeats 3] [--two-process]
 
 Default model: SmolLM2-135M-Instruct (examples/demo/smollm2.py). Both sides train rank-r adapters on a
-frozen base with micro batch 1, seq L, one optimizer step per sequence, no eval, no checkpoints:
-- cap: `cap-train` (1 process) with control adapters, reading its own metrics.jsonl
-  (tokens/s = median over steps after the first two; peak = the worker's peak RSS or CUDA peak);
-- peer: AutoModelForCausalLM + peft LoRA on o_proj/down_proj (the same residual writers),
-  torch.optim.AdamW, a plain fwd/bwd/step loop in a fresh subprocess (peak = its ru_maxrss).
-Prints both, the ratio, and achieved FLOP/s (4·N·tokens/s: forward + activation gradients of a
-frozen base) ÷ this machine's measured matmul FLOP/s in the same dtype.
+frozen base, micro batch 1, seq L, one optimizer step per sequence, no eval, no checkpoints:
+- cap: `cap-train` with control adapters on the residual writers, activation_checkpointing = MODE,
+  reading its own metrics.jsonl (tokens/s = median over the steps after the first two; peak = the
+  worker's peak RSS, or CUDA allocator peak);
+- peer: AutoModelForCausalLM (SDPA) + PEFT LoRA on o_proj/down_proj (the same residual writers),
+  torch.optim.AdamW, a plain fwd/bwd/step loop in a fresh process, with gradient checkpointing when
+  cap's mode recomputes whole layers (true, offload, N) and without it otherwise (false, selective:
+  transformers has no selective mode).
+With --two-process, cap also runs with gradient_accumulation_steps = 4 on 1 process and on
+2 processes × 2 pipeline stages (the same global batch; the 1F1B bubble is 1/5), and the scaling
+is printed.
+Prints the CPU's model and whether it has AVX512-BF16 / AMX (bf16 matmuls 25-60× slower without),
+then per dtype and mode: median (min-max) tokens/s and peak memory of each side, and the ratios.
 """
 
 from __future__ import annotations
@@ -24,24 +32,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def matmul_flops(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 10) -> float:
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+def cpu_description() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(has) or 'none of avx2/avx512'}"
 
 
 def write_data(folder: Path, tokens_needed: int) -> Path:
@@ -55,45 +58,61 @@ def write_data(folder: Path, tokens_needed: int) -> Path:
     return path
 
 
-def run_cap(model: Path, folder: Path, seq: int, steps: int, rank: int, dtype: str) -> dict:
-    write_data(folder, seq * (steps + 4) * 2)
+def toml_value(mode: str) -> str:
+    return mode if mode in ("true", "false") or mode.isdigit() else f"'{mode}'"
+
+
+def run_cap(model: Path, folder: Path, args, dtype: str, mode: str, procs: int = 1, accumulation: int = 1) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = max(4, args.steps // accumulation)
+    write_data(folder, args.seq * (steps + 4) * accumulation * 2)
     cfg = folder / "cfg.toml"
     cfg.write_text(f"""model_dir = '{model}'
 output_dir = '{folder / "out"}'
+prepared_dir = '{folder.parent / "prepared"}'
 lr = 1e-4
-sequence_len = {seq}
-lora_rank = {rank}
+sequence_len = {args.seq}
+lora_rank = {args.rank}
 use_control_adapters = true
+control_adapter_target = 'writers'
 max_steps = {steps}
+gradient_accumulation_steps = {accumulation}
 evals_per_run = 0
 eval_fraction = 0.0
 checkpoint_interval_hours = 1000
 model_dtype = '{dtype}'
+activation_checkpointing = {toml_value(mode)}
+pipeline_stages = {procs}
 [[datasets]]
 dataset_path = 'data.jsonl'
 """)
-    t = time.time()
     subprocess.run(
-        [sys.executable, "-m", "cap_train.cli", str(cfg)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "cap_train.cli", str(cfg), "--num-gpus", str(procs)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     rows = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["train/tokens_per_s"] for r in rows if r["step"] > 2]
     peak = max(r.get("memory/peak_cuda_gib", r.get("memory/peak_rss_gib", 0)) for r in rows)
-    return {"tokens_per_s": statistics.median(rates), "peak_gib": peak, "wall_s": time.time() - t}
+    return {"tokens_per_s": statistics.median(rates), "peak_gib": peak}
 
 
 PEER = r"""
 import json, resource, statistics, sys, time, torch, transformers
 from peft import LoraConfig, get_peft_model
-model_dir, seq, steps, rank, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+model_dir, seq, steps, rank, dtype, recompute = sys.argv[1:7]
+seq, steps, rank = int(seq), int(steps), int(rank)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
+model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                          attn_implementation="sdpa").to(device)
 model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank ** 0.5, target_modules=["o_proj", "down_proj"]))
 for n, p in model.named_parameters():
     if p.requires_grad:
         p.data = p.data.float()
-model.gradient_checkpointing_enable()  # acts only in train mode: from_pretrained returns eval mode
-model.enable_input_require_grads()
+if recompute == "1":
+    model.gradient_checkpointing_enable()  # acts only in train mode: from_pretrained returns eval mode
+    model.enable_input_require_grads()
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
@@ -112,14 +131,20 @@ print(json.dumps({"tokens_per_s": statistics.median(rates[2:]), "peak_gib": peak
 """
 
 
-def run_peer(model: Path, seq: int, steps: int, rank: int, dtype: str) -> dict:
+def run_peer(model: Path, args, dtype: str, mode: str) -> dict:
+    recompute = "0" if mode in ("false", "selective") else "1"
     out = subprocess.run(
-        [sys.executable, "-c", PEER, str(model), str(seq), str(steps), str(rank), dtype],
+        [sys.executable, "-c", PEER, str(model), str(args.seq), str(args.steps), str(args.rank), dtype, recompute],
         check=True,
         capture_output=True,
         text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summary(runs: list[dict], key: str) -> tuple[float, str]:
+    values = [r[key] for r in runs]
+    return statistics.median(values), f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def main() -> None:
@@ -128,45 +153,47 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float32"],
-        help="default: bfloat16 on CUDA, float32 on CPU (bf16 GEMMs are ~60x slower without AVX512-BF16)",
-    )
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--modes", default="true,false,selective", help="cap's activation_checkpointing values")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--two-process", action="store_true", help="also cap on 2 processes × 2 stages")
     args = ap.parse_args()
-    args.dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     if args.model is None:
         from examples.demo.smollm2 import materialize
 
         args.model = materialize()
-    config = json.loads((args.model / "config.json").read_text())
-    import transformers
-
-    with torch.device("meta"):
-        n_params = sum(
-            p.numel()
-            for p in transformers.AutoModelForCausalLM.from_config(
-                transformers.AutoConfig.from_pretrained(args.model)
-            ).parameters()
-        )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak_flops = matmul_flops(getattr(torch, args.dtype), device)
+    print(f"{cpu_description()}; model {args.model.name}, seq {args.seq}, rank {args.rank}, {args.steps} steps")
     with tempfile.TemporaryDirectory() as tmp:
-        cap = run_cap(args.model, Path(tmp), args.seq, args.steps, args.rank, args.dtype)
-    peer = run_peer(args.model, args.seq, args.steps, args.rank, args.dtype)
-    print(
-        f"model {config.get('model_type')} {n_params / 1e6:.0f}M params, seq {args.seq}, rank {args.rank}, "
-        f"{args.dtype}, {device}, {os.cpu_count()} cores"
-    )
-    print(f"{'':24}{'tokens/s':>12}{'peak GiB':>12}{'FLOP/s ÷ matmul peak':>24}")
-    for name, r in (("cap-train (control)", cap), ("transformers+PEFT LoRA", peer)):
-        mfu = 4 * n_params * r["tokens_per_s"] / peak_flops
-        print(f"{name:24}{r['tokens_per_s']:>12.1f}{r['peak_gib']:>12.2f}{mfu:>24.1%}")
-    print(
-        f"ratio cap/peer: tokens/s {cap['tokens_per_s'] / peer['tokens_per_s']:.2f}×, "
-        f"peak memory {cap['peak_gib'] / peer['peak_gib']:.2f}×   (measured matmul peak {peak_flops / 1e9:.1f} GFLOP/s)"
-    )
+        for dtype in args.dtypes.split(","):
+            for mode in args.modes.split(","):
+                sides = {"cap": [], "peer": [], "cap 1×1, accumulation 4": [], "cap 2×2, accumulation 4": []}
+                for rep in range(args.repeats):  # interleaved: a slow minute hits both sides alike
+                    t0 = time.time()
+                    sides["cap"].append(run_cap(args.model, Path(tmp) / f"{dtype}-{mode}-{rep}", args, dtype, mode))
+                    sides["peer"].append(run_peer(args.model, args, dtype, mode))
+                    if args.two_process:  # the same global batch of 4 sequences, 1 process vs 2 stages
+                        for procs in (1, 2):
+                            folder = Path(tmp) / f"{dtype}-{mode}-{rep}-{procs}p"
+                            run = run_cap(args.model, folder, args, dtype, mode, procs=procs, accumulation=4)
+                            sides[f"cap {procs}×{procs}, accumulation 4"].append(run)
+                    print(f"  {dtype} {mode} repeat {rep + 1}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+                report(dtype, mode, sides)
+
+
+def report(dtype: str, mode: str, sides: dict) -> None:
+    cap_tps, cap_tps_s = summary(sides["cap"], "tokens_per_s")
+    peer_tps, peer_tps_s = summary(sides["peer"], "tokens_per_s")
+    cap_mem, cap_mem_s = summary(sides["cap"], "peak_gib")
+    peer_mem, peer_mem_s = summary(sides["peer"], "peak_gib")
+    peer_ckpt = "no checkpointing" if mode in ("false", "selective") else "gradient checkpointing"
+    print(f"\n{dtype}, activation_checkpointing = {mode} (peer: {peer_ckpt}); median (min-max) of {len(sides['cap'])}")
+    print(f"  cap   tokens/s {cap_tps_s:>22}   peak GiB {cap_mem_s}")
+    print(f"  peer  tokens/s {peer_tps_s:>22}   peak GiB {peer_mem_s}")
+    print(f"  cap/peer: {cap_tps / peer_tps:.2f}× tokens/s at {cap_mem / peer_mem:.2f}× peak memory")
+    if sides["cap 2×2, accumulation 4"]:
+        one, one_s = summary(sides["cap 1×1, accumulation 4"], "tokens_per_s")
+        two, two_s = summary(sides["cap 2×2, accumulation 4"], "tokens_per_s")
+        print(f"  accumulation 4: 1 process tokens/s {one_s}; 2 processes × 2 stages {two_s} = {two / one:.2f}×")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@ Per stage (positions split as DeepSpeed splits them, cap_common.models.pipeline.
     trainable     adapter (or full fine-tune) parameters in their dtype, and as many bytes of gradient
     optimizer     Adam's m and v in the parameter's dtype (+ a Kahan buffer for 16-bit parameters)
     activations   per micro batch in flight (1F1B: min(stages − s, gradient_accumulation_steps) on
-                  stage s), per decoder layer that backward reaches (from the first trained layer on):
-                    saved by autograd ≈ (8·H + 2·H_kv + 4·I_active) · B·T elements
-                    with activation checkpointing: the layer input H · B·T elements, plus one
+                  stage s), per decoder layer that backward reaches (from the first trained layer on),
+                  by the layer's activation_checkpointing mode (common/models/recompute.py):
+                    none: saved by autograd ≈ (8·H + 2·H_kv + 4·I_active) · B·T elements
+                    'selective': the matmul and attention outputs ≈ (5·H + 2·H_kv + 2·I_active) · B·T
+                    full: the layer input H · B·T elements ('offload': on the host), plus one
                     layer's saved set during its recomputation
                   plus DeepSpeed's pipe send/receive buffers (2 · B·T·H per micro batch in flight)
     loss          the fused LM head + cross entropy (last stage): a [C, V] fp32 chunk and its
                   temporaries (C·V ≈ 256 MiB, fewer rows if B·T is smaller), the fp32 hidden
                   gradient, and on CPU an fp32 copy of a 16-bit head
-    runtime       the process itself: Python, torch, DeepSpeed, bitsandbytes (CPU, measured) or the
-                  CUDA context and allocator slack (GPU)
+    runtime       the process itself: on CPU, a fresh Python's peak with torch, DeepSpeed and
+                  transformers imported (measured in a subprocess) plus what a worker adds; on GPU
+                  the CUDA context and allocator slack
 (H hidden size, H_kv = key/value heads × head dim, I_active intermediate size × experts per token,
 B micro batch, T sequence_len, V vocabulary; element size of model_dtype.)
 Also: the pipeline bubble (S − 1)/(M + S − 1) for M = gradient_accumulation_steps micro batches over
@@ -26,6 +29,10 @@ S stages, and the tokens per optimizer step. cap-train's own metrics report the 
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,9 +40,12 @@ from torch import nn
 
 from cap_common.config import Config
 from cap_common.dtypes import torch_dtype
+from cap_common.models.recompute import layer_mode
 
 GIB = 2**30
-CPU_RUNTIME = 0.46 * GIB  # one idle cap-train worker on CPU (torch + DeepSpeed + transformers imported)
+# What a CPU worker holds beyond Python with torch, DeepSpeed and transformers imported (its engine,
+# gloo, the data, the tokenizer): measured 0.23 GiB on two Python builds whose imports differ by 58 MiB.
+WORKER_EXTRA = 0.23 * GIB
 BNB_RUNTIME = 0.06 * GIB  # bitsandbytes' import on top of it
 GPU_RUNTIME = 1.0 * GIB  # CUDA context (~0.5 GiB) and allocator slack
 LOSS_CHUNK_BYTES = 256 * 2**20  # kernels/cross_entropy.CHUNK_BYTES
@@ -56,12 +66,16 @@ class StagePlan:
     optimizer: float
     activations_checkpointed: float
     activations_full: float
+    activations: float  # under the config's own activation_checkpointing mode
     loss: float
     runtime: float
     file_pages: float = 0.0  # CPU: the mapped safetensors pages this stage read (the files stay open)
 
-    def peak(self, checkpointing: bool) -> float:
-        acts = self.activations_checkpointed if checkpointing else self.activations_full
+    def peak(self, checkpointing: bool | None = None) -> float:
+        """Peak bytes with every layer checkpointed (True), none (False), or the config's mode (None)."""
+        acts = {None: self.activations, True: self.activations_checkpointed, False: self.activations_full}[
+            checkpointing
+        ]
         fixed = self.base + self.trainable + self.gradients + self.optimizer + self.loss + self.runtime
         return fixed + acts + self.file_pages
 
@@ -74,14 +88,13 @@ class Plan:
     pipeline_stages: int
     data_parallel: int
     load_in_4bit: bool
-    activation_checkpointing: bool
+    activation_checkpointing: bool | str | int
     tokens_per_step: int
     bubble: float
     stages: list[StagePlan] = field(default_factory=list)
 
     def peaks(self, checkpointing: bool | None = None) -> list[float]:
-        on = self.activation_checkpointing if checkpointing is None else checkpointing
-        return [s.peak(on) for s in self.stages]
+        return [s.peak(checkpointing) for s in self.stages]
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -89,6 +102,29 @@ class Plan:
         out["peak_bytes_checkpointed"] = self.peaks(True)
         out["peak_bytes_no_checkpointing"] = self.peaks(False)
         return out
+
+
+@functools.cache
+def cpu_runtime() -> float:
+    """A cap-train worker's own footprint on CPU: a fresh interpreter's peak after importing torch,
+    DeepSpeed and transformers (so this Python build and these library versions count), plus
+    WORKER_EXTRA. 0.46 GiB when it cannot be measured."""
+    # resident pages now, not ru_maxrss: a child's high-water mark starts at its parent's
+    probe = (
+        "import os, torch, deepspeed, transformers; "
+        "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        )
+        return int(out.stdout.split()[-1]) + WORKER_EXTRA
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return 0.46 * GIB
 
 
 def _numel(params) -> int:
@@ -168,8 +204,11 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
     layers = [_layer_bytes(family, config, cfg, i, dtype) for i in range(n_layers)]
     first_trained = 0 if cfg.full_fine_tune else min(cfg.layers_to_transform or [0])
     saved_per_layer = (8 * H + 2 * _kv_dim(config) + 4 * _active_intermediate(config)) * tokens * size
+    # 'selective' keeps the matmul and attention outputs: q, k, v, o, gate, up, down, the attention
+    # output, and the layer input
+    selective_per_layer = (5 * H + 2 * _kv_dim(config) + 2 * _active_intermediate(config)) * tokens * size
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    runtime = GPU_RUNTIME if device == "cuda" else CPU_RUNTIME + (BNB_RUNTIME if cfg.load_in_4bit else 0)
+    runtime = GPU_RUNTIME if device == "cuda" else cpu_runtime() + (BNB_RUNTIME if cfg.load_in_4bit else 0)
     act_factor = CPU_ACTIVATION_FACTOR if device == "cpu" else 1.0
     on_disk = _tensor_bytes(cfg.model_dir) if device == "cpu" else {}
     plan = Plan(
@@ -179,14 +218,14 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
         pipeline_stages=S,
         data_parallel=dp,
         load_in_4bit=cfg.load_in_4bit,
-        activation_checkpointing=bool(cfg.activation_checkpointing),
+        activation_checkpointing=cfg.activation_checkpointing,
         tokens_per_step=tokens * M * dp,
         bubble=(S - 1) / (M + S - 1),
     )
     for s in range(S):
         lo, hi = int(parts[s]), int(parts[s + 1])
         base = trainable = optimizer = 0.0
-        backward_layers = 0
+        backward = []  # the stage's decoder layers that backward reaches
         for position in range(lo, hi):
             if position == 0 or position == n_layers + 1:
                 matrix = V * H * size
@@ -200,13 +239,24 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
                 continue
             frozen, train, opt = layers[position - 1]
             base, trainable, optimizer = base + frozen, trainable + train, optimizer + opt
-            backward_layers += position - 1 >= first_trained
+            if position - 1 >= first_trained:
+                backward.append(position - 1)
         in_flight = min(S - s, M)
         layer_io = tokens * H * size
         pipe_buffers = 2 * layer_io * in_flight if S > 1 else 0
-        full = act_factor * backward_layers * saved_per_layer * in_flight + pipe_buffers
-        checkpointed = backward_layers * layer_io * in_flight + (saved_per_layer if backward_layers else 0)
-        checkpointed = act_factor * checkpointed + pipe_buffers
+        modes = [layer_mode(cfg.activation_checkpointing, i) for i in backward]
+
+        def saved(kinds: list[str | None]) -> float:
+            """Bytes autograd keeps for the stage's micro batches in flight, layer by layer per mode."""
+            kept = {None: saved_per_layer, "selective": selective_per_layer, "full": layer_io}
+            kept["offload"] = 0.0 if device == "cuda" else layer_io  # on the host, not on the GPU
+            total = sum(kept[k] for k in kinds) * in_flight
+            recomputed = saved_per_layer if any(k in ("full", "offload") for k in kinds) else 0.0
+            return act_factor * (total + recomputed) + pipe_buffers
+
+        full = saved([None] * len(backward))
+        checkpointed = saved(["full"] * len(backward))
+        activations = saved(modes)
         loss = 0.0
         if hi == n_layers + 2:
             rows = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
@@ -224,6 +274,7 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
                 optimizer=optimizer,
                 activations_checkpointed=checkpointed,
                 activations_full=full,
+                activations=activations,
                 loss=loss,
                 runtime=runtime,
                 file_pages=pages,
@@ -292,7 +343,7 @@ def describe(plan: Plan, gpu_bytes: float | None = None, fit: tuple[int, bool] |
         "  stage  positions      base  trainable+grad  optimizer  activations ckpt/full      loss   runtime      peak",
     ]
     for s in plan.stages:
-        peak = s.peak(plan.activation_checkpointing)
+        peak = s.peak()
         over = "  > --gpu-memory" if gpu_bytes is not None and peak > gpu_bytes else ""
         cells = [s.base, s.trainable + s.gradients, s.optimizer, s.activations_checkpointed, s.activations_full]
         base, train, opt, ckpt, full = (f"{c / scale:.2f}" for c in cells)
@@ -301,10 +352,10 @@ def describe(plan: Plan, gpu_bytes: float | None = None, fit: tuple[int, bool] |
         lines.append(
             f"  {s.stage:5}  {where:>9}  {base:>8}  {train:>14}  {opt:>9}  {ckpt:>10} / {full:<10} {tail}{over}"
         )
-    on = "on" if plan.activation_checkpointing else "off"
     lines.append(
-        f"peak per process with activation checkpointing {on} (this config): {max(plan.peaks()) / GIB:.2f} GiB; "
-        f"{'off' if on == 'on' else 'on'}: {max(plan.peaks(not plan.activation_checkpointing)) / GIB:.2f} GiB"
+        f"peak per process with activation_checkpointing = {plan.activation_checkpointing!r} (this config): "
+        f"{max(plan.peaks()) / GIB:.2f} GiB; every layer checkpointed: {max(plan.peaks(True)) / GIB:.2f} GiB; "
+        f"none: {max(plan.peaks(False)) / GIB:.2f} GiB"
     )
     if gpu_bytes is not None and fit != "":
         if fit is None:

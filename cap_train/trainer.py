@@ -194,8 +194,7 @@ class Trainer:
             topology=self.topology,
             loss_fn=None,
             partition_method=PARTITION_METHOD,
-            activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
-            checkpointable_layers=["DecoderLayerPipe"],
+            activation_checkpoint_interval=0,  # each DecoderLayerPipe checkpoints itself (common/models/recompute.py)
         )
         for p in model.parameters():
             if not p.is_contiguous():  # DeepSpeed views parameters as bytes to broadcast and save them

@@ -72,6 +72,18 @@ def boolean(v: Any) -> bool:
     return v
 
 
+CHECKPOINTING_MODES = ("selective", "offload")
+
+
+def checkpointing_spec(v: Any) -> bool | str | int:
+    """activation_checkpointing: true / false, 'selective', 'offload', or N ≥ 1 (every N-th layer)."""
+    if isinstance(v, bool) or v in CHECKPOINTING_MODES:
+        return v
+    if isinstance(v, int) and v >= 1:
+        return v
+    raise Invalid("expected true, false, 'selective', 'offload' or a whole number N >= 1 (every N-th layer)")
+
+
 def text(v: Any) -> str:
     if not isinstance(v, str):
         raise Invalid("expected a string")
@@ -276,7 +288,13 @@ class Config:
         help="one replica's pipeline stages on neighbouring ranks, one node "
         "(hidden states over NVLink, adapter grads over the network)",
     )
-    activation_checkpointing: bool = key(True, boolean, help="cap: recompute each decoder layer in backward")
+    activation_checkpointing: bool | str | int = key(
+        True,
+        checkpointing_spec,
+        help="cap: recompute decoder layers in backward: true (every layer), false, 'selective' (keep matmul "
+        "and attention outputs, recompute the rest), 'offload' (every layer, its input held in host memory), "
+        "or N (every N-th layer)",
+    )
     model_dtype: str = key(
         "bfloat16", choice("bfloat16", "float32"), help="cap: dtype of the (non-quantized) base weights"
     )

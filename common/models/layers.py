@@ -122,7 +122,8 @@ class DecoderLayerPipe(nn.Module):
         target "block":    y' = h + Δ + c·W'·dropout(Δ),   Δ = layer(h) − h
         target "writers":  the adapter on every residual writer's output inside the layer
     c = classes [B,T] (the class of the label each position predicts). No adapter: y = layer(h).
-    `index` is the layer's index in the model (adapter keys use it); `window` its sliding window.
+    `index` is the layer's index in the model (adapter keys use it); `window` its sliding window;
+    `recompute` its activation checkpointing mode (None: none).
     """
 
     def __init__(
@@ -135,9 +136,11 @@ class DecoderLayerPipe(nn.Module):
         adapter: nn.Module | None = None,
         target: str = "block",
         writers: tuple[str, ...] = (),
+        recompute: str | None = None,
     ):
         super().__init__()
         self.layer, self.index = layer, index
+        self.recompute = recompute  # activation checkpointing mode (common/models/recompute.py)
         self.adapter = adapter
         self.target = target if adapter is not None else None
         self.window, self.attention = window, attention
@@ -151,7 +154,13 @@ class DecoderLayerPipe(nn.Module):
                 setattr(owner, leaf, WriterAdapter(getattr(owner, leaf), adapter, self._classes))
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        hidden, position_ids, classes, labels = inputs
+        if self.recompute is None or not torch.is_grad_enabled():
+            return self._forward(*inputs)
+        from cap_common.models import recompute
+
+        return recompute.run(self._forward, self.recompute, *inputs)
+
+    def _forward(self, hidden, position_ids, classes, labels) -> tuple[torch.Tensor, ...]:
         if self.rotary.inv_freq.device != hidden.device:
             self.rotary.to(hidden.device)
         kwargs = dict(

@@ -42,6 +42,7 @@ from cap_common.models.loading import (
     release_host_memory,
     rotary_embedding,
 )
+from cap_common.models.recompute import layer_mode
 from cap_common.models.spec import ModelSpec
 
 PARTITION_METHOD = "type:DecoderLayerPipe"
@@ -184,6 +185,7 @@ class StageBuilder:
             adapter,
             spec.control_adapter_target,
             family.writers,
+            layer_mode(spec.activation_checkpointing, index),
         )
 
 

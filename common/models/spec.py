@@ -45,6 +45,7 @@ class ModelSpec:
     control_adapter_type: str = "full"
     control_adapter_target: str = "block"
     target_modules: tuple[str, ...] | None = None  # LoRA targets (None: every linear)
+    activation_checkpointing: bool | str | int = False  # per-layer mode: common/models/recompute.py
 
     @property
     def trainable_base(self) -> bool:
@@ -70,6 +71,7 @@ class ModelSpec:
             control_adapter_type=cfg.control_adapter_type,
             control_adapter_target=cfg.control_adapter_target,
             target_modules=cfg.target_modules,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
 
     @classmethod

@@ -5,6 +5,9 @@
 #      failed test), and bench_loss (fused vs unfused, peak memory and time)
 #   2. cap-train on a random-init Llama-3.1-8B-shaped model (seq 4096, control adapters rank 16,
 #      bf16): tokens/s, MFU = 4·N·tokens/s ÷ 989 TFLOP/s (H100/H200 dense bf16), peak memory.
+#   3. the same model with each activation_checkpointing mode at seq 4096 and 16384: tokens/s and
+#      peak memory beside what `cap-train --plan` predicted, and the peer (transformers + PEFT LoRA,
+#      SDPA, gradient checkpointing) at both lengths. Runs past a 7-minute budget are skipped, and said.
 # A failing part is reported in a line (or its last lines) and the next part still runs; the exit
 # status is non-zero if any part failed. The model, data, logs and outputs (~16 GB) go to $WORK: a
 # temporary folder, removed on exit, interrupt or termination, unless the caller gave WORK=...
@@ -99,6 +102,57 @@ else
     failed+=("cap-train")
     echo "cap-train: FAILED (exit $rc); last lines:"
     tail -15 "$WORK/train.log"
+fi
+
+echo "== 3. activation_checkpointing modes on the 8B shape (6 steps each), the plan beside them, and the peer"
+if [[ -f $WORK/cfg.toml ]]; then
+    $PY - "$WORK" <<'PYEOF' || failed+=("checkpointing modes")
+import json, statistics, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, ".")
+from cap_common.config import load_config
+from cap_train.plan import GIB, make_plan
+work = Path(sys.argv[1]); base = (work / "cfg.toml").read_text()
+deadline = time.time() + 420  # keep the whole script near its budget: later runs are skipped, and said so
+bad = 0
+for seq in (4096, 16384):
+    for mode in ("false", "true", "'selective'", "'offload'"):
+        if time.time() > deadline:
+            print(f"seq {seq:>5} {mode:<12} skipped (time budget)"); continue
+        out = work / f"out-{seq}-{mode.strip(chr(39))}"
+        cfg = work / f"cfg-{seq}-{mode.strip(chr(39))}.toml"
+        text = base.replace("sequence_len = 4096", f"sequence_len = {seq}").replace("max_steps = 12", "max_steps = 6")
+        text = text.replace(f"output_dir = '{work / 'out'}'", f"output_dir = '{out}'\nprepared_dir = '{work / 'prepared'}'")
+        cfg.write_text(text.replace("[[datasets]]", f"activation_checkpointing = {mode}\n[[datasets]]"))
+        plan = max(make_plan(load_config(str(cfg)), 1, "cuda").peaks()) / GIB
+        run = subprocess.run([".venv/bin/cap-train", str(cfg), "--num-gpus", "1"], capture_output=True, text=True)
+        if run.returncode:
+            last = (run.stderr.strip().splitlines() or ["?"])[-1][:160]
+            print(f"seq {seq:>5} {mode:<12} FAILED: {last}   (plan {plan:.1f} GiB)"); bad += 1; continue
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        tps = statistics.median(r["train/tokens_per_s"] for r in rows if r["step"] > 2)
+        peak = max(r.get("memory/peak_cuda_gib", r.get("memory/peak_rss_gib", 0)) for r in rows)
+        print(f"seq {seq:>5} {mode:<12} tokens/s {tps:>8,.0f}   peak {peak:5.1f} GiB   plan {plan:5.1f} GiB")
+peer = r"""
+import json, statistics, sys, time, torch, transformers
+from peft import LoraConfig, get_peft_model
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+model = get_peft_model(model, LoraConfig(r=16, target_modules=["o_proj", "down_proj"]))
+model.gradient_checkpointing_enable(); model.enable_input_require_grads(); model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+for seq in (4096, 16384):
+    torch.cuda.reset_peak_memory_stats(); ids = torch.randint(0, 500, (1, seq), device="cuda"); rates = []
+    for _ in range(5):
+        t = time.perf_counter(); model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
+        torch.cuda.synchronize(); rates.append(seq / (time.perf_counter() - t))
+    print(f"peer (transformers+PEFT, SDPA, gradient checkpointing) seq {seq:>5} tokens/s {statistics.median(rates[2:]):>8,.0f}"
+          f"   peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB")
+"""
+if time.time() < deadline + 120:
+    run = subprocess.run([sys.executable, "-c", peer, str(work / "llama8b")], capture_output=True, text=True)
+    print(run.stdout.strip() or f"peer FAILED: {(run.stderr.strip().splitlines() or ['?'])[-1][:160]}")
+sys.exit(1 if bad else 0)
+PYEOF
 fi
 
 if ((${#failed[@]})); then

@@ -7,8 +7,8 @@ split DeepSpeed makes with partition_method=PARTITION_METHOD (equal numbers of d
 For cap-train (spec = ModelSpec.from_config(cfg)):
     specs = layer_specs(spec, device, loss_fn)     # lazy: DeepSpeed builds only its stage's
     PipelineModule(layers=specs, num_stages=spec.pipeline_stages, loss_fn=None,
-                   partition_method=PARTITION_METHOD, activation_checkpoint_interval=1,
-                   checkpointable_layers=["DecoderLayerPipe"])
+                   partition_method=PARTITION_METHOD, activation_checkpoint_interval=0)
+(each decoder layer checkpoints itself as spec.activation_checkpointing says: common/models/recompute.py)
 Outside DeepSpeed (tests, cap-export verify): `build_pipeline_layers(spec, device, stage)`
 gives the modules themselves; running them in order maps (input_ids, control_class) to logits.
 

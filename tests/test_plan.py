@@ -71,7 +71,7 @@ SMOLLM2 = Path.home() / ".cache" / "cap" / "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def smollm2_runs(tmp_path_factory):
-    """SmolLM2 trained for one step on 1 and 2 stages, checkpointing on and off, two runs at a time
+    """SmolLM2 trained for two steps on 1 and 2 stages, checkpointing on and off, two runs at a time
     over one prepared dataset: {(stages, checkpointing): config path}."""
     from examples.demo.smollm2 import materialize
 
@@ -86,7 +86,7 @@ def smollm2_runs(tmp_path_factory):
                 sequence_len=512,
                 micro_batch_size=2,
                 gradient_accumulation_steps=2,
-                max_steps=1,
+                max_steps=2,
                 evals_per_run=0,
                 eval_fraction=0.05,
                 pipeline_stages=stages,

@@ -151,6 +151,7 @@ def _layer_bytes(family, config, cfg: Config, index: int, dtype: torch.dtype) ->
     from cap_common.adapters.control import ControlAdapter
     from cap_common.adapters.lora import inject_lora
     from cap_common.models.loading import meta_decoder_layer
+    from cap_common.models.pipeline import base_weight_trains, linear_names
 
     layer = meta_decoder_layer(family, config, index)
     size = torch.tensor([], dtype=dtype).element_size()
@@ -158,11 +159,13 @@ def _layer_bytes(family, config, cfg: Config, index: int, dtype: torch.dtype) ->
     adapter_dtype = torch_dtype(cfg.lora_weight_dtype)
     trainable: list[nn.Parameter] = []
     if cfg.full_fine_tune:
-        targets = cfg.target_modules
-        for name, p in layer.named_parameters():
-            if transformed and (targets is None or any(t in f"model.layers.{index}.{name}" for t in targets)):
-                trainable.append(p)
-    frozen = [p for p in layer.parameters() if all(p is not t for t in trainable)]
+        trainable = [
+            p
+            for name, p in layer.named_parameters()
+            if base_weight_trains(cfg.target_modules, cfg.layers_to_transform, f"model.layers.{index}.{name}", index)
+        ]
+    chosen = {id(p) for p in trainable}
+    frozen = [p for p in layer.parameters() if id(p) not in chosen]
     if cfg.load_in_4bit:
         weights = _numel(p for p in frozen if p.dim() >= 2)
         base = weights * (0.5 + 1 / 64 + 4 / (64 * 256)) + _numel(p for p in frozen if p.dim() < 2) * size
@@ -178,16 +181,12 @@ def _layer_bytes(family, config, cfg: Config, index: int, dtype: torch.dtype) ->
             else:
                 before = {id(p) for p in layer.parameters()}
                 inject_lora(
-                    layer, tuple(cfg.target_modules or _linear_names(layer)), cfg.lora_rank, 1.0, 0.0, adapter_dtype
+                    layer, tuple(cfg.target_modules or linear_names(layer)), cfg.lora_rank, 1.0, 0.0, adapter_dtype
                 )
                 trainable = [p for p in layer.parameters() if id(p) not in before]
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
     kahan = sum(p.numel() * p.element_size() for p in trainable if p.dtype in (torch.bfloat16, torch.float16))
     return base, train_bytes, 2 * train_bytes + kahan
-
-
-def _linear_names(layer: nn.Module) -> list[str]:
-    return sorted({n.rpartition(".")[2] for n, m in layer.named_modules() if isinstance(m, nn.Linear)})
 
 
 def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:

@@ -55,6 +55,21 @@ def stage_parts(num_layers: int, stages: int) -> list[int]:
     return partition_balanced([0] + [1] * num_layers + [0], stages)
 
 
+def linear_names(layer: nn.Module) -> tuple[str, ...]:
+    """Names (last component) of the nn.Linear modules of a decoder layer."""
+    return tuple(sorted({n.rpartition(".")[2] for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
+
+
+def base_weight_trains(
+    target_modules: tuple[str, ...] | None, layers: tuple[int, ...] | None, hf_name: str, layer: int | None
+) -> bool:
+    """In a full fine-tune, whether the base weight `hf_name` (of decoder layer `layer`, None outside
+    the layers) trains: some target_modules entry is a substring of its name and the layer is in
+    layers_to_transform (qlora-pipe-lite's rule; an unset key selects all)."""
+    in_layers = layer is None or layers is None or layer in layers
+    return in_layers and (target_modules is None or any(t in hf_name for t in target_modules))
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
@@ -90,8 +105,7 @@ class StageBuilder:
     @functools.cached_property
     def linear_names(self) -> tuple[str, ...]:
         """Names (last component) of the nn.Linear modules of an unquantized decoder layer."""
-        layer = meta_decoder_layer(self.source.family, self.source.config)
-        return tuple(sorted({n.rpartition(".")[2] for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
+        return linear_names(meta_decoder_layer(self.source.family, self.source.config))
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -104,10 +118,11 @@ class StageBuilder:
         some target_modules entry is a substring of the weight's Hugging Face name `prefix + name`
         and, for a decoder layer, its index is in layers_to_transform; an unset key selects all."""
         spec = self.spec
-        in_layers = layer is None or spec.layers_to_transform is None or layer in spec.layers_to_transform
         for name, p in module.named_parameters():
-            targeted = spec.target_modules is None or any(t in prefix + name for t in spec.target_modules)
-            p.requires_grad_(self.trainable_base and in_layers and targeted)
+            p.requires_grad_(
+                self.trainable_base
+                and base_weight_trains(spec.target_modules, spec.layers_to_transform, prefix + name, layer)
+            )
 
     def position_class(self, position: int) -> type[nn.Module]:
         if position == 0:

@@ -216,6 +216,18 @@ def start_worker(cfg, rank: int, port: int, log_dir) -> subprocess.Popen:
     )
 
 
+def run_two_nodes(cfg0, cfg1, tmp_path) -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
+    """Ranks 0 and 1 on their configs, each waited for up to a minute: (processes, (stdout, stderr) each)."""
+    port = free_port()
+    procs = [start_worker(cfg0, 0, port, tmp_path / "logs0"), start_worker(cfg1, 1, port, tmp_path / "logs1")]
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    return procs, outs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["output_dir", "model_dir"])
 def test_one_rank_failing_a_start_up_check_stops_every_rank(tmp_path, tiny_model_dir, problem):
@@ -231,14 +243,8 @@ def test_one_rank_failing_a_start_up_check_stops_every_rank(tmp_path, tiny_model
             tmp_path / "node2", tmp_path / "no-model", max_steps=2, output_dir=str(tmp_path / "node1" / "out")
         )
         says = "no-model': folder not found"  # the config check of rank 1's node
-    port = free_port()
     t0 = time.monotonic()
-    procs = [start_worker(node1, 0, port, tmp_path / "logs0"), start_worker(node2, 1, port, tmp_path / "logs1")]
-    try:
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            stop(p)
+    procs, outs = run_two_nodes(node1, node2, tmp_path)
     elapsed = time.monotonic() - t0
     assert elapsed < 60
     assert [p.returncode for p in procs] == [3, 2], outs
@@ -255,13 +261,7 @@ def test_a_failed_data_preparation_stops_the_waiting_ranks(tmp_path, tiny_model_
     once instead of waiting out the preparation timeout."""
     node1 = write_config(tmp_path / "node1", tiny_model_dir("llama"), max_steps=2)
     (tmp_path / "node1" / "data" / "neg.jsonl").write_text("{not json\n")
-    port = free_port()
-    procs = [start_worker(node1, 0, port, tmp_path / "logs0"), start_worker(node1, 1, port, tmp_path / "logs1")]
-    try:
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            stop(p)
+    procs, outs = run_two_nodes(node1, node1, tmp_path)
     assert [p.returncode for p in procs] == [2, 3], outs
     assert "neg.jsonl" in outs[0][1] and outs[1][1].strip() == ""
     assert "rank 0 could not prepare the data" in (tmp_path / "logs1" / "rank1.log").read_text()

@@ -1,6 +1,7 @@
 """Where a training step's time goes, cap's layers against the transformers + PEFT model, in one process.
 
-    python benchmarks/profile_step.py [--model DIR] [--seq 512] [--dtype float32] [--steps 4]
+    python benchmarks/profile_step.py [--model DIR] [--seq 512] [--dtype float32] [--steps 5]
+        [--modes false,true,selective]
 
 Both sides: SmolLM2 (default), one sequence of --seq tokens, frozen base, rank-16 adapters on the
 residual writers (cap: control adapters, 'writers'; peer: PEFT LoRA on o_proj/down_proj), forward
@@ -8,13 +9,17 @@ residual writers (cap: control adapters, 'writers'; peer: PEFT LoRA on o_proj/do
 fused LM head + loss), without DeepSpeed's engine; the engine's own cost per step is what
 bench_train.py measures beyond this. torch.profiler's self CPU time is summed per category of op:
 matmul (mm/addmm/bmm/linear), attention (SDPA kernels), loss (cross entropy, log-softmax, the fused
-loss's chunks), elementwise (everything else). Prints ms per step and the share of each category.
+loss's chunks), elementwise (everything else). Prints the median ms per step (the sides interleaved),
+the share of each category, and the memory the forward leaves held for the backward (measured in a
+fresh process: resident memory after the forward minus before, large allocations mmapped).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -64,13 +69,13 @@ def cap_step(model_dir: Path, seq: int, dtype: str, mode):
     ids = torch.randint(3, 1000, (1, seq))
     classes = torch.ones(1, seq, dtype=torch.int8)
 
-    def step():
+    def forward():
         x = (ids, classes)
         for layer in layers:
             x = layer(x)
-        x.backward()
+        return x
 
-    return step
+    return forward
 
 
 def peer_step(model_dir: Path, seq: int, dtype: str, mode):
@@ -87,26 +92,47 @@ def peer_step(model_dir: Path, seq: int, dtype: str, mode):
     model.train()
     ids = torch.randint(3, 1000, (1, seq))
 
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+    def forward():
+        return model(input_ids=ids, labels=ids).loss
 
-    return step
+    return forward
 
 
-def measure(step, steps: int) -> tuple[float, dict[str, float]]:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def held_for_backward(forward) -> int:
+    """Bytes the forward leaves allocated for the backward (what activation checkpointing trims):
+    resident memory after the forward minus before it, in a process whose large allocations are
+    mmapped (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set at once."""
+    forward().backward()  # warm-up: lazily built buffers and caches stay out of the difference
+    before = resident_bytes()
+    loss = forward()
+    held = resident_bytes() - before
+    loss.backward()
+    return held
+
+
+def profile_shares(forward) -> dict[str, float]:
+    """Each category's share of one step's self CPU time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
+        forward().backward()
     shares: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         shares[category(event.key)] += event.self_cpu_time_total
     total = sum(shares.values())
-    return statistics.median(times), {k: v / total for k, v in shares.items()}
+    return {k: v / total for k, v in shares.items()}
+
+
+def held_in_fresh_process(args, side: str, raw: str) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--model", str(args.model), "--seq", str(args.seq), "--dtype", args.dtype]
+    out = subprocess.run(cmd + ["--held", side, raw], env=env, check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
+
+
+SIDES = {"cap": cap_step, "peer": peer_step}
 
 
 def main() -> None:
@@ -114,22 +140,40 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--modes", default="false,true", help="checkpointing: false, true, selective (cap only)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per side, interleaved")
+    ap.add_argument("--modes", default="false,true,selective", help="checkpointing: false, true, selective (cap only)")
+    ap.add_argument("--held", nargs=2, metavar=("SIDE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
         from examples.demo.smollm2 import materialize
 
         args.model = materialize()
+    if args.held:
+        side, raw = args.held
+        print(held_for_backward(SIDES[side](args.model, args.seq, args.dtype, MODES.get(raw, raw))))
+        return
     print(f"{args.model.name}, seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads")
     for raw in args.modes.split(","):
-        mode = {"false": False, "true": True}.get(raw, raw)
-        sides = [("cap", cap_step)] + ([("peer", peer_step)] if raw in ("false", "true") else [])
-        for name, make in sides:
-            seconds, shares = measure(make(args.model, args.seq, args.dtype, mode), args.steps)
+        names = ["cap"] + (["peer"] if raw in ("false", "true") else [])
+        forwards = {name: SIDES[name](args.model, args.seq, args.dtype, MODES.get(raw, raw)) for name in names}
+        times = defaultdict(list)
+        for name in names:
+            forwards[name]().backward()  # warm-up
+        for _ in range(args.steps):  # interleaved, so that a slow moment hits both sides
+            for name in names:
+                t = time.perf_counter()
+                forwards[name]().backward()
+                times[name].append(time.perf_counter() - t)
+        for name in names:
+            shares = profile_shares(forwards[name])
+            held = held_in_fresh_process(args, name, raw) / 2**20
             parts = ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
-            print(f"checkpointing {raw:<9} {name:<5} {seconds * 1000:7.0f} ms/step   {parts}")
+            ms = statistics.median(times[name]) * 1000
+            print(f"checkpointing {raw:<9} {name:<5} {ms:7.0f} ms/step  held for backward {held:7.0f} MiB   {parts}")
+        del forwards
 
+
+MODES = {"false": False, "true": True}
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ Per stage (positions split as DeepSpeed splits them, cap_common.models.pipeline.
                   plus DeepSpeed's pipe send/receive buffers (2 · B·T·H per micro batch in flight)
     loss          the fused LM head + cross entropy (last stage): a [C, V] fp32 chunk and its
                   temporaries (C·V ≈ 256 MiB, fewer rows if B·T is smaller), the fp32 hidden
-                  gradient, and on CPU an fp32 copy of a 16-bit head
+                  gradient, and on CPU an fp32 copy of a 16-bit head (not of bf16 with native bf16)
     runtime       the process itself: on CPU, a fresh Python's peak with torch, DeepSpeed and
                   transformers imported (measured in a subprocess) plus what a worker adds; on GPU
                   the CUDA context and allocator slack
@@ -41,6 +41,7 @@ from torch import nn
 from cap_common.config import Config
 from cap_common.dtypes import torch_dtype
 from cap_common.models.recompute import layer_mode
+from cap_kernels.fused_linear_ce import upcasts_head
 
 GIB = 2**30
 # What a CPU worker holds beyond Python with torch, DeepSpeed and transformers imported (its engine,
@@ -266,7 +267,7 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
         if hi == n_layers + 2:
             rows = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
             chunk = rows * V * 4 * (CPU_LOSS_COPIES if device == "cpu" else 1)
-            loss = chunk + tokens * H * 4 + (V * H * 4 if device == "cpu" and size < 4 else 0)
+            loss = chunk + tokens * H * 4 + (V * H * 4 if upcasts_head(device, dtype) else 0)
         prefixes = [_position_prefixes(p, n_layers, tied) for p in range(lo, hi)]
         pages = sum(b for name, b in on_disk.items() if any(name.startswith(x) for ps in prefixes for x in ps))
         plan.stages.append(

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 
 from cap_common.adapters.regularize import regularize_model_
 from cap_common.config import Config
-from cap_common.dtypes import torch_dtype
+from cap_common.dtypes import cpu_has_native_bf16, torch_dtype
 from cap_common.errors import CapError
 from cap_common.files import user_os_errors
 from cap_common.models.families import load_hf_config
@@ -46,14 +46,6 @@ from cap_train.order import TrainOrder
 from cap_train.outputs import adapter_norms, adapter_tensors, write_epoch_output
 from cap_train.schedule import lr_lambda
 from cap_train.train_state import load_rng, load_trainable, part_name, save_rng, save_trainable
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # unknown: say nothing
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -118,7 +110,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- construction
     def _warn_bf16_on_cpu(self) -> None:
-        if self.device.type == "cpu" and self.cfg.model_dtype == "bfloat16" and self.rank == 0 and not cpu_has_bf16():
+        if (
+            self.device.type == "cpu"
+            and self.cfg.model_dtype == "bfloat16"
+            and self.rank == 0
+            and not cpu_has_native_bf16()
+        ):
             print(
                 "cap-train: warning: model_dtype = 'bfloat16' on a CPU without native bf16 (no AVX512-BF16 "
                 "or AMX): its matmuls run ~60x slower than float32 here; set model_dtype = 'float32'",

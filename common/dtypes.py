@@ -18,6 +18,12 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it a bf16 GEMM runs
+    25-60× slower than fp32 (measured on AVX2-only Zen 3); with it about 2× faster than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch.dtype called `name` (e.g. "bfloat16"); an unknown name is a CapError."""
     try:

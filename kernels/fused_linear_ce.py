@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import torch
 
+from cap_common.dtypes import cpu_has_native_bf16
 from cap_kernels.cross_entropy import ce_rows_backward, ce_rows_forward, default_chunk_rows, resolve_impl
 
 
+def upcasts_head(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the chunk matmuls use an fp32 copy of a `dtype` head weight on `device_type`: on the
+    CPU for fp16, and for bf16 unless the CPU multiplies bf16 natively. Without native bf16 the
+    [C,V]·[V,H] GEMM runs ~25× slower than in fp32 (measured: [256,49152]·[49152,576] 18.5 s in
+    bf16, 0.7 s in fp32 on 2 cores); with AVX512-BF16, bf16 runs the head ~2× faster than the copy."""
+    if device_type != "cpu" or dtype == torch.float32:
+        return False
+    return dtype == torch.float16 or not cpu_has_native_bf16()
+
+
 def _matmul_operand(weight: torch.Tensor) -> torch.Tensor:
-    """The head weight as the chunk matmuls use it: as it is on GPUs; in fp32 on the CPU for
-    bf16/fp16 weights, whose [C,V]·[V,H] GEMM runs ~25× slower there than in fp32 (measured:
-    [256,49152]·[49152,576] 18.5 s in bf16, 0.7 s in fp32 on 2 cores without native bf16)."""
-    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
-        return weight.float()
-    return weight
+    """The head weight as the chunk matmuls use it (see upcasts_head)."""
+    return weight.float() if upcasts_head(weight.device.type, weight.dtype) else weight
 
 
 class _FusedLinearCE(torch.autograd.Function):

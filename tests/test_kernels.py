@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # before triton is first imported: its own ji
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from cap_kernels import fused_linear_ce  # noqa: E402
 from cap_kernels.cross_entropy import (  # noqa: E402  # noqa: E402
     _interpreting,
     cross_entropy,
@@ -195,6 +196,26 @@ def test_fused_linear_matches_float64(impl_device, chunk, softcap):
     torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=1e-5, atol=0)
     assert_grads(hg.grad.cpu(), ref_dh, 1e-5)
     assert_grads(wg.grad.cpu(), ref_dw, 1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_fused_linear_bf16_head_on_cpu(monkeypatch, native):
+    """A bf16 head on the CPU: multiplied in bf16 where the CPU has native bf16, through an fp32
+    copy where it has not; both match float64 on the same bf16 values to bf16 precision (the
+    gradient normwise: its entries that nearly cancel have no relative precision in bf16)."""
+    monkeypatch.setattr(fused_linear_ce, "cpu_has_native_bf16", lambda: native)
+    assert fused_linear_ce.upcasts_head("cpu", torch.bfloat16) is not native
+    assert fused_linear_ce.upcasts_head("cpu", torch.float16)
+    assert not fused_linear_ce.upcasts_head("cuda", torch.float16)
+    h, w, y = make_linear()
+    h, w = h.bfloat16(), w.bfloat16()
+    ref_loss, ref_dh, _ = linear_reference(h, w, y)
+    hg = h.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hg, w, y, chunk_size=8, impl="torch")
+    loss.backward()
+    torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=2**-8, atol=0)
+    assert hg.grad.dtype == torch.bfloat16
+    assert (hg.grad.double() - ref_dh).norm() <= 2**-7 * ref_dh.norm()
 
 
 class AllocationLog(TorchDispatchMode):

@@ -2,9 +2,9 @@
 
     true / 1     'full': keep only the layer's input; recompute the whole layer in backward
     N > 1        'full' on every N-th layer (index % N == 0), nothing on the others
-    'selective'  keep what the matmuls and attention return, recompute the cheap ops between them
-                 (norms, rotary, activation function, products, adapter): near the speed of no
-                 checkpointing at a fraction of its memory
+    'selective'  keep what the base model's matmuls and attention return, recompute the cheap ops
+                 between them (norms, rotary, activation function, products, and the adapters'
+                 low-rank matmuls): near the speed of no checkpointing at a fraction of its memory
     'offload'    'full', with the kept input in host memory (pinned on CUDA) until backward needs it
     false        autograd keeps everything
 Every mode computes the same gradients as no checkpointing (tests/test_recompute.py); dropout masks
@@ -48,8 +48,26 @@ def layer_mode(setting: bool | str | int, index: int) -> str | None:
     return setting
 
 
+# 'selective' recomputes a low-rank matmul (an adapter's ·Bᵀ, inner dimension r): it costs r
+# multiply-adds per output element, as cheap to redo as a norm, while keeping its [T, H] output
+# would cost as much memory as keeping a base projection's.
+LOW_RANK = 64
+
+
+def _low_rank(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a [M,K]·b [K,N] with K ≤ LOW_RANK and K ≤ N/4."""
+    inner, width = a.shape[-1], b.shape[-1]
+    return inner <= LOW_RANK and 4 * inner <= width
+
+
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in KEPT_OPS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if op == _aten.mm.default and _low_rank(args[0], args[1]):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if op == _aten.addmm.default and _low_rank(args[1], args[2]):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
 def run(fn: Callable, mode: str, hidden: torch.Tensor, *rest):

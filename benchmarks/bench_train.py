@@ -3,10 +3,12 @@ figure holds on any machine: the two sides interleaved, several times, medians a
 
     python benchmarks/bench_train.py [--model DIR] [--seq 512] [--steps 12] [--rank 16]
         [--dtypes float32,bfloat16] [--modes true,false,selective,offload] [--repeats 3] [--two-process]
+        [--compile]
 
 Default model: SmolLM2-135M-Instruct (examples/demo/smollm2.py). Both sides train rank-r adapters on a
 frozen base, micro batch 1, seq L, one optimizer step per sequence, no eval, no checkpoints:
-- cap: `cap-train` with control adapters on the residual writers, activation_checkpointing = MODE,
+- cap: `cap-train` with control adapters on the residual writers, activation_checkpointing = MODE
+  (and compile_layers = true with --compile),
   reading its own metrics.jsonl (tokens/s = median over the steps after the first two; peak = the
   worker's peak RSS, or CUDA allocator peak);
 - peer: AutoModelForCausalLM (SDPA) + PEFT LoRA on o_proj/down_proj (the same residual writers),
@@ -82,6 +84,7 @@ eval_fraction = 0.0
 checkpoint_interval_hours = 1000
 model_dtype = '{dtype}'
 activation_checkpointing = {toml_value(mode)}
+compile_layers = {str(args.compile).lower()}
 pipeline_stages = {procs}
 [[datasets]]
 dataset_path = 'data.jsonl'
@@ -157,12 +160,16 @@ def main() -> None:
     ap.add_argument("--modes", default="true,false,selective", help="cap's activation_checkpointing values")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--two-process", action="store_true", help="also cap on 2 processes × 2 stages")
+    ap.add_argument("--compile", action="store_true", help="cap with compile_layers = true")
     args = ap.parse_args()
     if args.model is None:
         from examples.demo.smollm2 import materialize
 
         args.model = materialize()
-    print(f"{cpu_description()}; model {args.model.name}, seq {args.seq}, rank {args.rank}, {args.steps} steps")
+    print(
+        f"{cpu_description()}; model {args.model.name}, seq {args.seq}, rank {args.rank}, {args.steps} steps"
+        + ("; cap with compile_layers = true" if args.compile else "")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):

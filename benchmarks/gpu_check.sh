@@ -104,7 +104,7 @@ else
     tail -15 "$WORK/train.log"
 fi
 
-echo "== 3. activation_checkpointing modes on the 8B shape (6 steps each), the plan beside them, and the peer"
+echo "== 3. activation_checkpointing modes (and compile_layers) on the 8B shape (6 steps each), the plan beside them, and the peer"
 if [[ -f $WORK/cfg.toml ]]; then
     $PY - "$WORK" <<'PYEOF' || failed+=("checkpointing modes")
 import json, statistics, subprocess, sys, time
@@ -115,24 +115,30 @@ from cap_train.plan import GIB, make_plan
 work = Path(sys.argv[1]); base = (work / "cfg.toml").read_text()
 deadline = time.time() + 420  # keep the whole script near its budget: later runs are skipped, and said so
 bad = 0
-for seq in (4096, 16384):
-    for mode in ("false", "true", "'selective'", "'offload'"):
-        if time.time() > deadline:
-            print(f"seq {seq:>5} {mode:<12} skipped (time budget)"); continue
-        out = work / f"out-{seq}-{mode.strip(chr(39))}"
-        cfg = work / f"cfg-{seq}-{mode.strip(chr(39))}.toml"
-        text = base.replace("sequence_len = 4096", f"sequence_len = {seq}").replace("max_steps = 12", "max_steps = 6")
-        text = text.replace(f"output_dir = '{work / 'out'}'", f"output_dir = '{out}'\nprepared_dir = '{work / 'prepared'}'")
-        cfg.write_text(text.replace("[[datasets]]", f"activation_checkpointing = {mode}\n[[datasets]]"))
-        plan = max(make_plan(load_config(str(cfg)), 1, "cuda").peaks()) / GIB
-        run = subprocess.run([".venv/bin/cap-train", str(cfg), "--num-gpus", "1"], capture_output=True, text=True)
-        if run.returncode:
-            last = (run.stderr.strip().splitlines() or ["?"])[-1][:160]
-            print(f"seq {seq:>5} {mode:<12} FAILED: {last}   (plan {plan:.1f} GiB)"); bad += 1; continue
-        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        tps = statistics.median(r["train/tokens_per_s"] for r in rows if r["step"] > 2)
-        peak = max(r.get("memory/peak_cuda_gib", r.get("memory/peak_rss_gib", 0)) for r in rows)
-        print(f"seq {seq:>5} {mode:<12} tokens/s {tps:>8,.0f}   peak {peak:5.1f} GiB   plan {plan:5.1f} GiB")
+MODES = ("false", "true", "'selective'", "'offload'")
+# (seq, mode, compile_layers): every mode at both lengths, and compiled layers at 4096 beside them
+RUNS = [(4096, m, False) for m in MODES] + [(4096, "true", True), (4096, "false", True)]
+RUNS += [(16384, m, False) for m in MODES]
+for seq, mode, compiled in RUNS:
+    name = mode.strip(chr(39)) + ("-compiled" if compiled else "")
+    label = f"{mode}{' compiled' if compiled else ''}"
+    if time.time() > deadline:
+        print(f"seq {seq:>5} {label:<16} skipped (time budget)"); continue
+    out = work / f"out-{seq}-{name}"
+    cfg = work / f"cfg-{seq}-{name}.toml"
+    text = base.replace("sequence_len = 4096", f"sequence_len = {seq}").replace("max_steps = 12", "max_steps = 6")
+    text = text.replace(f"output_dir = '{work / 'out'}'", f"output_dir = '{out}'\nprepared_dir = '{work / 'prepared'}'")
+    keys = f"activation_checkpointing = {mode}\ncompile_layers = {str(compiled).lower()}\n"
+    cfg.write_text(text.replace("[[datasets]]", keys + "[[datasets]]"))
+    plan = max(make_plan(load_config(str(cfg)), 1, "cuda").peaks()) / GIB
+    run = subprocess.run([".venv/bin/cap-train", str(cfg), "--num-gpus", "1"], capture_output=True, text=True)
+    if run.returncode:
+        last = (run.stderr.strip().splitlines() or ["?"])[-1][:160]
+        print(f"seq {seq:>5} {label:<16} FAILED: {last}   (plan {plan:.1f} GiB)"); bad += 1; continue
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    tps = statistics.median(r["train/tokens_per_s"] for r in rows if r["step"] > 2)
+    peak = max(r.get("memory/peak_cuda_gib", r.get("memory/peak_rss_gib", 0)) for r in rows)
+    print(f"seq {seq:>5} {label:<16} tokens/s {tps:>8,.0f}   peak {peak:5.1f} GiB   plan {plan:5.1f} GiB")
 peer = r"""
 import json, statistics, sys, time, torch, transformers
 from peft import LoraConfig, get_peft_model

@@ -23,6 +23,11 @@ def _permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n_rows)
 
 
+def rows_per_global_step(micro_batch_size: int, accumulation: int, replicas: int) -> int:
+    """The global batch G = micro_batch_size · gradient_accumulation_steps · data-parallel replicas."""
+    return micro_batch_size * accumulation * replicas
+
+
 @dataclass(frozen=True)
 class TrainOrder:
     n_rows: int
@@ -38,7 +43,7 @@ class TrainOrder:
 
     @property
     def global_batch(self) -> int:
-        return self.dp_world * self.rows_per_step
+        return rows_per_global_step(self.micro_batch_size, self.accumulation, self.dp_world)
 
     @property
     def steps_per_epoch(self) -> int:

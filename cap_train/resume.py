@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cap_common.errors import CapError
+from cap_train.order import rows_per_global_step
 
 APPLIED = (
     "lr",
@@ -48,6 +49,7 @@ APPLIED = (
     "evals_per_epoch",
     "eval_gradient_accumulation_steps",
     "activation_checkpointing",
+    "compile_layers",
     # how a step's rows are split over micro batches and replicas, not which rows it reads
     "micro_batch_size",
     "gradient_accumulation_steps",
@@ -127,11 +129,12 @@ def data_identity(cfg) -> str:
 
 
 def global_batch(config: dict, processes: int | None) -> int | None:
-    """Rows per optimizer step over all replicas, G = micro_batch_size · gradient_accumulation_steps ·
-    (processes / pipeline_stages): the data order's unit (cap_train/order.py); None when unknown."""
+    """Rows per optimizer step over all replicas of a run record's config (replicas = processes /
+    pipeline_stages): the data order's unit (cap_train/order.py); None when unknown."""
     if not processes:
         return None
-    return config["micro_batch_size"] * config["gradient_accumulation_steps"] * (processes // config["pipeline_stages"])
+    replicas = processes // config["pipeline_stages"]
+    return rows_per_global_step(config["micro_batch_size"], config["gradient_accumulation_steps"], replicas)
 
 
 def run_record(config: dict, data: str, processes: int | None, model_shape: dict) -> dict:

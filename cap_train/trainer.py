@@ -99,6 +99,7 @@ class Trainer:
         self.dp_world = cfg.check_world_size(self.world)
         self.device = device  # cap_train.devices: the accelerator's, matching the process group's backend
         self._warn_bf16_on_cpu()
+        self._warn_compile_4bit()
         self._load_data()
         state = self._start_position(resume_from, restart_epoch)
         torch.manual_seed(cfg.seed)
@@ -109,6 +110,15 @@ class Trainer:
         self._restore(resume_from, state)
 
     # ---------------------------------------------------------------- construction
+    def _warn_compile_4bit(self) -> None:
+        if self.cfg.compile_layers and self.cfg.load_in_4bit and self.rank == 0:
+            print(
+                "cap-train: warning: compile_layers = true does not apply with load_in_4bit = true "
+                "(torch.compile miscompiles bitsandbytes 4-bit layers); the layers run uncompiled",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def _warn_bf16_on_cpu(self) -> None:
         if (
             self.device.type == "cpu"
@@ -260,9 +270,10 @@ class Trainer:
                 f"that topology (this run: {self.world} × {self.cfg.pipeline_stages})"
             )
         old_batch = resuming.global_batch(old, old.get("processes")) if "micro_batch_size" in old else None
-        if old_batch not in (None, self.order.global_batch) and self.accept_change:  # --hostfile: seen only here
+        batch_changed = old_batch not in (None, self.order.global_batch)
+        if batch_changed and self.accept_change:  # --hostfile: the change is seen only here
             restart_epoch = self.restarted = True
-        if old_batch not in (None, self.order.global_batch) and not restart_epoch:
+        elif batch_changed and not restart_epoch:
             raise CapError(
                 f"{path}: the global batch changed from {old_batch} to {self.order.global_batch} rows per step "
                 f"(micro_batch_size × gradient_accumulation_steps × data-parallel replicas), so the checkpoint's "
@@ -464,7 +475,6 @@ class Trainer:
                 "train/mfu": mfu,
                 # which rows this rank read, position-weighted: resume tests compare it
                 "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum()),
-                "data/tokens_checksum": self.tokens_checksum(),
             }
             values.update(peak_memory(self.device))
             values.update(self.gather_norms(reg))
@@ -484,12 +494,6 @@ class Trainer:
                 self.save_checkpoint()
                 last_ckpt = time.time()
         metrics.close()
-
-    def tokens_checksum(self) -> float:
-        """The first stage's replicas' checksums of the token ids DeepSpeed pulled this step (data.Batches)."""
-        value = torch.tensor([self.batches.pulled if self.stage == 0 else 0.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(value)
-        return float(value.item())
 
     def time_for_checkpoint(self, last: float) -> bool:
         """Rank 0's clock decides, so every rank agrees."""
@@ -515,7 +519,9 @@ class Trainer:
             )
 
     def gather_norms(self, reg: dict) -> dict[str, float]:
-        """Per-layer adapter norms and regularization size, from every stage to rank 0."""
+        """Per-layer adapter norms and regularization size, from every stage to rank 0, and
+        data/tokens_checksum: the first stage's replicas' checksums of the token ids DeepSpeed
+        pulled this step (data.Batches), summed; one all-gather for both."""
         local = {}
         if self.dp_rank == 0:
             local = adapter_norms(self.model)
@@ -524,10 +530,11 @@ class Trainer:
                     position, _, rest = name.partition(".")
                     local[f"reg/removed/layer{int(position) - 1:03d}.{rest}"] = float(s["removed"])
         everything = [None] * self.world
-        dist.all_gather_object(everything, local)
+        dist.all_gather_object(everything, (local, self.batches.pulled if self.stage == 0 else 0.0))
         merged = {}
-        for d in everything:
+        for d, _ in everything:
             merged.update(d)
+        merged["data/tokens_checksum"] = float(sum(pulled for _, pulled in everything))
         return merged
 
     def write_adapters(self, epoch: int) -> None:

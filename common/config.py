@@ -291,9 +291,16 @@ class Config:
     activation_checkpointing: bool | str | int = key(
         True,
         checkpointing_spec,
-        help="cap: recompute decoder layers in backward: true (every layer), false, 'selective' (keep matmul "
-        "and attention outputs, recompute the rest), 'offload' (every layer, its input held in host memory), "
-        "or N (every N-th layer)",
+        help="cap: recompute decoder layers in backward: true (every layer), false, 'selective' (keep the base "
+        "model's matmul and attention outputs, recompute the rest), 'offload' (every layer, its input held in "
+        "host memory), or N (every N-th layer)",
+    )
+    compile_layers: bool = key(
+        False,
+        boolean,
+        help="cap: torch.compile each decoder layer (fuses the elementwise ops between the matmuls; the "
+        "first steps pay the compilation; on CPU it needs a C++ compiler, without one the layers run uncompiled; "
+        "not with load_in_4bit)",
     )
     model_dtype: str = key(
         "bfloat16", choice("bfloat16", "float32"), help="cap: dtype of the (non-quantized) base weights"

@@ -45,6 +45,23 @@ def test_every_mode_gives_the_gradients_of_no_checkpointing(family, model_dir, t
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=f"{mode} {name}")
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_compiled_layers_give_the_gradients_of_eager(family, model_dir, tmp_path):  # noqa: F811
+    """compile_layers = true (torch.compile per decoder layer, common/models/pipeline.compile_layer)
+    under no checkpointing, full and selective: the eager run's loss and every gradient, to the
+    rounding of a reordered float32 sum."""
+    torch._dynamo.reset()
+    keys = dict(use_control_adapters=True, control_adapter_target="writers")
+    want_loss, want = grads(model_dir(family), tmp_path, False, **keys)
+    for mode in (False, True, "selective"):
+        loss, got = grads(model_dir(family), tmp_path, mode, compile_layers=True, **keys)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0, msg=str(mode))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=f"{mode} {name}")
+    compiled = [c for c in torch._dynamo.utils.counters["stats"].items() if c[0] == "unique_graphs"]
+    assert compiled and compiled[0][1] > 0  # it did compile (suppress_errors could hide a fallback)
+
+
 def held_by_forward(fn) -> int:
     """Bytes fn() leaves allocated, by the CPU allocator's own count (allocated − freed per op, as
     torch.profiler records it); unlike saved-tensor hooks this also sees what selective

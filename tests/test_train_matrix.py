@@ -40,6 +40,10 @@ CASES = CONTROL + [
     ("control", "full", "block", "3:3"),
 ]
 TOPOLOGIES = ((1, 1), (2, 2))
+# The 2-stage runs take turns through the activation_checkpointing modes (common/models/recompute.py),
+# and every third 1-process run compiles its layers, so that each mode trains some kind of adapter
+# through the real cap-train and still reproduces the references.
+CHECKPOINTING = (True, "selective", "offload", 2)
 STEPS = 2
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the tiny Llama's residual writers
 
@@ -196,7 +200,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("matrix")
     model = tiny_model_dir("llama")
     jobs = []
-    for case in CASES:
+    for i, case in enumerate(CASES):
         prepared = root / ("prepared-control" if case[0] == "control" else "prepared-plain")
         for procs, stages in TOPOLOGIES:
             out = root / case_id(case) / f"p{procs}"
@@ -209,7 +213,8 @@ def trained(tmp_path_factory, tiny_model_dir):
                 prepared_dir=str(prepared),
                 output_dir=str(out),
                 pipeline_stages=stages,
-                activation_checkpointing=stages == 2,
+                activation_checkpointing=CHECKPOINTING[i % len(CHECKPOINTING)] if stages == 2 else False,
+                compile_layers=stages == 1 and i % 3 == 0,
                 **case_keys(*case),
             )
             cfg = cfg.rename(root / f"cfg-{case_id(case)}-{procs}.toml")

@@ -191,6 +191,8 @@ class StageBuilder:
                             f"decoder layer {index}; its linear modules: {', '.join(self.linear_names)}"
                         )
         sliding = family.layer_types(config)[index] == "sliding_attention"
+        if spec.compile_layers and not spec.load_in_4bit:  # inductor miscompiles bitsandbytes' 4-bit layers
+            compile_layer(layer, self.device)
         return DecoderLayerPipe(
             layer,
             index,
@@ -202,6 +204,37 @@ class StageBuilder:
             family.writers,
             layer_mode(spec.activation_checkpointing, index),
         )
+
+
+@functools.lru_cache(maxsize=None)
+def can_compile(device_type: str) -> bool:
+    """Whether torch.compile can build kernels for this device: on CPU, inductor needs a working C++
+    compiler (once per process, a one-line warning when there is none)."""
+    if device_type != "cpu":
+        return True
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as error:  # InvalidCxxCompiler, or any failure probing for one
+        print(f"cap: warning: compile_layers = true, but {error}; the layers run uncompiled", flush=True)
+        return False
+    return True
+
+
+def compile_layer(layer: nn.Module, device: torch.device) -> None:
+    """torch.compile a transformers decoder layer in place (its parameter names stay). Layers of one
+    model share the compiled code: their parameters are its inputs. Where torch still cannot
+    compile (an op dynamo cannot trace) the layer runs uncompiled, with dynamo's warning, rather
+    than stopping the run. Random ops (dropout) draw from torch's own generator as eagerly, so
+    masks do not depend on whether a layer is compiled."""
+    if not can_compile(device.type):
+        return
+    import torch._inductor.config
+
+    torch._dynamo.config.suppress_errors = True
+    torch._inductor.config.fallback_random = True
+    layer.compile()
 
 
 def load_stage(

@@ -18,8 +18,8 @@ Per stage (positions split as DeepSpeed splits them, cap_common.models.pipeline.
                   temporaries (C·V ≈ 256 MiB, fewer rows if B·T is smaller), the fp32 hidden
                   gradient, and on CPU an fp32 copy of a 16-bit head (not of bf16 with native bf16)
     runtime       the process itself: on CPU, a fresh Python's peak with torch, DeepSpeed and
-                  transformers imported (measured in a subprocess) plus what a worker adds; on GPU
-                  the CUDA context and allocator slack
+                  transformers imported (measured in a subprocess) plus what a worker adds (and
+                  inductor's share with compile_layers); on GPU the CUDA context and allocator slack
 (H hidden size, H_kv = key/value heads × head dim, I_active intermediate size × experts per token,
 B micro batch, T sequence_len, V vocabulary; element size of model_dtype.)
 Also: the pipeline bubble (S − 1)/(M + S − 1) for M = gradient_accumulation_steps micro batches over
@@ -48,6 +48,10 @@ GIB = 2**30
 # gloo, the data, the tokenizer): measured 0.23 GiB on two Python builds whose imports differ by 58 MiB.
 WORKER_EXTRA = 0.23 * GIB
 BNB_RUNTIME = 0.06 * GIB  # bitsandbytes' import on top of it
+# compile_layers on CPU: inductor's imports and generated kernels, first compilation (cold cache):
+# measured +0.10 GiB peak RSS on the dev VM (tiny models); in a fresh CI clone the compiled runs peaked
+# 0.15 to 0.19 GiB above the plan without it
+COMPILE_RUNTIME = 0.15 * GIB
 GPU_RUNTIME = 1.0 * GIB  # CUDA context (~0.5 GiB) and allocator slack
 LOSS_CHUNK_BYTES = 256 * 2**20  # kernels/cross_entropy.CHUNK_BYTES
 # On CPU the process's resident memory grows by more than the bytes autograd saves: blocks freed in
@@ -212,7 +216,10 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
     # output, and the layer input
     selective_per_layer = (5 * H + 2 * _kv_dim(config) + 2 * _active_intermediate(config)) * tokens * size
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    runtime = GPU_RUNTIME if device == "cuda" else cpu_runtime() + (BNB_RUNTIME if cfg.load_in_4bit else 0)
+    runtime = GPU_RUNTIME
+    if device != "cuda":
+        runtime = cpu_runtime() + (BNB_RUNTIME if cfg.load_in_4bit else 0)
+        runtime += COMPILE_RUNTIME if cfg.compile_layers and not cfg.load_in_4bit else 0
     act_factor = CPU_ACTIVATION_FACTOR if device == "cpu" else 1.0
     on_disk = _tensor_bytes(cfg.model_dir) if device == "cpu" else {}
     plan = Plan(

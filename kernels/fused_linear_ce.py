@@ -28,7 +28,7 @@ def upcasts_head(device_type: str, dtype: torch.dtype) -> bool:
     CPU for fp16, and for bf16 unless the CPU multiplies bf16 natively. Without native bf16 the
     [C,V]·[V,H] GEMM runs ~25× slower than in fp32 (measured: [256,49152]·[49152,576] 18.5 s in
     bf16, 0.7 s in fp32 on 2 cores); with AVX512-BF16, bf16 runs the head ~2× faster than the copy."""
-    if device_type != "cpu" or dtype == torch.float32:
+    if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return dtype == torch.float16 or not cpu_has_native_bf16()
 

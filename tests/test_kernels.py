@@ -207,6 +207,8 @@ def test_fused_linear_bf16_head_on_cpu(monkeypatch, native):
     assert fused_linear_ce.upcasts_head("cpu", torch.bfloat16) is not native
     assert fused_linear_ce.upcasts_head("cpu", torch.float16)
     assert not fused_linear_ce.upcasts_head("cuda", torch.float16)
+    assert not fused_linear_ce.upcasts_head("cpu", torch.float32)
+    assert not fused_linear_ce.upcasts_head("cpu", torch.float64)
     h, w, y = make_linear()
     h, w = h.bfloat16(), w.bfloat16()
     ref_loss, ref_dh, _ = linear_reference(h, w, y)

@@ -219,7 +219,7 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
     runtime = GPU_RUNTIME
     if device != "cuda":
         runtime = cpu_runtime() + (BNB_RUNTIME if cfg.load_in_4bit else 0)
-        runtime += COMPILE_RUNTIME if cfg.compile_layers and not cfg.load_in_4bit else 0
+        runtime += COMPILE_RUNTIME if cfg.compiles_layers else 0
     act_factor = CPU_ACTIVATION_FACTOR if device == "cpu" else 1.0
     on_disk = _tensor_bytes(cfg.model_dir) if device == "cpu" else {}
     plan = Plan(

@@ -111,7 +111,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- construction
     def _warn_compile_4bit(self) -> None:
-        if self.cfg.compile_layers and self.cfg.load_in_4bit and self.rank == 0:
+        if self.cfg.compile_layers and not self.cfg.compiles_layers and self.rank == 0:
             print(
                 "cap-train: warning: compile_layers = true does not apply with load_in_4bit = true "
                 "(torch.compile miscompiles bitsandbytes 4-bit layers); the layers run uncompiled",

@@ -391,6 +391,11 @@ class Config:
         return self.lora_alpha if self.lora_alpha is not None else math.sqrt(self.lora_rank)
 
     @property
+    def compiles_layers(self) -> bool:
+        """compile_layers as it applies: not to 4-bit layers, which inductor miscompiles."""
+        return self.compile_layers and not self.load_in_4bit
+
+    @property
     def eval_accumulation(self) -> int:
         return self.eval_gradient_accumulation_steps or self.gradient_accumulation_steps
 

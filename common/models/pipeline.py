@@ -191,7 +191,7 @@ class StageBuilder:
                             f"decoder layer {index}; its linear modules: {', '.join(self.linear_names)}"
                         )
         sliding = family.layer_types(config)[index] == "sliding_attention"
-        if spec.compile_layers and not spec.load_in_4bit:  # inductor miscompiles bitsandbytes' 4-bit layers
+        if spec.compile_layers:
             compile_layer(layer, self.device)
         return DecoderLayerPipe(
             layer,

@@ -46,7 +46,7 @@ class ModelSpec:
     control_adapter_target: str = "block"
     target_modules: tuple[str, ...] | None = None  # LoRA targets (None: every linear)
     activation_checkpointing: bool | str | int = False  # per-layer mode: common/models/recompute.py
-    compile_layers: bool = False  # torch.compile each decoder layer
+    compile_layers: bool = False  # torch.compile each decoder layer (Config.compiles_layers)
 
     @property
     def trainable_base(self) -> bool:
@@ -73,7 +73,7 @@ class ModelSpec:
             control_adapter_target=cfg.control_adapter_target,
             target_modules=cfg.target_modules,
             activation_checkpointing=cfg.activation_checkpointing,
-            compile_layers=cfg.compile_layers,
+            compile_layers=cfg.compiles_layers,
         )
 
     @classmethod

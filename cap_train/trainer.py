@@ -477,7 +477,7 @@ class Trainer:
                 "data/rows_checksum": float(((rows + 1) * (1 + np.arange(len(rows)))).sum()),
             }
             values.update(peak_memory(self.device))
-            values.update(self.gather_norms(reg))
+            values.update(self.gather_step_values(reg))
             if self.step in evals:
                 values.update(self.evaluate())
             metrics.scalars(self.step, values)
@@ -518,7 +518,7 @@ class Trainer:
                 "(lower lr and resume with --resume-from-checkpoint)"
             )
 
-    def gather_norms(self, reg: dict) -> dict[str, float]:
+    def gather_step_values(self, reg: dict) -> dict[str, float]:
         """Per-layer adapter norms and regularization size, from every stage to rank 0, and
         data/tokens_checksum: the first stage's replicas' checksums of the token ids DeepSpeed
         pulled this step (data.Batches), summed; one all-gather for both."""

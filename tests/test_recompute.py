@@ -58,14 +58,13 @@ def test_compiled_layers_give_the_gradients_of_eager(family, model_dir, tmp_path
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0, msg=str(mode))
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=f"{mode} {name}")
-    compiled = [c for c in torch._dynamo.utils.counters["stats"].items() if c[0] == "unique_graphs"]
-    assert compiled and compiled[0][1] > 0  # it did compile (suppress_errors could hide a fallback)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # suppress_errors could hide a fallback
 
 
-def held_by_forward(fn) -> int:
-    """Bytes fn() leaves allocated, by the CPU allocator's own count (allocated − freed per op, as
-    torch.profiler records it); unlike saved-tensor hooks this also sees what selective
-    checkpointing caches."""
+def held_by_forward(fn) -> tuple[int, object]:
+    """(bytes fn() leaves allocated, its result): the bytes by the CPU allocator's own count
+    (allocated − freed per op, as torch.profiler records it); unlike saved-tensor hooks this also
+    sees what selective checkpointing caches."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     return sum(e.self_cpu_memory_usage for e in prof.key_averages()), out

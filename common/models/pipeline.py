@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import Iterable
 
 import torch
@@ -217,7 +218,9 @@ def can_compile(device_type: str) -> bool:
     try:
         cpp_builder.get_cpp_compiler()
     except Exception as error:  # InvalidCxxCompiler, or any failure probing for one
-        print(f"cap: warning: compile_layers = true, but {error}; the layers run uncompiled", flush=True)
+        print(
+            f"cap: warning: compile_layers = true, but {error}; the layers run uncompiled", file=sys.stderr, flush=True
+        )
         return False
     return True
 

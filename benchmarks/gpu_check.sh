@@ -3,6 +3,8 @@
 # device machine after `make .venv/.cap-installed`). It prints:
 #   1. kernels: the Triton CE tests on CUDA ("kernel tests: all passed", or the node id of every
 #      failed test), and bench_loss (fused vs unfused, peak memory and time)
+#   1b. QLoRA and a 4-bit control adapter trained by cap-train on CUDA with evals between steps,
+#      against the reference trainer (tests/test_train_matrix.py::test_4bit_training_on_cuda...)
 #   2. cap-train on a random-init Llama-3.1-8B-shaped model (seq 4096, control adapters rank 16,
 #      bf16): tokens/s, MFU = 4·N·tokens/s ÷ 989 TFLOP/s (H100/H200 dense bf16), peak memory.
 #   3. the same model with each activation_checkpointing mode at seq 4096 and 16384: tokens/s and
@@ -46,6 +48,21 @@ else
     rc=$?
     failed+=("bench_loss")
     echo "bench_loss: FAILED (exit $rc): $(grep -v '^[[:space:]]*$' "$WORK/bench_loss.log" | tail -1)"
+fi
+
+echo "== 1b. 4-bit training on CUDA against the reference trainer (evals between steps)"
+# QLoRA on q_proj/v_proj and a 4-bit control adapter, with and without evals: both must train what
+# tests/reference_trainer.py trains (bf16 tolerance); an eval must change nothing.
+DS_ACCELERATOR=cuda $PY -m pytest -q -rfE -p no:cacheprovider tests/test_train_matrix.py \
+    -k test_4bit_training_on_cuda >"$WORK/equivalence.log" 2>&1
+rc=$?
+if ((rc == 0)) && grep -q " passed" "$WORK/equivalence.log" && ! grep -q "skipped" "$WORK/equivalence.log"; then
+    echo "4-bit equivalence on CUDA: passed ($(tail -1 "$WORK/equivalence.log" | tr -d '=' | xargs))"
+else
+    failed+=("4-bit equivalence on CUDA")
+    echo "4-bit equivalence on CUDA: FAILED (pytest exit $rc); last lines:"
+    grep -E "^(FAILED|ERROR|E )" "$WORK/equivalence.log" | head -8
+    tail -3 "$WORK/equivalence.log"
 fi
 
 echo "== 2. cap-train, Llama-3.1-8B shape, seq 4096, control adapter r=16, bf16"

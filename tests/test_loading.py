@@ -229,3 +229,45 @@ def test_full_fine_tune_of_tied_model_over_stages_is_refused(tiny_model_dir, tmp
         tmp_path / "cfg.toml",
     )
     assert "tied embeddings" in one_line_error(ModelSpec.from_config(cfg), stage=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_4bit_linear_trains_the_same_after_an_eval_forward(bias):
+    """A 4-bit linear computes x·deq(W)ᵀ + b, and its input gradient ∂L/∂y·deq(W), in training mode,
+    in eval mode without grad, and in training again after that eval (bitsandbytes' own forward
+    repacked the weight at the eval for a kernel without autograd: the next backward got no gradient).
+    deq(W) is bitsandbytes' own nf4 round trip of the weight; the reference is plain torch on it."""
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=bias)).to(torch.bfloat16)
+    weight, b = module[0].weight.detach().clone(), None if not bias else module[0].bias.detach().clone()
+    q, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    deq = bnbf.dequantize_4bit(q, state)
+    assert loading.quantize_4bit(module) == ["0"]
+    module = module.to("cpu")
+    module[0].support_avx512bf16_for_cpu = True  # bitsandbytes' repacking condition, on any CPU
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+
+    def reference():
+        xr = x.clone().requires_grad_(True)
+        y = xr @ deq.T + (0 if b is None else b)
+        y.float().square().sum().backward()
+        return y.detach(), xr.grad
+
+    def trained():
+        module.train()
+        xc = x.clone().requires_grad_(True)
+        y = module(xc)
+        y.float().square().sum().backward()
+        return y.detach(), xc.grad
+
+    want_y, want_grad = reference()
+    for when in ("before an eval", "after an eval"):
+        y, grad = trained()
+        assert grad is not None, when
+        torch.testing.assert_close(y, want_y, rtol=0, atol=0, msg=when)
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=0, msg=when)
+        module.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(module(x), want_y, rtol=0, atol=0)

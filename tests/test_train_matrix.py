@@ -1,27 +1,30 @@
 """Every kind of training through the real cap-train, as users run it: each control adapter type ×
-target, LoRA, QLoRA and full fine-tune, on 1 process and on 2 processes × 2 pipeline stages.
+target, LoRA, QLoRA and full fine-tune, on 1 process and on 2 processes × 2 pipeline stages, with
+evals between the steps and every regularizer somewhere.
 
-Each run's written output (epoch<N>/) is loaded by an independent reference — transformers'
-model with the adapter applied by forward hooks from the saved tensors (control adapters), PEFT
-(LoRA), PEFT on bitsandbytes-dequantized base weights (QLoRA), from_pretrained (full) — which
-must reproduce the eval loss (overall and per class) that cap-train reported at its last step;
-and the two topologies must train the same model (same per-step losses).
+Two independent references hold each run:
+- training: tests/reference_trainer.py trains the same config from cap's initial adapter with
+  transformers, PEFT (on the nf4-dequantized base for QLoRA), forward hooks (control adapters) and
+  torch-optimi's Adam; every step's loss and gradient norm and the trained tensors must agree;
+- output: the written epoch<N>/, loaded by transformers (hooks from the saved tensors, PEFT on the
+  dequantized base, from_pretrained), must reproduce the eval loss cap-train reported at its last
+  step, overall and per class.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
-from tests.test_export_support import dense_w
-from tests.test_train import metrics, start_train, write_config
+from tests import reference_trainer as reference
+from tests.test_train import metrics, run_train, start_train, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +33,19 @@ CONTROL = [
     for t in ("full", "symmetrise", "antisymmetrise", "spectral")
     for target in ("block", "writers")
 ]
+# Decoupled regularization per case (lora_weight_decay, its type, lora_max_norm): each kind trains
+# somewhere, and the max norms are small enough to bind within three steps.
+REGULARIZE = {
+    "control-full-block": (1.0, "nuclear", 0.0),
+    "control-full-writers": (1.0, "l2", 0.0),
+    "control-symmetrise-block": (1.0, "l1", 0.05),
+    "control-antisymmetrise-writers": (0.0, "nuclear", 0.05),
+    "control-spectral-block": (0.5, "nuclear", 0.0),
+    "control-spectral-writers": (1.0, "l2", 0.005),
+    "lora-layers1-3": (1.0, "l2", 0.0),
+    "lora-layers0-0": (1.0, "l1", 0.0),
+    "control-full-block-layers3-3": (1.0, "nuclear", 0.05),
+}
 # (mode, control adapter type, target, layers_to_transform); the last two train a layer subset that
 # leaves one of the two pipeline stages without any trainable parameter (stage 0 holds layers 0-1)
 CASES = CONTROL + [
@@ -44,12 +60,29 @@ TOPOLOGIES = ((1, 1), (2, 2))
 # and every third 1-process run compiles its layers, so that each mode trains some kind of adapter
 # through the real cap-train and still reproduces the references.
 CHECKPOINTING = (True, "selective", "offload", 2)
-STEPS = 2
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the tiny Llama's residual writers
+STEPS = 3
+EVALS = 3  # at steps 0, 2 and 3: an eval between two training steps
+# 4-bit runs made with and without evals (1 process): an eval between steps must change nothing.
+# q_proj and v_proj reach the loss only through the frozen 4-bit o_proj: they train only when
+# gradients pass through 4-bit weights.
+FOUR_BIT = {
+    "qlora-qv": dict(load_in_4bit=True, model_dtype="bfloat16", lr=2e-2, target_modules=["q_proj", "v_proj"]),
+    "control-4bit-writers": dict(
+        load_in_4bit=True,
+        model_dtype="bfloat16",
+        lr=2e-2,
+        use_control_adapters=True,
+        control_adapter_type="full",
+        control_adapter_target="writers",
+        lora_alpha=8,
+    ),
+}
 
 
 def case_keys(mode: str, adapter_type: str | None, target: str | None, layers: str | None) -> dict:
     keys = {"layers_to_transform": layers} if layers else {}
+    decay, kind, max_norm = REGULARIZE.get(case_id((mode, adapter_type, target, layers)), (0.0, "nuclear", 0.0))
+    keys |= dict(lora_weight_decay=decay, lora_weight_decay_type=kind, lora_max_norm=max_norm)
     if mode == "control":
         return dict(
             use_control_adapters=True,
@@ -68,83 +101,22 @@ def case_keys(mode: str, adapter_type: str | None, target: str | None, layers: s
 
 # ---------------------------------------------------------------- the reference
 def eval_rows(prepared: Path, per_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eval rows cap-train evaluates (whole eval batches of the one data-parallel replica),
-    read from the Arrow shards with pyarrow: (input_ids [n,L], control_class [n,L])."""
-    folders = [p for p in prepared.iterdir() if (p / "manifest.json").is_file()]
-    assert len(folders) == 1
-    manifest = json.loads((folders[0] / "manifest.json").read_text())
-    ids, classes = [], []
-    for shard in manifest["splits"]["eval"]["shards"]:
-        table = pa.ipc.open_file(pa.memory_map(str(folders[0] / shard["file"]))).read_all()
-        L = manifest["sequence_len"]
-        ids.append(torch.tensor(table.column("input_ids").combine_chunks().flatten().to_numpy()).view(-1, L))
-        classes.append(torch.tensor(table.column("control_class").combine_chunks().flatten().to_numpy()).view(-1, L))
-    ids, classes = torch.cat(ids), torch.cat(classes)
+    """The eval rows cap-train evaluates (whole eval batches of the one data-parallel replica)."""
+    ids, classes = reference.split_rows(prepared, "eval")
     n = len(ids) // per_batch * per_batch
-    return ids[:n].long(), classes[:n].long()
+    return ids[:n], classes[:n]
 
 
-def control_hooks(model, folder: Path, state_classes: list[torch.Tensor]):
-    """Forward hooks applying the saved control adapter with each position's own class
-    (D₊ for +1, D₋ for −1, nothing for 0), on the block delta or on every writer's output."""
+def saved_control_hooks(model, folder: Path, label_class: list):
+    """The reference's control adapter hooks with the tensors saved in `folder` (epoch<N>/)."""
     config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    kind, target = config["control_adapter_type"], config["control_adapter_target"]
-    scale = config["lora_alpha"] / config["r"]
-    hooks = []
-    for i, block in enumerate(model.model.layers):
-        prefix = f"base_model.model.model.layers.{i}."
-        if not any(name.startswith(prefix) for name in tensors):  # not in layers_to_transform
-            continue
-        if kind == "spectral":
-            state = {"Q": tensors[prefix + "control_Q"], "S": tensors[prefix + "control_S"]}
-            d_pos = dense_w(state, kind, scale, "forward").float()
-            d_neg = dense_w(state, kind, scale, "inverse").float()  # Q·diag(e^−S − 1)·Qᵀ
-        else:
-            state = {"A": tensors[prefix + "control_A.weight"], "B": tensors[prefix + "control_B.weight"]}
-            d_pos = dense_w(state, kind, scale, "forward").float()
-            d_neg = -d_pos  # class −1 trains I − W'
-
-        def transform(x, d_pos=d_pos, d_neg=d_neg):
-            c = state_classes[0].reshape(x.shape[:-1]).unsqueeze(-1).to(x.dtype)
-            return x + (c > 0) * (x @ d_pos.T) + (c < 0) * (x @ d_neg.T)
-
-        if target == "writers":
-            for path in WRITERS:
-                hooks.append(block.get_submodule(path).register_forward_hook(lambda m, a, out, f=transform: f(out)))
-        else:
-
-            def block_hook(m, args, kwargs, out, f=transform):
-                h = args[0] if args else kwargs["hidden_states"]
-                y = out[0] if isinstance(out, tuple) else out
-                y = h + f(y - h)
-                return (y, *out[1:]) if isinstance(out, tuple) else y
-
-            hooks.append(block.register_forward_hook(block_hook, with_kwargs=True))
-    return hooks
-
-
-def dequantized_base(model_dir: Path, tmp: Path) -> Path:
-    """The base with every decoder-layer linear weight replaced by its nf4 (double-quant, block 64)
-    round trip, as bitsandbytes quantizes it for QLoRA; bf16, like the trained model computes."""
-    import bitsandbytes.functional as F
-
-    if tmp.exists():
-        return tmp
-    tensors = load_file(str(model_dir / "model.safetensors"))
-    for name, w in tensors.items():
-        if ".layers." in name and name.endswith("proj.weight"):
-            q, state = F.quantize_4bit(w.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
-            tensors[name] = F.dequantize_4bit(q, state).to(torch.bfloat16)
-        else:
-            tensors[name] = w.to(torch.bfloat16)
-    import shutil
-
-    from safetensors.torch import save_file
-
-    shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return tmp
+    keys = {k: config[k] for k in ("control_adapter_type", "control_adapter_target", "lora_alpha")}
+    run = reference.Run("control", folder, keys | {"lora_rank": config["r"]})
+    params: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        params.setdefault(layer, {})[name.rsplit("control_", 1)[1].split(".")[0]] = tensor.float()
+    return reference.add_control_hooks(model, run, params, label_class)
 
 
 @torch.no_grad()
@@ -157,7 +129,7 @@ def reference_eval_loss(
     if mode == "full":
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     else:
-        base_dir = dequantized_base(model_dir, tmp / "dequantized") if mode == "qlora" else model_dir
+        base_dir = reference.dequantized_base(model_dir, tmp / "dequantized") if mode == "qlora" else model_dir
         model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
         if mode in ("lora", "qlora"):
             from peft import PeftModel
@@ -167,7 +139,7 @@ def reference_eval_loss(
     label_class = torch.zeros_like(control)
     label_class[:, :-1] = control[:, 1:]
     current = [label_class]
-    hooks = control_hooks(model, folder, current) if mode == "control" else []
+    hooks = saved_control_hooks(model, folder, current) if mode == "control" else []
     sums = {"all": 0.0, "class+1": 0.0, "class-1": 0.0}
     counts = dict.fromkeys(sums, 0)
     try:
@@ -194,31 +166,35 @@ def case_id(case) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
-    """Every case on both topologies, run three processes at a time (start-up is mostly serial
-    Python, so two cores stay busy): {(case id, procs): (finished process, stderr, output_dir,
-    prepared_dir)}. One data folder; one prepared dataset for the control cases, one for the others."""
+    """Every case on both topologies, and the 4-bit runs with and without evals, run three processes
+    at a time (start-up is mostly serial Python, so two cores stay busy): {(run id, procs): (finished
+    process, stderr, output_dir, prepared_dir)}. The config of each is root/cfg-<run id>-<procs>.toml.
+    One data folder; one prepared dataset for the control runs, one for the others."""
     root = tmp_path_factory.mktemp("matrix")
     model = tiny_model_dir("llama")
     jobs = []
+
+    def add(name: str, procs: int, **keys):
+        prepared = root / ("prepared-control" if keys.get("use_control_adapters") else "prepared-plain")
+        out = root / name / f"p{procs}"
+        keys = dict(max_steps=STEPS, evals_per_run=EVALS, warmup="rms_ratio", eval_fraction=0.15) | keys
+        cfg = write_config(root, model, prepared_dir=str(prepared), output_dir=str(out), **keys)
+        jobs.append(((name, procs), cfg.rename(root / f"cfg-{name}-{procs}.toml"), out, prepared))
+
     for i, case in enumerate(CASES):
-        prepared = root / ("prepared-control" if case[0] == "control" else "prepared-plain")
         for procs, stages in TOPOLOGIES:
-            out = root / case_id(case) / f"p{procs}"
-            cfg = write_config(
-                root,
-                model,
-                max_steps=STEPS,
-                evals_per_run=2,
-                eval_fraction=0.15,
-                prepared_dir=str(prepared),
-                output_dir=str(out),
+            add(
+                case_id(case),
+                procs,
                 pipeline_stages=stages,
                 activation_checkpointing=CHECKPOINTING[i % len(CHECKPOINTING)] if stages == 2 else False,
                 compile_layers=stages == 1 and i % 3 == 0,
+                max_grad_norm=0.01 if i % 2 else 1.0,  # clipping binds in every other case
                 **case_keys(*case),
             )
-            cfg = cfg.rename(root / f"cfg-{case_id(case)}-{procs}.toml")
-            jobs.append(((case_id(case), procs), cfg, out, prepared))
+    for name, keys in FOUR_BIT.items():
+        for evals in (EVALS, 0):
+            add(f"{name}-evals{evals}", 1, evals_per_run=evals, activation_checkpointing=False, **keys)
     jobs.sort(key=lambda job: -job[0][1])  # the 2-process runs first, the 1-process ones fill in
     pending, running, results = list(jobs), [], {}
     while pending or running:
@@ -262,6 +238,108 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
         if mode != "full":  # the adapter moved the model away from the base
             assert record[STEPS]["eval/loss_all"] != pytest.approx(record[0]["eval/loss_all"], rel=1e-6)
     assert losses[1] == pytest.approx(losses[2], rel=2e-2 if mode == "qlora" else 1e-4)
+
+
+# ---------------------------------------------------------------- training against the reference trainer
+# fp32 runs agree to float32 rounding. The 4-bit runs compute in bf16 on both sides, in other orders
+# (fused loss, rotary, attention kernels): the loss and ‖g‖ agree to bf16's resolution, the updates
+# to a few percent of their size (Adam's first steps divide by |g|, which amplifies the rounding).
+TOLERANCE = {"fp32": 1e-5, "bf16-loss": 1e-2, "bf16-update": 5e-2}
+
+
+def written_tensors(folder: Path, mode: str) -> dict[str, torch.Tensor]:
+    """The trained tensors of epoch<N>/: the adapter, or every weight of a full fine-tune's model."""
+    files = sorted(folder.glob("*.safetensors")) if mode == "full" else [folder / "adapter_model.safetensors"]
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def reference_training(cfg: Path, prepared: Path, tmp: Path):
+    """(initial tensors, tensors after STEPS steps, [loss], [‖g‖]) of the reference trainer."""
+    run = reference.Run.from_toml(cfg)
+    if run.mode == "full":
+        initial = {k: v.detach().clone() for k, v in reference.base_model(run, tmp).named_parameters()}
+    else:
+        initial = reference.cap_initial_adapter(cfg)
+    after, losses, norms = reference.train(run, prepared, initial, STEPS, tmp)
+    return {k: reference.orthonormal_q(k, v) for k, v in initial.items()}, after, losses, norms
+
+
+def assert_trains_like(record: dict, written: dict, ref, loss_rel: float, update_rel: float, where) -> None:
+    """Each step's loss and ‖g‖ within loss_rel; each tensor's distance from the reference's within
+    update_rel of how far the reference moved it (‖x − x_ref‖_F ≤ rel·‖x_ref − x₀‖_F)."""
+    initial, after, losses, norms = ref
+    for step in range(1, STEPS + 1):
+        got = record[step]
+        assert got["train/loss"] == pytest.approx(losses[step - 1], rel=loss_rel), (where, step)
+        assert got["train/grad_norm"] == pytest.approx(norms[step - 1], rel=loss_rel), (where, step)
+    assert set(written) == set(after), (where, sorted(set(written) ^ set(after))[:4])
+    for name, want in after.items():
+        moved = float((want.double() - initial[name].double()).norm())
+        off = float((written[name].double() - want.double()).norm())
+        assert off <= update_rel * moved, (where, name, off, moved)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_training_equals_an_independent_trainer(trained, tmp_path, case):
+    """Three steps with an eval between them, on 1 process and on 2 × 2 stages, from the same initial
+    adapter: every step's loss and gradient norm, and the trained tensors, equal the reference's."""
+    torch.set_num_threads(1)
+    name, four_bit = case_id(case), case[0] == "qlora"
+    _, _, out, prepared = trained[name, 1]
+    ref = reference_training(out.parent.parent / f"cfg-{name}-1.toml", prepared, tmp_path)
+    loss_rel, update_rel = (
+        (TOLERANCE["bf16-loss"], TOLERANCE["bf16-update"]) if four_bit else (TOLERANCE["fp32"], TOLERANCE["fp32"])
+    )
+    for procs, _ in TOPOLOGIES:
+        proc, err, out, _ = trained[name, procs]
+        assert proc.returncode == 0, err[-3000:]
+        written = written_tensors(out / "epoch1", case[0])
+        assert_trains_like(metrics(out), written, ref, loss_rel, update_rel, procs)
+
+
+@pytest.mark.parametrize("name", FOUR_BIT)
+def test_an_eval_between_4bit_steps_changes_nothing(trained, tmp_path, name):
+    """A 4-bit run with evals between its steps trains bit for bit what it trains without them, every
+    adapter moves (also q_proj / v_proj, whose gradient passes through the 4-bit o_proj), and both
+    train what the reference trainer trains."""
+    torch.set_num_threads(1)
+    runs = {evals: trained[f"{name}-evals{evals}", 1] for evals in (EVALS, 0)}
+    for proc, err, *_ in runs.values():
+        assert proc.returncode == 0, err[-3000:]
+    written = {evals: load_file(str(run[2] / "epoch1" / "adapter_model.safetensors")) for evals, run in runs.items()}
+    assert set(written[EVALS]) == set(written[0])
+    for key, tensor in written[EVALS].items():
+        assert torch.equal(tensor, written[0][key]), key
+        if "_B" in key:  # zero at the start
+            assert tensor.abs().max() > 0, key
+    assert [metrics(runs[EVALS][2])[s]["train/loss"] for s in range(1, STEPS + 1)] == [
+        metrics(runs[0][2])[s]["train/loss"] for s in range(1, STEPS + 1)
+    ]
+    out, prepared = runs[EVALS][2], runs[EVALS][3]
+    ref = reference_training(out.parent.parent / f"cfg-{name}-evals{EVALS}-1.toml", prepared, tmp_path)
+    assert_trains_like(metrics(out), written[EVALS], ref, TOLERANCE["bf16-loss"], TOLERANCE["bf16-update"], name)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") != "cuda",
+    reason="CUDA only: benchmarks/gpu_check.sh runs it with DS_ACCELERATOR=cuda",
+)
+@pytest.mark.parametrize("name", FOUR_BIT)
+def test_4bit_training_on_cuda_equals_the_reference(tmp_path, tiny_model_dir, name):
+    """On CUDA, the 4-bit runs with and without evals between their steps both train what the
+    reference trainer (on CPU) trains, to bf16's resolution."""
+    runs = {}
+    for evals in (EVALS, 0):
+        out = tmp_path / f"evals{evals}"
+        keys = dict(max_steps=STEPS, evals_per_run=evals, warmup="rms_ratio", eval_fraction=0.15) | FOUR_BIT[name]
+        keys |= dict(prepared_dir=str(tmp_path / "prepared"), output_dir=str(out))
+        cfg = write_config(tmp_path, tiny_model_dir("llama"), **keys)
+        runs[evals] = (cfg.rename(tmp_path / f"cfg-{evals}.toml"), out)
+        run_train(runs[evals][0], 1)
+    ref = reference_training(runs[EVALS][0], tmp_path / "prepared", tmp_path)
+    for evals, (_, out) in runs.items():
+        written = load_file(str(out / "epoch1" / "adapter_model.safetensors"))
+        assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16-loss"], TOLERANCE["bf16-update"], evals)
 
 
 @pytest.mark.parametrize("case_name", ["qlora", "lora-layers0-0"])

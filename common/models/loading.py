@@ -194,25 +194,6 @@ def release_host_memory() -> None:
 
 
 # ---------------------------------------------------------------- 4-bit
-def _linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
-    """A bitsandbytes Linear4bit (nf4, double quantization) holding `weight` [out, in], not yet
-    quantized: moving it with .to(device) quantizes it."""
-    import bitsandbytes as bnb
-
-    out_features, in_features = weight.shape
-    q = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=False,
-        compute_dtype=compute_dtype,
-        compress_statistics=True,
-        quant_type="nf4",
-        device="meta",
-    )
-    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
-    return q
-
-
 class Experts4bit(nn.Module):
     """MoE experts (transformers v5 fused layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]) with
     each expert's two projections as 4-bit linears, since bitsandbytes cannot quantize 3-D
@@ -222,12 +203,14 @@ class Experts4bit(nn.Module):
     """
 
     def __init__(self, experts: nn.Module, compute_dtype: torch.dtype = torch.bfloat16):
+        from cap_common.models.nf4 import linear4bit
+
         super().__init__()
         self.num_experts = experts.gate_up_proj.shape[0]
         self.act_fn = experts.act_fn
         # Views into the fused tensors: quantizing replaces them, so no second copy is made.
-        self.gate_up = nn.ModuleList(_linear4bit(w, compute_dtype) for w in experts.gate_up_proj.data.unbind(0))
-        self.down = nn.ModuleList(_linear4bit(w, compute_dtype) for w in experts.down_proj.data.unbind(0))
+        self.gate_up = nn.ModuleList(linear4bit(w, None, compute_dtype) for w in experts.gate_up_proj.data.unbind(0))
+        self.down = nn.ModuleList(linear4bit(w, None, compute_dtype) for w in experts.down_proj.data.unbind(0))
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -245,30 +228,19 @@ class Experts4bit(nn.Module):
 def quantize_4bit(
     module: nn.Module, keep: tuple[str, ...] = (), compute_dtype: torch.dtype = torch.bfloat16
 ) -> list[str]:
-    """Replace every nn.Linear in `module` (except those under a name in `keep`) by a bitsandbytes
-    Linear4bit: nf4, double quantization, `compute_dtype` compute. The weights are quantized when
-    the module is next moved with .to(device). Returns the replaced names."""
-    import bitsandbytes as bnb
+    """Replace every nn.Linear in `module` (except those under a name in `keep`) by a 4-bit linear
+    (common/models/nf4.py: nf4, double quantization, `compute_dtype` compute). The weights are
+    quantized when the module is next moved with .to(device). Returns the replaced names."""
+    from cap_common.models.nf4 import Linear4bit, linear4bit
 
     replaced = []
     for name, child in list(module.named_modules()):
-        if not isinstance(child, nn.Linear) or isinstance(child, bnb.nn.Linear4bit):
+        if not isinstance(child, nn.Linear) or isinstance(child, Linear4bit):
             continue
         if any(name == k or name.startswith(k + ".") for k in keep):
             continue
-        q = bnb.nn.Linear4bit(
-            child.in_features,
-            child.out_features,
-            bias=child.bias is not None,
-            compute_dtype=compute_dtype,
-            compress_statistics=True,
-            quant_type="nf4",
-            device="meta",
-        )
-        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4")
-        if child.bias is not None:
-            q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-        q.requires_grad_(False)
+        bias = None if child.bias is None else child.bias.data
+        q = linear4bit(child.weight.data, bias, compute_dtype)
         parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, q)
         replaced.append(name)

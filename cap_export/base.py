@@ -44,6 +44,7 @@ class Base:
             raise CapError(f"{self.folder}: base model folder not found")
         self.family, self.config = model_config(self.folder)
         self.checkpoint = Checkpoint(self.folder) if need_weights else None
+        self._headers: dict[Path, dict[str, list[int]]] = {}  # safetensors file → tensor shapes
 
     @property
     def hidden_size(self) -> int:
@@ -58,9 +59,39 @@ class Base:
         return self.checkpoint.files
 
     @cached_property
-    def _layer_keys(self) -> list[str]:
-        """The decoder layer's own tensor names (relative to model.layers.{i}.), built on meta."""
-        return list(meta_decoder_layer(self.family, self.config).state_dict().keys())
+    def _layer_tensors(self) -> dict[str, torch.Tensor]:
+        """The decoder layer's own tensors (names relative to model.layers.{i}.), on meta: names and shapes."""
+        return meta_decoder_layer(self.family, self.config).state_dict()
+
+    @cached_property
+    def _config_shapes(self) -> dict[str, list[int]]:
+        """Checkpoint name relative to model.layers.{i}. → shape, from config.json alone (the meta
+        layer's tensors, each split into the checkpoint tensors that fill it)."""
+        shapes = {}
+        for key, t in self._layer_tensors.items():
+            shapes[key] = list(t.shape)
+            for source, index in tensor_sources(self.family, key, self.config):
+                shapes[source] = list(t[index].shape)
+        return shapes
+
+    def _config_shape(self, name: str) -> list[int] | None:
+        """Shape of `name` by config.json (None: this model has no such tensor); decoder layer
+        tensors and lm_head, the weights a LoRA can target."""
+        m = _LAYER.match(name)
+        if m:
+            return self._config_shapes.get(m.group(2)) if int(m.group(1)) < self.num_layers else None
+        return [self.config.vocab_size, self.hidden_size] if name == "lm_head.weight" else None
+
+    def has(self, name: str) -> bool:
+        """Whether the model holds the checkpoint-style tensor `name` (see `locate`; by config.json
+        for a base opened without weights)."""
+        if self.checkpoint is None:
+            return self._config_shape(name) is not None
+        try:
+            self.locate(name)
+        except CapError:
+            return False
+        return True
 
     @cached_property
     def _writer_keys(self) -> list[str]:
@@ -82,7 +113,7 @@ class Base:
         m = _LAYER.match(name)
         if m:
             prefix, rel = f"model.layers.{m.group(1)}.", m.group(2)
-            for key in self._layer_keys:
+            for key in self._layer_tensors:
                 sources = tensor_sources(self.family, key, self.config)
                 for source, index in sources:
                     if source == rel and prefix + key in self.files:  # fused on disk
@@ -95,17 +126,29 @@ class Base:
         )
 
     def shape(self, name: str) -> list[int]:
-        """Shape of the (part of the) tensor `name` without reading its data."""
+        """Shape of the (part of the) tensor `name` without reading its data: from its safetensors
+        header, or by config.json for a base opened without weights."""
         from safetensors import SafetensorError, safe_open
 
+        if self.checkpoint is None:
+            shape = self._config_shape(name)
+            if shape is None:
+                raise CapError(
+                    f"{self.folder}/config.json: no tensor '{name}' in this {self.family.model_type} model "
+                    f"({self.num_layers} layers)"
+                )
+            return shape
         stored, index = self.locate(name)
         path = self._file(stored)
-        try:
-            with safe_open(path, framework="pt") as f:
-                shape = f.get_slice(stored).get_shape()
-        except (SafetensorError, OSError) as e:
-            raise CapError(f"{path}: not a readable safetensors file ({e})") from None
-        return list(torch.empty(shape, device="meta")[index].shape)
+        if path not in self._headers:  # every tensor's shape in the file, from its header, read once
+            try:
+                with safe_open(path, framework="pt") as f:
+                    self._headers[path] = {key: f.get_slice(key).get_shape() for key in f.keys()}
+            except (SafetensorError, OSError) as e:
+                raise CapError(f"{path}: not a readable safetensors file ({e})") from None
+        if stored not in self._headers[path]:
+            raise CapError(f"{path}: no tensor '{stored}', which {self.checkpoint.where.name} places there")
+        return list(torch.empty(self._headers[path][stored], device="meta")[index].shape)
 
     def _file(self, stored: str) -> Path:
         path = self.files[stored]

@@ -356,6 +356,8 @@ def verify(base_dir, adapter, exported, inverse, exact_inverse, rank, text_file,
     control = load_control(control_dir)
     base = Base(base_dir)
     check_fits(control, base)
+    if exported is not None:
+        verifying.check_export(base, exported)
     record = read_provenance(exported) if exported is not None else {}
     if inverse or exact_inverse:
         direction = _direction(inverse, exact_inverse, control.adapter_type)

@@ -1,8 +1,8 @@
 """Which model family an adapter belongs to, and whether it fits the base model it is used with:
 the family fallback when no base model is given (`family_without_base`), the shape and family
-checks (`check_fits`, `check_lora_family`, and `check_lora_modules` for a multiplicative LoRA made
-without a base model), and the note when a 'block' adapter's export is only an approximation on a
-family (`approximation_note`).
+checks (`check_fits`, `check_lora_family`, `check_lora_shapes`, `check_lora_modules` for a
+multiplicative LoRA made without a base model, `check_model_shapes` for a merged model folder), and
+the note when a 'block' adapter's export is only an approximation on a family (`approximation_note`).
 Every user-facing problem is a one-line CapError naming the file.
 """
 
@@ -97,6 +97,54 @@ def check_lora_family(lora: Lora, base: Base) -> None:
         raise CapError(
             f"{lora.folder}: made for a {made_for} model ({PROVENANCE}), but {base.folder} is {base.family.model_type}"
         )
+
+
+def check_lora_shapes(lora: Lora, base: Base, multiplicative: bool, instead: str) -> None:
+    """Every pair fits the BASE weight M [out, in] it changes: lora_B [out, r] and lora_A [r, in]
+    (additive, M + s·B·A) or [r, out] (multiplicative, M + s·B·(A·M)). In an additive use, a pair
+    that fits only multiplicatively (qlora-pipe-lite's multiplicative tool writes no marker) is said
+    to look multiplicative, followed by `instead`: what to do."""
+    for module in sorted(lora.pairs):
+        A, B = (list(t.shape) for t in lora.pairs[module])
+        name = f"{module}.weight"
+        if not base.has(name):
+            raise CapError(
+                f"{lora.folder}: {module}: {base.folder} ({base.family.model_type}, {base.num_layers} layers, "
+                f"hidden_size {base.hidden_size}) has no weight {name}; the LoRA is for another model"
+            )
+        shape = base.shape(name)
+        if len(shape) != 2:
+            raise CapError(f"{lora.folder}: {module}: {name} in {base.folder} is {shape}, not a matrix")
+        (out, inp), r = shape, A[0]
+        want_a = [r, out if multiplicative else inp]
+        if A == want_a and B == [out, r]:
+            continue
+        looks = not multiplicative and A == [r, out] and B == [out, r]
+        raise CapError(
+            f"{lora.folder}: {module}: lora_A {A} / lora_B {B} do not fit its weight [{out}, {inp}] in "
+            f"{base.folder}; expected lora_A {want_a}, lora_B [{out}, {r}]"
+            + (f" (it looks multiplicative: {instead})" if looks else "")
+        )
+
+
+def check_model_shapes(model: Base, base: Base) -> None:
+    """A merged model folder holds BASE's tensors with BASE's shapes (per-expert and fused checkpoints
+    matched through Base.locate; lm_head is left out when BASE ties it to the embeddings)."""
+    where, theirs = model.folder, f"{base.folder} ({base.family.model_type}, {base.num_layers} layers)"
+    if model.family.model_type != base.family.model_type:
+        raise CapError(
+            f"{where}/config.json: model_type {model.family.model_type}, but {base.folder} is "
+            f"{base.family.model_type}; not a merge of it"
+        )
+    skip = {"lm_head.weight"} if getattr(base.config, "tie_word_embeddings", False) else set()
+    for name in sorted(set(model.files) - skip):
+        if not base.has(name):
+            raise CapError(f"{where}: has tensor {name} {model.shape(name)}, which {theirs} does not have")
+        if model.shape(name) != base.shape(name):
+            raise CapError(f"{where}: tensor {name} has shape {model.shape(name)}; {theirs} has {base.shape(name)}")
+    for name in sorted(set(base.files) - skip):
+        if not model.has(name):
+            raise CapError(f"{where}: has no tensor {name} {base.shape(name)}, which {theirs} has")
 
 
 def check_lora_modules(lora: Lora, base: Base) -> None:

@@ -17,7 +17,9 @@ What llama.cpp's adapter loader checks, and what this writes:
   with gguf.quants.quantize. Q8_0 packs blocks of 32 values along a row; a tensor whose rows are
   not a multiple of 32 long (lora_b [out, r] for r = 8, 16, …) is stored as f16, as llama.cpp's
   converter does.
-Multiplicative LoRAs are refused: llama.cpp only adds B·A to a weight.
+Multiplicative LoRAs are refused: llama.cpp only adds B·A to a weight. Marked ones by their marker,
+qlora-pipe-lite's unmarked ones by their shapes: every pair must fit its base weight [out, in] as
+lora_A [r, in], lora_B [out, r] (by BASE's config.json; compat.check_lora_shapes).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cap_common.adapters.io import non_finite
 from cap_common.errors import CapError
 from cap_export.adapters import Lora
 from cap_export.base import Base
-from cap_export.compat import check_lora_family
+from cap_export.compat import check_lora_family, check_lora_shapes
 
 # model_type → (llama.cpp architecture, whether its converter permutes q/k rows for rotary).
 # Mistral and Mixtral convert as llama.cpp's "llama" architecture.
@@ -52,6 +54,10 @@ ARCHITECTURES = {
 Q = gguf.GGMLQuantizationType
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+ADDITIVE_ONLY = (
+    "llama.cpp only adds B·A to a weight; convert the Control Adapter with `cap-export additive BASE CKPT OUT` "
+    "and export that, or merge this LoRA with `cap-export merge BASE LORA OUT --multiplicative`"
+)
 
 
 def rotary_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -129,11 +135,9 @@ def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantiza
 def export_gguf(lora: Lora, base: Base, path, outtype: str = "f32", progress: bool = True) -> dict:
     """Write the GGUF adapter file `path`; returns a summary (`f16_fallback`: tensors q8_0 could not pack)."""
     if lora.marked_multiplicative:
-        raise CapError(
-            f"{lora.folder}: a multiplicative LoRA; llama.cpp applies LoRA additively — export the "
-            f"Control Adapter with `cap-export additive` and convert that"
-        )
+        raise CapError(f"{lora.folder}: a multiplicative LoRA (marked so by cap-export): {ADDITIVE_ONLY}")
     check_lora_family(lora, base)
+    check_lora_shapes(lora, base, False, ADDITIVE_ONLY)
     arch, alpha, tensors = gguf_tensors(lora, base)
     arrays, fallback = {}, 0
     for name, (A, B) in tqdm(sorted(tensors.items()), desc="gguf", unit="module", disable=not progress or None):

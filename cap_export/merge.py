@@ -28,7 +28,7 @@ from cap_common.files import os_error_message, write_json
 from cap_common.models.loading import INDEX
 from cap_export.adapters import Lora
 from cap_export.base import Base
-from cap_export.compat import check_lora_family, check_lora_modules
+from cap_export.compat import check_lora_family, check_lora_modules, check_lora_shapes
 from cap_export.folders import PROVENANCE
 
 _CHUNK = 1 << 22  # float64 elements per block of rows (32 MiB)
@@ -55,19 +55,10 @@ def merge_mode(lora: Lora, flag: bool) -> tuple[bool, str | None]:
 
 def plan(base: Base, lora: Lora, multiplicative: bool, scale: float) -> dict[str, list[Edit]]:
     """Stored tensor name → its edits, with every shape checked before anything is written."""
+    check_lora_shapes(lora, base, multiplicative, "pass --multiplicative")
     edits: dict[str, list[Edit]] = {}
     for module, (A, B) in lora.pairs.items():
         stored, index = base.locate(module + ".weight")
-        out, inp = base.shape(module + ".weight")
-        want_a = [A.shape[0], out if multiplicative else inp]
-        if list(A.shape) != want_a or list(B.shape) != [out, A.shape[0]]:
-            hint = ""
-            if not multiplicative and list(A.shape) == [A.shape[0], out] and out != inp:
-                hint = " (it looks multiplicative: pass --multiplicative)"
-            raise CapError(
-                f"{lora.folder}: {module}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
-                f"base weight [{out}, {inp}]; expected lora_A {want_a}, lora_B [{out}, {A.shape[0]}]{hint}"
-            )
         edits.setdefault(stored, []).append(Edit(module, index, A, B, scale * lora.scale(module)))
     return edits
 

@@ -8,7 +8,8 @@ Its tools (docs: the qlora-pipe-lite spec, section 11) and what they become:
   merge_lora.py --input BASE --adapter LORA --output OUT [--scale x]        cap-export merge BASE LORA OUT [--scale x]
   lora_to_gguf.py --input LORA --output F.gguf [--arch A] [--outtype T]     cap-export gguf LORA F.gguf --base BASE
   analyze_control_adapters.py --adapter DIR                                 cap-export inspect DIR
-  convert_ds_checkpoint.py --input CKPT --config TOML --output DIR          (none: cap reads the epoch folders)
+  convert_ds_checkpoint.py --input CKPT --config TOML --output DIR          cap-export additive BASE RUN/epochN DIR
+                    (cap cannot read DeepSpeed's CKPT = RUN/global_stepN; it reads RUN's epoch<N>/ adapters as they are)
 
 Their flags typed after a cap command (`--input`, `--adapter`, `--output`, `--no-gpu`, `--arch`,
 `--base` where the command has no such option, …) get the same one-line answer, exit code 2.
@@ -18,6 +19,7 @@ Flags a cap command defines are never intercepted. No torch import here: `--help
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import click
 
@@ -76,6 +78,19 @@ class PeerGroup(click.Group):
             if message:
                 raise PeerUsage(message)
         return super().parse_args(ctx, args)
+
+
+def epoch_folder(checkpoint: str | Path) -> Path:
+    """For qlora-pipe-lite's DeepSpeed checkpoint RUN/global_stepN, which cap cannot read: the newest epoch<N>/
+    folder it saved in RUN, which cap reads as it is (RUN/epochN when there is none)."""
+    run = Path(checkpoint).parent
+    epochs = [p for p in run.glob("epoch*") if p.name[5:].isdigit()]
+    return max(epochs, key=lambda p: int(p.name[5:])) if epochs else run / "epochN"
+
+
+def checkpoint_form(checkpoint: str | Path, base: str = "BASE", out: str = "OUT") -> str:
+    """cap-export's command for the Control Adapter of that checkpoint's run (`epoch_folder`)."""
+    return shlex.join([PROG, "additive", base, str(epoch_folder(checkpoint)), out])
 
 
 def _script(token: str) -> str | None:
@@ -142,10 +157,11 @@ def peer_hint(args: list[str], commands: dict[str, click.Command]) -> str | None
     if command == "multiplicative" and "--rank" in peer:
         why.append("the multiplicative LoRA is lossless at the adapter's rank")
     if command is None:  # convert_ds_checkpoint
+        form = checkpoint_form(peer.get("--input") or "RUN/global_stepN", out=peer.get("--output") or "OUT")
         return (
-            f"{what}; cap-export reads the epoch<N>/ folder qlora-pipe-lite saves (adapter_model.bin + "
-            f"adapter_config.json) as it is, e.g. `{PROG} additive BASE {peer.get('--output') or 'EPOCH_DIR'} OUT` "
-            f"(convert a mid-epoch DeepSpeed checkpoint with its tool first)"
+            f"{what}; cap cannot read its DeepSpeed checkpoint, and reads the epoch<N>/ folder qlora-pipe-lite saves "
+            f"next to it (adapter_model.bin + adapter_config.json) as it is: `{form}` (a mid-epoch checkpoint: "
+            f"convert it with its tool first, and pass the tool's output folder instead of the epoch folder)"
         )
     if cap_command is None:
         return f"{what}; cap-export has no '{command}' command here (see `{PROG} --help`)"

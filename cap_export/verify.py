@@ -2,11 +2,13 @@
 
   trained   cap's own forward (common.models: the pipeline layers, with the Control Adapter where
             training put it: the block delta or every residual writer), class c on every token:
-            c = +1, or −1 for an --inverse / --exact-inverse export
+            c = +1, or −1 for an --inverse / --exact-inverse export; spectral Q as stored
   exported  transformers' model with the PEFT LoRA loaded (PeftModel.from_pretrained), or a merged
             model folder; a multiplicative LoRA is merged into a temporary folder first
 Both run in float32 on the CPU by default. KL is KL(trained ‖ exported) per position, averaged.
 Non-finite logits (either side) or KL are reported as problems: NaN is never taken for agreement.
+An export whose tensors do not fit BASE is refused from the shapes alone (`check_export`), before
+any model is built.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 from cap_common.adapters.io import CONFIG_NAME
 from cap_common.dtypes import torch_dtype
 from cap_common.errors import CapError
+from cap_common.models.loading import INDEX, SINGLE
 from cap_export.adapters import Control, load_lora
 from cap_export.base import Base
+from cap_export.compat import check_lora_family, check_lora_modules, check_lora_shapes, check_model_shapes
 from cap_export.folders import PROVENANCE, read_provenance
 
 SAMPLE_TEXT = (
@@ -42,9 +46,15 @@ class Report:
     problems: tuple[str, ...] = ()  # which logits, or the KL, are not finite
 
 
-def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
-    """logits(input_ids [B,T], c) of cap's forward: the base model with `control` applied to
-    positions of class c (0 = the base model itself)."""
+def trained_model(base_dir: Path, control: Control, dtype: torch.dtype, c: int):
+    """logits(input_ids [B,T], adapted) of cap's forward: the base model with `control` applied to
+    every position as class c (+1 or −1), or, not adapted, as class 0 (the base model itself).
+
+    A spectral adapter runs with Q as stored, as it was trained and as it is exported (qlora-pipe-lite
+    trains Q itself; cap trains orth(Q) and saves that, so the two agree for cap's adapters):
+    W'_c = Q·diag(e^(c·S) − 1)·Qᵀ = U·V (Control.factors), held by a 'full' adapter with s = 1,
+    B = c·U, A = V, whose class-c forward adds c·s·B·A = U·V. cap's spectral ControlAdapter would use
+    orth(Q), the reduced QR of Q, instead."""
     from cap_common.models.layers import DecoderLayerPipe
     from cap_common.models.loading import open_model
     from cap_common.models.pipeline import StageBuilder
@@ -53,13 +63,18 @@ def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
     source = open_model(base_dir)
     if dtype == torch.float64 and source.family.experts:
         source.config._experts_implementation = "eager"  # grouped_mm has no float64
+    spectral = control.adapter_type == "spectral"
+    states = control.states
+    if spectral:
+        factors = {layer: control.factors(layer, "forward" if c > 0 else "inverse") for layer in control.layers}
+        states = {layer: {"A": V, "B": c * U} for layer, (U, V) in factors.items()}
     spec = ModelSpec.control_adapter(
         base_dir,
         dtype,
         source=control.folder,
         rank=control.rank,
-        alpha=control.alpha,
-        adapter_type=control.adapter_type,
+        alpha=control.rank if spectral else control.alpha,
+        adapter_type="full" if spectral else control.adapter_type,
         target=control.target,
         layers=control.layers,
     )
@@ -67,15 +82,15 @@ def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
     modules = [builder.build(p) for p in range(builder.num_layers + 2)]
     for module in modules:
         if isinstance(module, DecoderLayerPipe) and module.adapter is not None:
-            module.adapter.load_state(control.states[module.index])
+            module.adapter.load_state(states[module.index])
     for module in modules:
         module.eval()
     embed, layers, head = modules[0], modules[1:-1], modules[-1]
 
     @torch.no_grad()
-    def logits(input_ids: torch.Tensor, c: int) -> torch.Tensor:
+    def logits(input_ids: torch.Tensor, adapted: bool) -> torch.Tensor:
         hidden, position_ids, _, labels = embed((input_ids, torch.zeros_like(input_ids, dtype=torch.int8)))
-        x = (hidden, position_ids, torch.full_like(input_ids, c, dtype=torch.int8), labels)
+        x = (hidden, position_ids, torch.full_like(input_ids, c if adapted else 0, dtype=torch.int8), labels)
         for layer in layers:
             x = layer(x)
         return head(x).float()
@@ -83,14 +98,39 @@ def trained_model(base_dir: Path, control: Control, dtype: torch.dtype):
     return logits
 
 
+def check_export(base: Base, exported: Path) -> None:
+    """EXPORTED fits BASE, by the shapes alone (no model is built): a LoRA folder's pairs fit the
+    weights they change (additive, or multiplicative when marked), a merged model folder has BASE's
+    tensors with BASE's shapes (when it is in safetensors, as merge writes it)."""
+    if not is_lora(exported):
+        if any((Path(exported) / name).is_file() for name in (SINGLE, INDEX)):
+            check_model_shapes(Base(exported), base)
+        return
+    lora = load_lora(exported)
+    check_lora_family(lora, base)
+    if lora.marked_multiplicative:
+        check_lora_modules(lora, base)
+    instead = "merge it with `cap-export merge BASE LORA OUT --multiplicative` and verify that folder"
+    check_lora_shapes(lora, base, lora.marked_multiplicative, instead)
+
+
+def is_lora(exported: Path) -> bool:
+    """Whether EXPORTED is a LoRA folder (adapter_config.json) rather than a model folder (config.json)."""
+    exported = Path(exported)
+    if (exported / CONFIG_NAME).is_file():
+        return True
+    if (exported / "config.json").is_file():
+        return False
+    raise CapError(f"{exported}: neither a LoRA folder ({CONFIG_NAME}) nor a model folder (config.json)")
+
+
 def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
     """logits(input_ids) of the export: a PEFT LoRA folder (additive, or multiplicative via a
     temporary merge) or a merged model folder. Returns (logits, kind, provenance)."""
     import transformers
 
-    exported = Path(exported)
     attn = {"attn_implementation": base.family.attention}
-    if (exported / CONFIG_NAME).is_file():
+    if is_lora(exported):
         lora = load_lora(exported)
         if lora.marked_multiplicative:
             from cap_export.merge import merge
@@ -111,11 +151,9 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
             model = peft.PeftModel.from_pretrained(model, exported)
             kind = "additive LoRA (PEFT)"
         record = lora.provenance
-    elif (exported / "config.json").is_file():
+    else:
         model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=dtype, **attn)
         kind, record = "merged model", read_provenance(exported)
-    else:
-        raise CapError(f"{exported}: neither a LoRA folder ({CONFIG_NAME}) nor a model folder (config.json)")
     model.eval()
     if dtype == torch.float64 and base.family.experts:
         model.config._experts_implementation = "eager"  # grouped_mm has no float64
@@ -166,13 +204,13 @@ def _max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def compare(trained, exported, batches: list[torch.Tensor], c: int) -> Report:
+def compare(trained, exported, batches: list[torch.Tensor]) -> Report:
     max_abs, effect, kl_sum, n = 0.0, 0.0, 0.0, 0
     problems = {}
     for ids in batches:
-        want = trained(ids, c)
+        want = trained(ids, True)
         got = exported(ids)
-        plain = trained(ids, 0)
+        plain = trained(ids, False)
         for side, logits in (
             ("trained model (the adapter as trained)", want),
             ("exported model", got),
@@ -220,7 +258,6 @@ def run_verify(
     """Compare on `texts`; a multiplicative LoRA is merged into `scratch`, a temporary folder the caller removes."""
     run_dtype = torch_dtype(dtype)
     batches = sample_ids(base.folder, texts, max_tokens)
-    trained = trained_model(base.folder, control, run_dtype)
+    trained = trained_model(base.folder, control, run_dtype, -1 if direction in ("inverse", "negate") else +1)
     logits, kind, _ = exported_model(base, exported, run_dtype, Path(scratch))
-    report = compare(trained, logits, batches, -1 if direction in ("inverse", "negate") else +1)
-    return report, kind
+    return compare(trained, logits, batches), kind

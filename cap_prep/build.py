@@ -212,11 +212,12 @@ def _build_from(
     tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]  # (train, eval) DocTables, max_tokens drops
     masked = np.zeros(options.vocab_size, dtype=bool)
     masked[options.mask] = True
+    drops = np.array([cfg.drops_tails(ds) for ds in cfg.datasets])  # [datasets]: each dataset's drop_tails
     splits, per_dataset = {}, [{} for _ in cfg.datasets]
     for s, split in enumerate(SPLITS):
         streams = _streams(cfg, [t[s] for t in tables], s)
         packers = [
-            Packer(store.gather, docs, cfg.sequence_len, options.prefix, options.pad_id, masked, cfg.drop_tails)
+            Packer(store.gather, docs, cfg.sequence_len, options.prefix, options.pad_id, masked, drops[docs.dataset])
             for docs in streams
         ]
         keep = _cap(cfg, [len(p) for p in packers]) if split == "train" else [None] * len(packers)

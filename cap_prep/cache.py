@@ -56,16 +56,19 @@ def prep_keys(cfg) -> dict:
         "eval_fraction": cfg.eval_fraction,
         "seed": cfg.seed,
         "add_prefix_space": cfg.add_prefix_space,
-        "datasets": [_dataset_keys(d, plain) for d in cfg.datasets],
+        "datasets": [_dataset_keys(cfg, d, plain) for d in cfg.datasets],
     }
 
 
-def _dataset_keys(d, plain) -> dict:
-    """A dataset's prep keys; the later ones only when set, so earlier configs keep their fingerprint."""
+def _dataset_keys(cfg, d, plain) -> dict:
+    """A dataset's prep keys; the later ones only when set (drop_tails: when it differs from the top-level
+    one), so earlier configs keep their fingerprint."""
     keys = {"control_class": d.control_class, "document_suffix": plain(d.document_suffix)}
     for name in ("document_prefix", "max_tokens"):
         if getattr(d, name) is not None:
             keys[name] = plain(getattr(d, name))
+    if cfg.drops_tails(d) != cfg.drop_tails:
+        keys["drop_tails"] = cfg.drops_tails(d)
     return keys
 
 

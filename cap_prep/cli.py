@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import click
 
-from cap_common.cli import CONFIG_HELP, user_errors
+from cap_common.cli import CONFIG_HELP, REMOTE_CODE, PeerFlags, user_errors
 from cap_common.config import load_config
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="CONFIG: " + CONFIG_HELP)
+@click.command(
+    cls=PeerFlags,
+    prog="cap-prep",
+    peer_flags=REMOTE_CODE,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="CONFIG: " + CONFIG_HELP,
+)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option(
     "--add-prefix-space",
@@ -23,9 +29,9 @@ def main(config, add_prefix_space, force):
     CONFIG is the TOML file shared with cap-train and cap-export; the keys cap-prep reads
     (model_dir, prepared_dir, sequence_len, sequence_prefix, document_prefix, document_suffix,
     mask_tokens, drop_tails, mix_datasets, max_sequences, eval_fraction, seed and [[datasets]]
-    with their control_class, document_prefix, document_suffix and max_tokens) are listed in the README's
-    config reference. The result goes to <prepared_dir>/<fingerprint>/ (manifest.json,
-    train-*.arrow, eval-*.arrow); a second run with the same inputs reuses it.
+    with their control_class, document_prefix, document_suffix, drop_tails and max_tokens) are
+    listed in the README's config reference. The result goes to <prepared_dir>/<fingerprint>/
+    (manifest.json, train-*.arrow, eval-*.arrow); a second run with the same inputs reuses it.
     """
     from cap_prep.build import prepare
 

@@ -7,7 +7,8 @@ and the stream is cut into bodies of C tokens:
 - with drop_tails, documents fill a sequence in order; the document that does not fit in the
   space left is cut there and the rest of it (its tail) is dropped, and the next sequence starts
   with the next document. A document longer than C thus keeps only its first C tokens.
-So drop_tails is the same cutting over each document's *kept* length (`kept_lengths`).
+So drop_tails is the same cutting over each document's *kept* length (`kept_lengths`). drop_tails is
+per document (its dataset's value): only a document that drops tails is cut where a sequence fills.
 The last body of a stream is padded to C with pad_id (class 0). Body tokens carry their
 document's class (+1/-1) unless their id is in mask_tokens (class 0).
 """
@@ -41,30 +42,36 @@ class DocTable:
         return len(self.length)
 
 
-def kept_lengths(length: np.ndarray, capacity: int, drop_tails: bool) -> np.ndarray:
+def kept_lengths(length: np.ndarray, capacity: int, drop_tails: bool | np.ndarray) -> np.ndarray:
     """Tokens of each document that go into sequences (all of them unless drop_tails cuts a tail).
 
-    With drop_tails a sequence starting at document i holds documents i..k-1 where k is the first
-    index whose cumulative length reaches capacity; document k-1 is cut to fill it exactly.
-    One Python step per *sequence* follows that chain; the searches are vectorised.
+    `drop_tails`: one value, or one per document. A sequence starting at stream position p (a document's
+    start, or inside a document that keeps its tail) fills at p + capacity; the document k it fills in
+    is cut there if it drops tails (the next sequence starts with document k + 1), else the next
+    sequence starts at p + capacity. One Python step per sequence that fills in a tail-dropping document;
+    the runs of sequences in between are skipped with one division.
     """
-    if not drop_tails or len(length) == 0:
-        return length.copy()
-    ends = np.concatenate([[0], np.cumsum(length)])
-    nxt = np.searchsorted(ends, ends[:-1] + capacity, side="left")
-    n = len(length)
-    starts = []
-    i = 0
-    while i < n:
-        starts.append(i)
-        i = int(nxt[i])
-    starts = np.asarray(starts, dtype=np.int64)
-    stops = nxt[starts]
-    full = stops <= n  # runs that reach capacity (the last may not)
-    starts, stops = starts[full], stops[full]
+    drop = np.broadcast_to(np.asarray(drop_tails, dtype=bool), length.shape)
     kept = length.copy()
-    kept[stops - 1] = capacity - (ends[stops - 1] - ends[starts])
-    return kept
+    if not drop.any():
+        return kept
+    ends = np.concatenate([[0], np.cumsum(length)])
+    dropping = np.flatnonzero(drop)
+    p = 0
+    while True:
+        k = int(np.searchsorted(ends, p + capacity, side="left")) - 1  # ends[k] < p + capacity <= ends[k + 1]
+        if k >= len(length):  # the stream ends before this sequence fills
+            return kept
+        if ends[k + 1] == p + capacity or not drop[k]:
+            p += capacity  # filled exactly at a document's end, or inside one that keeps its tail
+            later = dropping[np.searchsorted(dropping, k + 1) :]
+            if not len(later):
+                return kept
+            # the sequences that fill before the next tail-dropping document starts cut nothing
+            p += max(0, (int(ends[later[0]]) - p) // capacity) * capacity
+            continue
+        kept[k] = p + capacity - ends[k]
+        p = int(ends[k + 1])
 
 
 @dataclass
@@ -98,10 +105,10 @@ class Packer:
         prefix: np.ndarray,
         pad_id: int,
         masked: np.ndarray,
-        drop_tails: bool,
+        drop_tails: bool | np.ndarray,
     ):
         """gather(starts, counts): the token store's runs store[s:s + c], concatenated ([sum] int32);
-        masked: [vocab] bool, True for ids given class 0."""
+        masked: [vocab] bool, True for ids given class 0; drop_tails: one value or one per document."""
         self.gather, self.docs = gather, docs
         self.L, self.prefix, self.pad_id, self.masked = sequence_len, prefix, pad_id, masked
         self.C = sequence_len - len(prefix)

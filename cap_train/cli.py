@@ -17,7 +17,7 @@ import time
 
 import click
 
-from cap_common.cli import user_errors
+from cap_common.cli import REMOTE_CODE, PeerFlags, user_errors
 from cap_common.config import Config, load_config
 from cap_common.errors import CapError
 from cap_train.devices import choose_gpus, visible_gpus
@@ -72,6 +72,7 @@ def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     chosen = choose(Checkpoints(cfg.output_dir, cfg.max_checkpoints), say)
     if chosen is None:
+        resume.refuse_peer_checkpoint(cfg)
         say(f"cap-train: no complete checkpoint in {cfg.output_dir / 'checkpoints'}; starting from scratch")
         return None, False
     old = chosen.state.get("run")
@@ -93,7 +94,17 @@ def resume_choice(cfg: Config, processes: int | None, accept: bool) -> tuple[str
     return str(chosen.path), plan.restart_epoch
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+_SEVERAL_NODES = (
+    "cap-train runs on several nodes with --hostfile FILE (DeepSpeed's hostfile: one `host slots=N` line per node); "
+    "--include/--exclude pick among them"
+)
+# qlora-pipe-lite's (and DeepSpeed's launcher's) flags, answered in one line (cap_common.cli.PeerFlags)
+PEER_FLAGS = {"--num_nodes": _SEVERAL_NODES, "--num-nodes": _SEVERAL_NODES, **REMOTE_CODE}
+
+
+@click.command(
+    cls=PeerFlags, prog="cap-train", peer_flags=PEER_FLAGS, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option(
     "--num-gpus",

@@ -16,6 +16,7 @@ Every key of the config falls in one of four groups:
   rank, target modules, layers, adapter dtype, the model's shape; model_dtype in a full
   fine-tune) — the checkpoint cannot continue under them.
 Paths (output_dir, prepared_dir) and add_prefix_space (its effect is in the fingerprint) are not compared.
+A qlora-pipe-lite run in output_dir (DeepSpeed checkpoints) cannot be resumed: `refuse_peer_checkpoint` names it.
 """
 
 from __future__ import annotations
@@ -190,3 +191,24 @@ def plan(old: dict, new: dict, accept: bool, where: str) -> Plan:
 
 def _data(found: list[Change]) -> bool:
     return any(c.key in DATA + PREP for c in found)
+
+
+def refuse_peer_checkpoint(cfg) -> None:
+    """A CapError naming the newest qlora-pipe-lite checkpoint in output_dir (DeepSpeed's global_step<N>/ in a
+    timestamped run folder, or in output_dir itself), which cap cannot resume, and what to do instead."""
+    from cap_export.peer import checkpoint_form, epoch_folder
+
+    out = cfg.output_dir
+    found = [p for p in (*out.glob("global_step*"), *out.glob("*/global_step*")) if p.name[11:].isdigit()]
+    if not found:
+        return
+    newest = max(found, key=lambda p: (p.parent.name, int(p.name[11:])))  # its runs sort by their timestamp
+    if cfg.use_control_adapters:
+        what = f"convert its adapter with `{checkpoint_form(newest, str(cfg.model_dir))}`"
+    else:
+        what = f"its epoch<N>/ folders (e.g. {epoch_folder(newest)}) hold what it trained, in Hugging Face form"
+    raise CapError(
+        f"{newest}: a qlora-pipe-lite checkpoint, which cap cannot resume (DeepSpeed's format); {what} (an epoch's "
+        "adapter; a mid-epoch checkpoint: qlora-pipe-lite's convert_ds_checkpoint.py first), or start from scratch "
+        "without --resume-from-checkpoint"
+    )

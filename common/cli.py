@@ -1,10 +1,12 @@
-"""What the three CLIs share: the user-error boundary and the config option."""
+"""What the three CLIs share: the user-error boundary, the config option, and the answers to qlora-pipe-lite's flags."""
 
 from __future__ import annotations
 
 import functools
+import shlex
 import signal
 import sys
+from typing import Callable
 
 import click
 
@@ -43,3 +45,62 @@ def user_errors(prog: str):
         return run
 
     return wrap
+
+
+def _no_remote_code() -> str:
+    from cap_common.models.families import FAMILIES  # not at import: cap_common.models imports torch
+
+    return (
+        "note: --trust-remote-code has no effect: cap never runs a model's own code; it builds the decoder from "
+        f"transformers' classes for {', '.join(FAMILIES)}"
+    )
+
+
+REMOTE_CODE = {"--trust-remote-code": _no_remote_code, "--trust_remote_code": _no_remote_code}
+
+
+class OneLineUsage(click.UsageError):
+    """`<prog>: error: …`, exit code 2, without click's usage block."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+    def show(self, file=None) -> None:
+        click.echo(f"{self.prog}: error: {self.format_message()}", err=True)
+
+
+class PeerFlags(click.Command):
+    """A command that answers qlora-pipe-lite's command-line habits before click parses, in one line:
+    `--config X` (CONFIG is positional: the command line to type), a cap option spelled with underscores, and
+    the flags of `peer_flags` ({flag: answer or a function giving it}): an error (exit 2), or, for an answer
+    starting with "note: ", that note on stderr and the flag dropped (it has no effect in cap)."""
+
+    def __init__(self, *args, prog: str, peer_flags: dict[str, str | Callable[[], str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prog, self.peer_flags = prog, peer_flags or {}
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, args if ctx.resilient_parsing else self._answer(args))
+
+    def _answer(self, args: list[str]) -> list[str]:
+        own = {opt for p in self.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        kept, i = [], 0
+        while i < len(args) and args[i] != "--":
+            flag, eq, value = args[i].partition("=")
+            if flag == "--config":
+                value = value if eq else (args[i + 1] if i + 1 < len(args) else "CONFIG")
+                rest = args[i + (1 if eq else 2) :]
+                raise OneLineUsage(self.prog, f"CONFIG is positional: {shlex.join([self.prog, value, *kept, *rest])}")
+            if flag in self.peer_flags:
+                answer = self.peer_flags[flag]
+                answer = answer() if callable(answer) else answer
+                if not answer.startswith("note: "):
+                    raise OneLineUsage(self.prog, f"{flag}: {answer}")
+                click.echo(answer, err=True)
+            elif flag.startswith("--") and "_" in flag and flag.replace("_", "-") in own:
+                raise OneLineUsage(self.prog, f"{flag}: {self.prog}'s spelling is {flag.replace('_', '-')}")
+            else:
+                kept.append(args[i])
+            i += 1
+        return kept + args[i:]

@@ -6,7 +6,9 @@ Every key of qlora-pipe-lite's README is here with the same default and meaning,
 Oct 2025) is accepted, with its meaning there, or with a note when it cannot mean anything in cap.
 Each key is declared once, with its parser and help text; the README's config reference is
 generated from these declarations (`python -m cap_common.config --reference`).
-Relative paths are resolved against the config file's folder.
+A relative path names what exists next to the config, else what exists under the working directory
+(qlora-pipe-lite's base), else the place next to the config (`resolve_path`).
+A config of qlora-pipe-lite's Oct-2025 generation gets that generation's defaults (`_generation_defaults`).
 Over 300 lines because every key is declared here, each with its default, parser and help.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import json
 import math
 import os
@@ -99,6 +102,11 @@ def choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def any_case(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`parse` of the lower-cased value, as qlora-pipe-lite compares it."""
+    return lambda v: parse(v.lower() if isinstance(v, str) else v)
+
+
 def token_ids(v: Any) -> tuple[int, ...]:
     if _is_int(v):
         v = [v]
@@ -179,24 +187,28 @@ _PIPELINE_LAYER_CLASSES = ("EmbeddingPipe", "DecoderLayerPipe", "LmHeadPipe")
 
 
 def partition_spec(v: Any) -> str:
-    """qlora-pipe-lite's partition_method, where it means what cap's pipeline does: every stage gets an
-    equal number of decoder layers ('uniform', or 'type:<regex>' matching the decoder layers only)."""
-    allowed = (
-        "expected 'uniform' or 'type:<regex>' matching only the decoder layers (e.g. 'type:decoderlayer'): "
-        "cap gives every pipeline stage an equal number of decoder layers; 'parameters' is not supported"
-    )
+    """qlora-pipe-lite's partition_method, checked as it checks it: 'uniform', 'parameters' or 'type:<regex>'."""
+    allowed = "expected 'uniform', 'parameters' or 'type:<regex>' (e.g. 'type:decoderlayer')"
     if not isinstance(v, str):
         raise Invalid(allowed)
-    if v.lower() == "uniform":
+    if v.lower() in ("uniform", "parameters"):
         return v
     if v.lower().startswith("type:"):
         try:
-            pattern = re.compile(v[5:], re.IGNORECASE)
+            re.compile(v[5:])
         except re.error:
             raise Invalid(allowed) from None
-        if [n for n in _PIPELINE_LAYER_CLASSES if pattern.search(n)] == ["DecoderLayerPipe"]:
-            return v
+        return v
     raise Invalid(allowed)
+
+
+def splits_by_decoder_layers(method: str) -> bool:
+    """Whether partition_method means what cap does, an equal number of decoder layers per stage: 'uniform', or
+    'type:<regex>' matching the decoder layers only. Other values get a note (cap does that all the same)."""
+    if method.lower().startswith("type:"):
+        pattern = re.compile(method[5:], re.IGNORECASE)
+        return [n for n in _PIPELINE_LAYER_CLASSES if pattern.search(n)] == ["DecoderLayerPipe"]
+    return method.lower() == "uniform"
 
 
 # ---------------------------------------------------------------- declarations
@@ -226,6 +238,9 @@ class DatasetConfig:
         help="appended to each document: default EOS if the tokenizer did not add one; '' nothing; "
         "a string to tokenize; token id(s) (default: the top-level document_suffix)",
     )
+    drop_tails: bool | None = key(
+        None, boolean, help="drop_tails for this dataset's documents (default: the top-level drop_tails)"
+    )
     max_tokens: int | None = key(
         None,
         integer(1),
@@ -236,7 +251,7 @@ class DatasetConfig:
 
 
 # keys a run record (to_dict) holds only when set, so that records of runs from before they existed compare equal
-_RECORDED_WHEN_SET = ("document_prefix", "max_tokens")
+_RECORDED_WHEN_SET = ("document_prefix", "max_tokens", "drop_tails")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +295,8 @@ class Config:
         "type:decoderlayer",
         partition_spec,
         help="how layers are split over pipeline stages: cap always gives each stage an equal number of decoder "
-        "layers, which 'uniform' and 'type:<regex matching decoder layers>' mean here ('parameters' is not supported)",
+        "layers, which 'uniform' and 'type:<regex matching decoder layers>' mean; 'parameters' and other "
+        "'type:' regexes are accepted with a note",
     )
     use_column_major_topology: bool = key(
         False,
@@ -308,7 +324,9 @@ class Config:
     # adapters
     use_control_adapters: bool = key(False, boolean, help="train Control Adapters (else LoRA, or full fine-tune)")
     control_adapter_type: str = key(
-        "full", choice("full", "symmetrise", "antisymmetrise", "spectral"), help="structure of W'"
+        "full",
+        choice("full", "symmetrise", "antisymmetrise", "spectral"),
+        help="structure of W' (without use_control_adapters: a note, no effect)",
     )
     control_adapter_target: str = key(
         "block",
@@ -319,7 +337,9 @@ class Config:
     lora_alpha: float | None = key(None, number(0, lo_open=True), help="scale = alpha / r (default sqrt(r), rsLoRA)")
     lora_dropout: float = key(0.0, number(0, 1, hi_open=True), help="dropout on the adapter input")
     lora_weight_decay: float = key(0.0, number(0), help="decoupled weight decay on W = s*B*A (needs float32 adapters)")
-    lora_weight_decay_type: str = key("nuclear", choice("nuclear", "l2", "l1"), help="regularizer of W")
+    lora_weight_decay_type: str = key(
+        "nuclear", any_case(choice("nuclear", "l2", "l1")), help="regularizer of W (any case)"
+    )
     lora_max_norm: float = key(0.0, number(0), help="max Frobenius norm of W, 0 = off")
     lora_weight_dtype: str = key("float32", choice("float32", "bfloat16", "float16"), help="adapter parameter dtype")
     control_adapter_gamma: float | None = key(
@@ -403,14 +423,19 @@ class Config:
     def prepared_root(self) -> Path:
         return self.prepared_dir or self.output_dir / "prepared"
 
+    def drops_tails(self, dataset: DatasetConfig) -> bool:
+        """drop_tails as it applies to `dataset`: its own value, else the top-level one."""
+        return self.drop_tails if dataset.drop_tails is None else dataset.drop_tails
+
     def check_world_size(self, world_size: int) -> int:
         """Data-parallel degree = world / pipeline_stages; the stages must divide the world."""
-        if world_size % self.pipeline_stages:
+        stages = self.pipeline_stages
+        if world_size % stages:
             raise CapError(
-                f"{self.source}: pipeline_stages = {self.pipeline_stages} must divide the world size "
-                f"({world_size} processes)"
+                f"{self.source}: pipeline_stages = {stages} must divide the world size ({world_size} processes): "
+                f"run with --num-gpus {max(stages, world_size // stages * stages)} (a multiple of pipeline_stages)"
             )
-        return world_size // self.pipeline_stages
+        return world_size // stages
 
     def to_dict(self) -> dict:
         """Plain, JSON-able dict of every key (paths as strings)."""
@@ -462,10 +487,16 @@ def _parse_table(cls, table: dict, where: str, skip=()) -> dict:
 
 
 def _model_layers(model_dir: Path, where: str) -> int | None:
+    """The model's number of decoder layers (None when config.json does not say); a model_type cap
+    cannot train is refused here, before anything runs."""
+    from cap_common.models.families import check_model_type  # not at import: cap_common.models imports torch
+
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise CapError(f"{where}: model_dir {model_dir}/config.json is not valid JSON ({e})") from None
+        raise CapError(f"{where}: {model_dir}/config.json is not valid JSON ({e})") from None
+    if isinstance(cfg, dict) and "model_type" in cfg:
+        check_model_type(cfg, where)
     cfg = cfg.get("text_config", cfg)
     return cfg.get("num_hidden_layers")
 
@@ -502,9 +533,8 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
     if c.full_fine_tune and (c.lora_weight_decay > 0 or c.lora_max_norm > 0):
         err("lora_weight_decay / lora_max_norm are not supported with full_fine_tune")
     if not c.use_control_adapters:
-        for name in ("control_adapter_type", "control_adapter_target"):
-            if name in present:
-                err(f"{name} needs use_control_adapters = true")
+        if "control_adapter_target" in present:  # cap's key; qlora-pipe-lite ignores control_adapter_type (a note)
+            err("control_adapter_target needs use_control_adapters = true")
         for i, d in enumerate(c.datasets):
             if d.control_class != 1:
                 err(
@@ -522,8 +552,9 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
 _noted: set[str] = set()
 
 
-def _notes(c: Config, where: str) -> None:
-    """One line on stderr, once per process, for each key that is accepted but has no effect in cap.
+def _notes(c: Config, where: str, present: set[str], more: list[str]) -> None:
+    """One line on stderr, once per process, for each key that is accepted but has no effect in cap, and for
+    each of `more` (defaults taken from qlora-pipe-lite's Oct-2025 generation, paths found two ways).
     Worker processes (RANK set by the launcher) stay quiet: the command that started them has said it."""
     notes = []
     if c.control_adapter_gamma is not None:
@@ -532,11 +563,93 @@ def _notes(c: Config, where: str) -> None:
             "step that pulls Q back towards orthonormal, and cap's spectral control adapter uses an exactly "
             "orthonormal Q (a QR of the parameter in every forward), so there is nothing to correct"
         )
-    for text in notes:
+    if not splits_by_decoder_layers(c.partition_method):
+        notes.append(
+            f"partition_method = {c.partition_method!r}: cap always gives every pipeline stage an equal number of "
+            "decoder layers (what 'parameters' approximates)"
+        )
+    if "control_adapter_type" in present and not c.use_control_adapters:
+        notes.append(
+            f"control_adapter_type = {c.control_adapter_type!r} has no effect without use_control_adapters = true"
+        )
+    for text in notes + more:
         line = f"note: {where}: {text}"
         if line not in _noted and "RANK" not in os.environ:
             _noted.add(line)
             print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- qlora-pipe-lite's two generations
+# Keys only its Oct-2025 generation reads, and keys only its Aug-2025 one reads ("datasets." = a [[datasets]] key).
+OCT_2025_ONLY = (
+    "evals_per_epoch",
+    "control_adapter_gamma",
+    "partition_method",
+    "document_prefix",
+    "datasets.max_tokens",
+)
+AUG_2025_ONLY = (
+    "lora_alpha",
+    "lora_weight_decay_type",
+    "lora_max_norm",
+    "control_adapter_type",
+    "evals_per_run",
+    "datasets.document_suffix",
+    "datasets.drop_tails",
+)
+
+
+# The keys whose Oct-2025 default differs from cap's (= the Aug-2025 generation's).
+_OCT_2025_DEFAULTS = ("control_adapter_type", "lora_alpha", "lora_weight_decay_type", "evals_per_epoch")
+
+
+def _generation_defaults(raw: dict, values: dict) -> list[str]:
+    """A config of qlora-pipe-lite's Oct-2025 generation — a key only it reads, and none that only the Aug-2025
+    generation or only cap ("cap:" in the help) reads, the keys adopted here aside (setting one, as its note
+    says, pins that key alone) — trains as that generation does: each of those keys it leaves unset takes
+    that generation's value in `values`. Returns the notes saying so."""
+    given = set(raw) | {f"datasets.{k}" for t in raw["datasets"] for k in t}
+    cap_only = {name for name, f in _fields(Config).items() if f.metadata["help"].startswith("cap:")}
+    signals = [k for k in OCT_2025_ONLY if k in given]
+    if not signals or given & ((set(AUG_2025_ONLY) - set(_OCT_2025_DEFAULTS)) | cap_only):
+        return []
+    adopted = {}
+    adapters = not values.get("full_fine_tune") and values.get("lora_rank") is not None
+    if adapters and values.get("use_control_adapters"):
+        adopted["control_adapter_type"] = "spectral"  # Q·diag(eˢ − 1)·Qᵀ, exact inverse for class −1
+    elif adapters:
+        adopted["lora_alpha"] = values["lora_rank"]  # it ignores lora_alpha: scale 1
+    if values.get("lora_weight_decay", 0) > 0:
+        adopted["lora_weight_decay_type"] = "l2"  # ½‖B·A‖² (LoRA), ½‖S‖² (spectral)
+    if "evals_per_epoch" not in given:
+        adopted["evals_per_epoch"] = 10
+    adopted = {k: v for k, v in adopted.items() if k not in given}
+    fields = _fields(Config)
+    values.update({k: fields[k].metadata["parse"](v) for k, v in adopted.items()})
+    why = f"qlora-pipe-lite Oct-2025 config ({', '.join(signals)})"
+    return [f"{why}: {k} = {v!r} as it trained (set {k} to choose)" for k, v in adopted.items()]
+
+
+def resolve_path(name: str, value: str, base: Path, output: bool = False, pattern: bool = False):
+    """(path, note or None): where relative path `value` of key `name` points. Next to the config (`base`) when
+    it exists there (an output: when its parent does), else under the working directory (qlora-pipe-lite's
+    base) when it exists there, else next to the config. When both exist, next to the config wins and the
+    note names both. A `pattern` (a glob) exists where it matches something."""
+    path = Path(value)
+    if path.is_absolute():
+        return path, None
+    here, cwd = base / path, Path.cwd() / path
+
+    def exists(p: Path) -> bool:
+        return next(glob.iglob(str(p), recursive=True), None) is not None if pattern else p.exists()
+
+    if exists(here) or (output and here.parent.is_dir()):
+        both = exists(here) and exists(cwd) and here.resolve() != cwd.resolve()
+        note = f"{name} = '{value}' is {here} (next to the config), not {cwd} (under the working directory)"
+        return here, note if both else None
+    if exists(cwd) or (output and cwd.parent.is_dir()):
+        return cwd, None
+    return here, None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
@@ -559,6 +672,7 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     where = str(path)
     base = path.resolve().parent
     values = _parse_table(Config, raw, where, skip=("datasets",))
+    more = []  # notes
     # datasets
     tables = raw.get("datasets")
     if tables is None:
@@ -568,7 +682,8 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     datasets = []
     for i, t in enumerate(tables):
         d = _parse_table(DatasetConfig, t, f"{where}: datasets[{i}]")
-        d["dataset_path"] = str(base / d["dataset_path"])
+        found, note = resolve_path(f"datasets[{i}].dataset_path", d["dataset_path"], base, pattern=True)
+        d["dataset_path"], more = str(found), more + ([note] if note else [])
         for name in ("document_prefix", "document_suffix"):  # the top-level key is every dataset's default
             if name not in t and name in values:
                 d[name] = values[name]
@@ -577,19 +692,21 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     # paths
     for name in ("model_dir", "output_dir", "prepared_dir"):
         if name in values:
-            values[name] = (base / values[name]).resolve()
+            found, note = resolve_path(name, values[name], base, output=name != "model_dir")
+            values[name], more = found.resolve(), more + ([note] if note else [])
     model_dir = values["model_dir"]
     if not model_dir.is_dir():
-        raise CapError(f"{where}: model_dir = '{raw['model_dir']}': folder not found ({model_dir})")
+        elsewhere = "" if Path(raw["model_dir"]).is_absolute() else ", nor under the working directory"
+        raise CapError(f"{where}: model_dir = '{raw['model_dir']}': folder not found ({model_dir}{elsewhere})")
     if not (model_dir / "config.json").is_file():
         raise CapError(
             f"{where}: model_dir = '{raw['model_dir']}': no config.json in {model_dir} "
             "(expected a Hugging Face model folder)"
         )
+    more = _generation_defaults(raw, values) + more
     cfg = Config(**values, source=path)
     _check_modes(cfg, where, set(raw))
-    _notes(cfg, where)
-    n_layers = _model_layers(model_dir, where)
+    n_layers = _model_layers(model_dir, f"{where}: model_dir = '{raw['model_dir']}'")
     if n_layers is not None:
         if cfg.layers_to_transform and cfg.layers_to_transform[-1] >= n_layers:
             raise CapError(
@@ -600,6 +717,7 @@ def config_from_dict(raw: dict, path: Path) -> Config:
             raise CapError(
                 f"{where}: pipeline_stages = {cfg.pipeline_stages}: more stages than the model's {n_layers} layers"
             )
+    _notes(cfg, where, set(raw), more)
     return cfg
 
 

@@ -21,6 +21,7 @@ from cap_common import config as config_module
 from cap_common.config import Config, DatasetConfig, load_config
 from cap_prep import build, cache, load_manifest, prepare, report, windows
 from cap_prep.cli import main as prep_main
+from cap_prep.pack import kept_lengths
 from cap_prep.tokenize import DocumentEncoder, resolve_options
 from cap_train.cli import main as train_main
 from cap_train.trainer import epoch_eval_steps, eval_steps
@@ -213,7 +214,8 @@ def test_peer_example_shapes_load(shape, tmp_path, model, quiet_notes, capsys):
     cfg = load_config(config_file(tmp_path, SHAPES[shape].format(model=model)))
     notes = capsys.readouterr().err.strip().splitlines()
     if shape == "control adapter (HEAD)":
-        assert cfg.mode == "control" and cfg.control_adapter_type == "full"
+        # an Oct-2025 config: what that generation trains, each said in a note
+        assert cfg.mode == "control" and (cfg.control_adapter_type, cfg.lora_weight_decay_type) == ("spectral", "l2")
         assert cfg.layers_to_transform == (0, 1, 2)
         assert cfg.evals_per_epoch == 10 and cfg.evals_per_run == 11  # the default, unused
         assert cfg.partition_method == "uniform" and cfg.control_adapter_gamma == 0.5
@@ -222,7 +224,8 @@ def test_peer_example_shapes_load(shape, tmp_path, model, quiet_notes, capsys):
         assert [d.max_tokens for d in cfg.datasets] == [10_000_000, 10_000_000, None]
         # the top-level document_prefix / document_suffix are every dataset's
         assert {(d.document_prefix, d.document_suffix) for d in cfg.datasets} == {("Story: ", "<|eos|>")}
-        assert len(notes) == 1 and "control_adapter_gamma = 0.5 has no effect in cap" in notes[0]
+        assert len(notes) == 3 and "control_adapter_gamma = 0.5 has no effect in cap" in notes[0]
+        assert "control_adapter_type = 'spectral' as it trained" in notes[1] and "lora_weight_decay_type" in notes[2]
     elif shape == "control adapter (Era A)":
         assert cfg.control_adapter_type == "symmetrise" and cfg.alpha == 4.0
         assert (cfg.lora_weight_decay_type, cfg.lora_max_norm, cfg.lora_dropout) == ("nuclear", 1.0, 0.05)
@@ -251,7 +254,7 @@ def test_notes_print_once_per_process_and_not_in_workers(tmp_path, model, quiet_
     load_config(path)
     load_config(path)
     err = capsys.readouterr().err
-    assert err.count("control_adapter_gamma") == 1 and err.startswith(f"note: {path}: control_adapter_gamma")
+    assert err.count("note: ") == 3 and err.startswith(f"note: {path}: control_adapter_gamma = 0.5 has no effect")
     monkeypatch.setattr(config_module, "_noted", set())
     monkeypatch.setenv("RANK", "0")  # a worker cap-train launched: its launcher said it
     load_config(path)
@@ -326,8 +329,7 @@ def test_new_dataset_keys_keep_old_fingerprints_and_run_records(write):
 ERRORS = [
     ("evals_per_run = 5\nevals_per_epoch = 2", "", ["evals_per_run and evals_per_epoch are mutually exclusive"]),
     ("evals_per_epoch = 0", "", ["evals_per_epoch = 0", "expected an integer >= 1"]),
-    ("partition_method = 'parameters'", "", ["partition_method = 'parameters'", "'parameters' is not supported"]),
-    ("partition_method = 'type:pipe'", "", ["partition_method = 'type:pipe'", "matching only the decoder layers"]),
+    ("partition_method = 'balanced'", "", ["partition_method = 'balanced'", "'uniform', 'parameters' or 'type:"]),
     ("partition_method = 'type:['", "", ["partition_method = 'type:['", "'uniform'"]),
     ("partition_method = 1", "", ["partition_method = 1", "'uniform'"]),
     ("control_adapter_gamma = 0.75", "", ["control_adapter_gamma = 0.75", "(0, 0.5]"]),
@@ -545,8 +547,251 @@ def test_prep_errors_are_one_line_exit_2(table, keys, words, tmp_path, model):
     config = write_config(tmp_path, model, [{"dataset_path": "data/*", **table}], **keys)
     result = CliRunner().invoke(prep_main, [str(config)])
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("cap-prep: error: "), result.stderr
     for part in words:
         assert part in lines[0]
     assert not (tmp_path / "out").exists()  # nothing written, not even the folders
+
+
+# ---------------------------------------------------------------- the Oct-2025 generation's defaults
+OCT_CONTROL = "use_control_adapters = true\nevals_per_epoch = 2\ncontrol_adapter_gamma = 0.5\nlora_weight_decay = 1.0"
+
+
+def notes_of(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+
+
+def test_oct_2025_config_trains_as_that_generation(write, quiet_notes, capsys):
+    """Keys only the Oct-2025 generation reads, none only the Aug one or cap reads: the keys it leaves
+    unset take that generation's values, each said in one note."""
+    path = write(OCT_CONTROL)
+    cfg = load_config(path)
+    assert (cfg.control_adapter_type, cfg.lora_weight_decay_type) == ("spectral", "l2")
+    said = f"note: {path}: qlora-pipe-lite Oct-2025 config (evals_per_epoch, control_adapter_gamma): "
+    notes = notes_of(capsys)
+    assert f"{said}control_adapter_type = 'spectral' as it trained (set control_adapter_type to choose)" in notes
+    assert f"{said}lora_weight_decay_type = 'l2' as it trained (set lora_weight_decay_type to choose)" in notes
+    assert len(notes) == 3  # and control_adapter_gamma's own note
+    lora = load_config(write("partition_method = 'uniform'", "max_tokens = 1000"))
+    assert (lora.mode, lora.lora_alpha, lora.alpha, lora.evals_per_epoch) == ("lora", 4, 4.0, 10)
+    assert lora.lora_weight_decay_type == "nuclear"  # no decay: the type means nothing, nothing adopted
+    said = f"note: {path}: qlora-pipe-lite Oct-2025 config (partition_method, datasets.max_tokens): "
+    assert notes_of(capsys) == [
+        f"{said}lora_alpha = 4 as it trained (set lora_alpha to choose)",
+        f"{said}evals_per_epoch = 10 as it trained (set evals_per_epoch to choose)",
+    ]
+
+
+def test_oct_2025_config_keeps_what_it_sets(write, quiet_notes, capsys):
+    """Setting a key as its note says pins that key alone: the others keep the Oct-2025 values."""
+    cfg = load_config(write(OCT_CONTROL + "\ncontrol_adapter_type = 'full'"))
+    assert (cfg.control_adapter_type, cfg.lora_weight_decay_type) == ("full", "l2")
+    notes = notes_of(capsys)
+    assert not [n for n in notes if "control_adapter_type" in n] and [n for n in notes if "'l2'" in n]
+    cfg = load_config(write(OCT_CONTROL + "\nlora_weight_decay_type = 'nuclear'"))
+    assert (cfg.control_adapter_type, cfg.lora_weight_decay_type) == ("spectral", "nuclear")
+    cfg = load_config(write("evals_per_epoch = 3\nlora_rank = 8"))
+    assert (cfg.lora_alpha, cfg.evals_per_epoch) == (8, 3)
+    cfg = load_config(write("evals_per_epoch = 3\nlora_rank = 8\nlora_alpha = 2"))
+    assert (cfg.lora_alpha, cfg.evals_per_epoch) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "extra, dataset_extra",
+    [
+        ("seed = 1", ""),
+        ("activation_checkpointing = false", ""),
+        ("lora_max_norm = 0.5", ""),
+        ("", "document_suffix = ''"),
+    ],
+)
+def test_config_with_cap_or_aug_keys_keeps_caps_defaults(extra, dataset_extra, write, quiet_notes, capsys):
+    cfg = load_config(write(OCT_CONTROL + "\n" + extra, dataset_extra))
+    assert (cfg.control_adapter_type, cfg.lora_weight_decay_type, cfg.lora_alpha) == ("full", "nuclear", None)
+    assert not [n for n in notes_of(capsys) if "Oct-2025" in n]
+
+
+def test_cap_prep_and_cap_train_print_the_generation_notes(write, quiet_notes, monkeypatch):
+    path = write("evals_per_epoch = 2")
+    result = CliRunner().invoke(prep_main, [str(path)])  # no data files: stops after loading the config
+    assert result.exit_code == 2 and "no files match" in result.stderr
+    assert [line for line in result.stderr.splitlines() if "note: " in line] == [
+        f"note: {path}: qlora-pipe-lite Oct-2025 config (evals_per_epoch): lora_alpha = 4 as it trained "
+        "(set lora_alpha to choose)"
+    ]
+    monkeypatch.setattr(config_module, "_noted", set())  # a new process
+    result = CliRunner().invoke(train_main, [str(path), "--plan"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("note: ") == 1 and "lora_alpha = 4 as it trained" in result.stderr
+
+
+# ---------------------------------------------------------------- smaller peer paths
+def test_drop_tails_per_dataset(tmp_path, model, tok):
+    """qlora-pipe-lite read drop_tails per [[datasets]] until 2025-08-11; the dataset's value wins."""
+    a, b = documents(12, seed=51), documents(12, seed=52)
+    cfg, folder = prepared(tmp_path, model, [(a, {"drop_tails": True}), (b, {})])
+    packed = []
+    for docs, drop in ((a, True), (b, False)):
+        tokens = [reference_document(tok, t, None, None) for t in docs]
+        packed += reference_pack([(t, [1] * len(t)) for t in tokens], [tok.bos_token_id], tok.pad_token_id, drop)
+    ids, cls = read(folder)
+    assert ids.tolist() == [r[0] for r in packed] and cls.tolist() == [r[1] for r in packed]
+    assert [d.get("drop_tails") for d in cache.prep_keys(cfg)["datasets"]] == [True, None]  # the fingerprint's keys
+    keys = [
+        cache.prep_keys(load_config(write_config(tmp_path, model, [{"dataset_path": "x", **table}], drop_tails=True)))
+        for table in ({"drop_tails": True}, {}, {"drop_tails": False})
+    ]
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_kept_lengths_with_drop_tails_per_document():
+    """Per-document drop_tails against a walk token by token."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, capacity = int(rng.integers(1, 12)), int(rng.integers(1, 15))
+        length, drop = rng.integers(1, 25, n), rng.random(n) < 0.5
+        kept, fill = [], 0
+        for size, cut in zip(length, drop):
+            k = 0
+            for _ in range(size):
+                k, fill = k + 1, fill + 1
+                if fill == capacity:
+                    fill = 0
+                    if cut:
+                        break
+            kept.append(k)
+        assert kept_lengths(length, capacity, drop).tolist() == kept
+        assert (
+            kept_lengths(length, capacity, bool(drop[0])).tolist()
+            == kept_lengths(length, capacity, np.full(n, drop[0])).tolist()
+        )
+
+
+@pytest.mark.parametrize("value", ["'parameters'", "'type:embedding'", "'type:.*'"])
+def test_partition_methods_deepspeed_takes_are_a_note(value, write, quiet_notes, capsys):
+    path = write(f"partition_method = {value}")
+    assert load_config(path).partition_method == value.strip("'")
+    assert [n for n in notes_of(capsys) if "partition_method =" in n] == [
+        f"note: {path}: partition_method = {value}: cap always gives every pipeline stage an equal number of "
+        "decoder layers (what 'parameters' approximates)"
+    ]
+
+
+@pytest.mark.parametrize("value, parsed", [("'L1'", "l1"), ("'Nuclear'", "nuclear"), ("'l2'", "l2")])
+def test_lora_weight_decay_type_any_case(value, parsed, write):
+    assert load_config(write(f"lora_weight_decay_type = {value}")).lora_weight_decay_type == parsed
+
+
+def test_control_adapter_type_without_control_adapters_is_a_note(write, quiet_notes, capsys):
+    path = write("control_adapter_type = 'spectral'")
+    assert load_config(path).mode == "lora"
+    assert notes_of(capsys) == [
+        f"note: {path}: control_adapter_type = 'spectral' has no effect without use_control_adapters = true"
+    ]
+
+
+def test_relative_paths_from_the_working_directory(tmp_path, tiny_model_dir, monkeypatch, quiet_notes, capsys):
+    """qlora-pipe-lite resolves relative paths against the working directory: a config in a subfolder
+    naming paths from the repository root loads and finds its files; next to the config wins."""
+    root = tmp_path / "repo"
+    (root / "examples").mkdir(parents=True)
+    (root / "models").mkdir()
+    (root / "models" / "tiny").symlink_to(tiny_model_dir("llama"))
+    (root / "runs").mkdir()
+    (root / "data").mkdir()
+    (root / "data" / "a.jsonl").write_text(json.dumps({"text": "one document"}) + "\n")
+    text = (
+        "model_dir = 'models/tiny'\noutput_dir = 'runs/x'\nprepared_dir = 'prep'\nlr = 1e-4\nsequence_len = 16\n"
+        "lora_rank = 2\n[[datasets]]\ndataset_path = 'data/*.jsonl'\n"
+    )
+    (root / "examples" / "x.toml").write_text(text)
+    monkeypatch.chdir(root)
+    cfg = load_config("examples/x.toml")
+    assert cfg.model_dir == (root / "models" / "tiny").resolve()
+    assert (cfg.output_dir, cfg.prepared_dir) == (root / "runs" / "x", root / "examples" / "prep")
+    assert [[f.path for f in files] for files in build.find_inputs(cfg)] == [[root / "data" / "a.jsonl"]]
+    assert notes_of(capsys) == []
+    (root / "examples" / "data").mkdir()
+    (root / "examples" / "data" / "b.jsonl").write_text(json.dumps({"text": "another"}) + "\n")
+    cfg = load_config("examples/x.toml")
+    assert cfg.datasets[0].dataset_path == str(root / "examples" / "data" / "*.jsonl")
+    assert notes_of(capsys) == [
+        f"note: examples/x.toml: datasets[0].dataset_path = 'data/*.jsonl' is {root / 'examples' / 'data' / '*.jsonl'} "
+        f"(next to the config), not {root / 'data' / '*.jsonl'} (under the working directory)"
+    ]
+
+
+@pytest.mark.parametrize("gpus, hint", [("1", "--num-gpus 2"), ("3", "--num-gpus 2"), ("5", "--num-gpus 4")])
+def test_world_size_error_names_num_gpus(gpus, hint, write):
+    path = write("pipeline_stages = 2")
+    result = CliRunner().invoke(train_main, [str(path), "--num-gpus", gpus], env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"cap-train: error: {path}: pipeline_stages = 2 must divide the world size ({gpus} processes): "
+        f"run with {hint} (a multiple of pipeline_stages)"
+    )
+
+
+def test_resume_from_a_qlora_pipe_lite_run_is_refused_naming_it(write, tmp_path):
+    path = write("use_control_adapters = true\ncontrol_adapter_type = 'spectral'")
+    run = tmp_path / "out" / "20251001_12-00-00"
+    for folder in ("global_step40", "global_step120", "epoch1"):
+        (run / folder).mkdir(parents=True)
+    (run / "global_step120" / "layer_02-model_states.pt").write_bytes(b"")
+    (run / "latest").write_text("global_step120")
+    result = CliRunner().invoke(train_main, [str(path), "--resume-from-checkpoint"], env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    model = load_config(path).model_dir
+    assert lines == [
+        f"cap-train: error: {run / 'global_step120'}: a qlora-pipe-lite checkpoint, which cap cannot resume "
+        f"(DeepSpeed's format); convert its adapter with `cap-export additive {model} {run / 'epoch1'} OUT` "
+        "(an epoch's adapter; a mid-epoch checkpoint: qlora-pipe-lite's convert_ds_checkpoint.py first), "
+        "or start from scratch without --resume-from-checkpoint"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--config", "{cfg}"], "cap-train: error: CONFIG is positional: cap-train {cfg}"),
+        (["--config={cfg}", "--num-gpus", "2"], "cap-train: error: CONFIG is positional: cap-train {cfg} --num-gpus 2"),
+        (
+            ["{cfg}", "--num_nodes", "2"],
+            "cap-train: error: --num_nodes: cap-train runs on several nodes with --hostfile FILE (DeepSpeed's "
+            "hostfile: one `host slots=N` line per node); --include/--exclude pick among them",
+        ),
+        (["{cfg}", "--num_gpus=2"], "cap-train: error: --num_gpus: cap-train's spelling is --num-gpus"),
+    ],
+)
+def test_peer_flags_get_one_line(args, line, write):
+    path = str(write())
+    result = CliRunner().invoke(train_main, [a.format(cfg=path) for a in args])
+    assert result.exit_code == 2 and result.output.strip() == line.format(cfg=path), result.output
+
+
+def test_trust_remote_code_is_a_note(write):
+    path = str(write())
+    result = CliRunner().invoke(train_main, [path, "--trust-remote-code", "--plan"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == (
+        "note: --trust-remote-code has no effect: cap never runs a model's own code; it builds the decoder from "
+        "transformers' classes for llama, mistral, mixtral, qwen2, qwen3, cohere, cohere2, gemma2, phi3"
+    )
+
+
+def test_multimodal_model_type_is_refused_in_one_line(write, tmp_path):
+    model = tmp_path / "mistral-small"
+    model.mkdir()
+    text = {"model_type": "mistral", "num_hidden_layers": 4}
+    (model / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": text}))
+    path = write(f"model_dir = '{model}'")
+    result = CliRunner().invoke(prep_main, [str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"cap-prep: error: {path}: model_dir = '{model}': model_type 'mistral3' is a multimodal model (its text "
+        "model, a mistral decoder, is under text_config) and cap trains text-only models: extract the text model "
+        "into a folder of its own (its config.json = text_config, weights without the language_model prefix); "
+        "supported model_types: llama, mistral, mixtral, qwen2, qwen3, cohere, cohere2, gemma2, phi3"
+    )

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from cap_common.models import FAMILIES
 from cap_export import convert
+from cap_export import verify as verifying
 from cap_export.adapters import load_control, load_lora
 from cap_export.base import Base
 from cap_export.cli import main
@@ -191,6 +192,39 @@ def test_verify_multiplicative_and_full_inverse_note(tmp_path, tiny_model_dir):
     assert r.exit_code == 1 and "differs by O(W'²)" in r.output, r.output
     r, gap = _verify(model, ckpt, "--inverse")
     assert r.exit_code == 0 and gap < TOL, r.output
+
+
+def test_verify_refuses_an_export_of_another_shape(tmp_path, tiny_model_dir, monkeypatch):
+    """EXPORTED made from a model of another hidden size or layer count, as a LoRA or a merged model
+    folder: one line naming it, the tensor, its shape and the one BASE has (found from the shapes
+    alone, before a model is built), exit code 2."""
+    llama = tiny_model_dir("llama")  # hidden 64, intermediate 128, 4 layers, vocab 512
+    ckpt = save_control(tmp_path / "ckpt", "full")
+    wide = assets.tiny_model("llama", tmp_path / "wide", hidden_size=96)
+    deep = assets.tiny_model("llama", tmp_path / "deep", num_hidden_layers=6)
+    for name, model, adapter in (
+        ("wide", wide, save_control(tmp_path / "c_wide", "full", hidden=96)),
+        ("deep", deep, save_control(tmp_path / "c_deep", "full", layers=[1, 5])),
+    ):
+        assert run("additive", model, adapter, tmp_path / f"lora_{name}").exit_code == 0
+        assert run("merge", model, tmp_path / f"lora_{name}", tmp_path / f"merged_{name}").exit_code == 0
+    cases = {
+        "lora_wide": ("model.layers.1.mlp.down_proj", "lora_A [4, 128] / lora_B [96, 4]", "[64, 128]"),
+        "lora_deep": ("model.layers.5.mlp.down_proj", "4 layers"),
+        "merged_wide": ("lm_head.weight", "[512, 96]", "[512, 64]"),
+        "merged_deep": ("model.layers.4.input_layernorm.weight", "4 layers"),
+    }
+
+    def no_model(*args):
+        raise AssertionError("verify built its models before checking the shapes")
+
+    monkeypatch.setattr(verifying, "run_verify", no_model)
+    for name, words in cases.items():
+        r = run("verify", llama, ckpt, tmp_path / name)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"cap-export: error: {tmp_path / name}"), r.output
+        assert all(word in lines[0] for word in words), lines[0]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -25,13 +26,16 @@ from cap_export.base import Base
 from cap_export.cli import main
 from tests import assets
 from tests.test_export_gguf import LLAMA_CPP, base_shapes, llama_cpp_rows, lora_on_all_linears, read
+from tests.test_export_models import peft_logits
 from tests.test_export_support import (  # noqa: F401
     LAYERS,
     RANK,
     dense_w,
     random_states,
+    reference_logits,
     save_control,
     single_thread,
+    token_ids,
 )
 
 ERA_A_ALPHA = 2.0  # round(√r) for r = 4: qlora-pipe-lite's Aug 2025 default lora_alpha
@@ -112,10 +116,17 @@ def save_peer(
     prefix: str = "base_model.model.",
     dtype=torch.float32,
     hidden: int = 64,
+    q_noise: float = 0.0,
 ) -> tuple[Path, dict, float]:
     """A qlora-pipe-lite epoch folder: spectral = its Oct 2025 Q/S adapter (alpha = r), the A/B types
-    its Aug 2025 one (alpha = round(√r)). Returns (folder, states as stored, scale alpha/r)."""
+    its Aug 2025 one (alpha = round(√r)). q_noise: Gaussian noise of that size added to spectral Q,
+    which qlora-pipe-lite trains as it is (a penalty only pulls it towards orthonormal). Returns
+    (folder, states as stored, scale alpha/r)."""
     states = random_states(adapter_type, seed, hidden=hidden)
+    g = torch.Generator().manual_seed(seed)
+    for state in states.values():
+        if "Q" in state and q_noise:
+            state["Q"] = state["Q"] + q_noise * torch.randn(state["Q"].shape, generator=g)
     states = {layer: {n: t.to(dtype).contiguous() for n, t in state.items()} for layer, state in states.items()}
     alpha = float(RANK) if adapter_type == "spectral" else ERA_A_ALPHA
     tensors = {peer_key(layer, n, prefix): t for layer, state in states.items() for n, t in state.items()}
@@ -311,6 +322,52 @@ def test_peer_loras_merge(tmp_path, tiny_model_dir):
             torch.testing.assert_close(merged[key].double(), want, atol=1e-6, rtol=1e-6)
 
 
+def test_gguf_refuses_multiplicative_loras(tmp_path, tiny_model_dir):
+    """A multiplicative LoRA, marked (cap-export multiplicative) or as qlora-pipe-lite's Aug 2025 tool
+    wrote it (no marker; lora_A [k, H] on the writers' output, which for down_proj [H, I] is not the
+    [k, I] an additive pair needs): llama.cpp only adds B·A, so gguf refuses it in one line naming the
+    folder and the two ways out, and writes nothing."""
+    model = tiny_model_dir("llama")
+    ok(run("multiplicative", save_control(tmp_path / "ckpt", "full"), tmp_path / "marked"))
+    g = torch.Generator().manual_seed(4)
+    peer = {
+        lora_key(layer, path, part): torch.randn(*shape, generator=g) * 0.1
+        for layer in LAYERS
+        for path in ("self_attn.o_proj", "mlp.down_proj")
+        for part, shape in (("A", (RANK, 64)), ("B", (64, RANK)))
+    }
+    (tmp_path / "peer").mkdir()
+    torch.save(peer, tmp_path / "peer" / "adapter_model.bin")
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": float(RANK), "target_modules": ["down_proj", "o_proj"]}
+    (tmp_path / "peer" / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "a.gguf"
+    for lora in (tmp_path / "peer", tmp_path / "marked"):
+        r = run("gguf", lora, out, "--base", model)
+        one_error_line(r, lora, "multiplicative", "cap-export additive BASE CKPT OUT", "merge", "--multiplicative")
+        nothing_written(tmp_path, out)
+
+
+def test_verify_uses_spectral_q_as_stored(tmp_path, tiny_model_dir):
+    """A spectral adapter whose Q is ≈ 0.1 from orthonormal (‖QᵀQ − I‖_F): training used it as stored,
+    W'₊ = Q·diag(eˢ − 1)·Qᵀ, and so does the export (checked against the float64 reference); verify's
+    trained side must too, and then finds the export exact. Cohere: a parallel block, where the block
+    adapter's writers form is exact."""
+    model = tiny_model_dir("cohere")
+    ckpt, states, _ = save_peer(tmp_path / "epoch1", "spectral", q_noise=0.02)
+    for state in states.values():
+        Q = state["Q"].double()
+        assert 0.05 < float(torch.linalg.norm(Q.T @ Q - torch.eye(RANK, dtype=torch.float64))) < 0.2
+    ids = token_ids()
+    for direction, flags in (("forward", ()), ("inverse", ("--inverse",))):  # classes +1 and −1
+        lora = tmp_path / direction
+        ok(run("additive", model, ckpt, lora, *flags))
+        want = reference_logits(model, "cohere", states, "spectral", "block", ids, direction)
+        torch.testing.assert_close(peft_logits(model, "cohere", lora, ids), want, atol=1e-4, rtol=0)
+        r = run("verify", model, lora)
+        gap = float(re.search(r"max \|Δlogit\| = ([0-9.e+-]+)", r.output).group(1))
+        assert r.exit_code == 0 and gap <= 1e-4 and "OK" in r.output, r.output
+
+
 # ---------------------------------------------------------------- multiplicative without a base → any family
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_multiplicative_without_base_merges_into_every_family(tmp_path, tiny_model_dir, family):
@@ -443,7 +500,7 @@ PEER_LINES = [
     ("gguf --input {L} --output {O} --arch llama", "cap-export gguf {L} {O} --base BASE"),
     ("verify --base {B} --adapter {C}", "cap-export verify {B} {C}"),
     ("analyze_control_adapters.py --adapter {C} --no-gpu", "cap-export inspect {C}"),
-    ("convert_ds_checkpoint.py --input ckpt --config run.toml --output {C}", "cap-export additive BASE {C} OUT"),
+    ("convert_ds_checkpoint.py --input ckpt --config run.toml --output {O}", "cap-export additive BASE epochN {O}"),
 ]
 
 
@@ -462,6 +519,17 @@ def test_peer_command_lines_get_caps_form(tmp_path, tiny_model_dir, line, form):
         if " gguf " in form:
             return
         ok(run(*shlex.split(shown)[1:]))  # and cap's form does the job
+
+
+def test_convert_ds_checkpoint_names_the_epoch_folder_and_its_output(tmp_path):
+    """Its --output is where the adapter goes (cap's OUT); the adapter cap reads is the run's epoch<N>/ folder."""
+    run_dir = tmp_path / "out" / "20251001_12-00-00"
+    for folder in ("global_step40", "epoch1", "epoch2"):
+        (run_dir / folder).mkdir(parents=True)
+    args = ["--input", run_dir / "global_step40", "--config", "run.toml", "--output", tmp_path / "lora"]
+    error = one_error_line(run("convert_ds_checkpoint.py", *args), "qlora-pipe-lite", "epoch<N>/")
+    assert f"`cap-export additive BASE {run_dir / 'epoch2'} {tmp_path / 'lora'}`" in error, error
+    nothing_written(tmp_path, tmp_path / "lora")
 
 
 def test_caps_own_options_are_not_intercepted(tmp_path, tiny_model_dir):

@@ -152,10 +152,25 @@ def tensor_sources(family: Family, key: str, config) -> list[Source]:
     return family.sources(key, config) if family.sources else [(key, WHOLE)]
 
 
+def check_model_type(config: dict, where: str = "config.json") -> Family:
+    """The family of a config.json's contents; one line naming the supported model_types otherwise. A
+    multimodal model (its text model's config under text_config, e.g. mistral3) is named as one."""
+    model_type = config.get("model_type", "<missing>")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    text = config.get("text_config")
+    why = "is not supported"
+    if isinstance(text, dict):
+        why = (
+            f"is a multimodal model (its text model, a {text.get('model_type', 'decoder')} decoder, is under "
+            "text_config) and cap trains text-only models: extract the text model into a folder of its own (its "
+            "config.json = text_config, weights without the language_model prefix)"
+        )
+    raise CapError(f"{where}: model_type '{model_type}' {why}; supported model_types: {', '.join(FAMILIES)}")
+
+
 def family_of(model_type: str, where: str = "config.json") -> Family:
-    if model_type not in FAMILIES:
-        raise CapError(f"{where}: model_type '{model_type}' is not supported; supported: " + ", ".join(FAMILIES))
-    return FAMILIES[model_type]
+    return check_model_type({"model_type": model_type}, where)
 
 
 def load_hf_config(model_dir: Path):
@@ -170,7 +185,7 @@ def load_hf_config(model_dir: Path):
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CapError(f"{path}: cannot read the model config ({e})") from None
-    family = family_of(raw.get("model_type", "<missing>"), str(path))
+    family = check_model_type(raw if isinstance(raw, dict) else {}, str(path))
     config = transformers.AutoConfig.from_pretrained(model_dir)
     config._attn_implementation = family.attention
     if family.experts:

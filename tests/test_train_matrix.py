@@ -241,10 +241,12 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
 
 
 # ---------------------------------------------------------------- training against the reference trainer
-# fp32 runs agree to float32 rounding. The 4-bit runs compute in bf16 on both sides, in other orders
-# (fused loss, rotary, attention kernels): the loss and ‖g‖ agree to bf16's resolution, the updates
-# to a few percent of their size (Adam's first steps divide by |g|, which amplifies the rounding).
-TOLERANCE = {"fp32": 1e-5, "bf16-loss": 1e-2, "bf16-update": 5e-2}
+# (loss and ‖g‖ per step, each tensor against its norm, each tensor against how far it moved).
+# fp32 runs agree to float32 rounding: measured ≤ 2e-7, ≤ 3e-6 and ≤ 9e-6 (Adam's first steps divide
+# by |g|, which amplifies the rounding of the elements whose gradient is near zero). The 4-bit runs
+# compute in bf16 on both sides, in other orders where cap fuses (the LM head's loss on CPUs without
+# native bf16, CUDA kernels): the loss and ‖g‖ to bf16's resolution, the update to a few percent.
+TOLERANCE = {"fp32": (1e-5, 1e-5, 5e-5), "bf16": (1e-2, 1e-2, 5e-2)}
 
 
 def written_tensors(folder: Path, mode: str) -> dict[str, torch.Tensor]:
@@ -264,19 +266,21 @@ def reference_training(cfg: Path, prepared: Path, tmp: Path):
     return {k: reference.orthonormal_q(k, v) for k, v in initial.items()}, after, losses, norms
 
 
-def assert_trains_like(record: dict, written: dict, ref, loss_rel: float, update_rel: float, where) -> None:
-    """Each step's loss and ‖g‖ within loss_rel; each tensor's distance from the reference's within
-    update_rel of how far the reference moved it (‖x − x_ref‖_F ≤ rel·‖x_ref − x₀‖_F)."""
+def assert_trains_like(record: dict, written: dict, ref, tolerance: tuple[float, float, float], where) -> None:
+    """Each step's loss and ‖g‖ within rel tolerance[0]; each tensor x within tolerance[1] of the
+    reference's x_ref (‖x − x_ref‖_F ≤ rel·‖x_ref‖_F) and within tolerance[2] of how far the reference
+    moved it (‖x − x_ref‖_F ≤ rel·‖x_ref − x₀‖_F)."""
     initial, after, losses, norms = ref
+    step_rel, tensor_rel, update_rel = tolerance
     for step in range(1, STEPS + 1):
         got = record[step]
-        assert got["train/loss"] == pytest.approx(losses[step - 1], rel=loss_rel), (where, step)
-        assert got["train/grad_norm"] == pytest.approx(norms[step - 1], rel=loss_rel), (where, step)
+        assert got["train/loss"] == pytest.approx(losses[step - 1], rel=step_rel), (where, step)
+        assert got["train/grad_norm"] == pytest.approx(norms[step - 1], rel=step_rel), (where, step)
     assert set(written) == set(after), (where, sorted(set(written) ^ set(after))[:4])
     for name, want in after.items():
-        moved = float((want.double() - initial[name].double()).norm())
         off = float((written[name].double() - want.double()).norm())
-        assert off <= update_rel * moved, (where, name, off, moved)
+        assert off <= tensor_rel * float(want.double().norm()), (where, name, off)
+        assert off <= update_rel * float((want.double() - initial[name].double()).norm()), (where, name, off)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
@@ -287,14 +291,11 @@ def test_training_equals_an_independent_trainer(trained, tmp_path, case):
     name, four_bit = case_id(case), case[0] == "qlora"
     _, _, out, prepared = trained[name, 1]
     ref = reference_training(out.parent.parent / f"cfg-{name}-1.toml", prepared, tmp_path)
-    loss_rel, update_rel = (
-        (TOLERANCE["bf16-loss"], TOLERANCE["bf16-update"]) if four_bit else (TOLERANCE["fp32"], TOLERANCE["fp32"])
-    )
     for procs, _ in TOPOLOGIES:
         proc, err, out, _ = trained[name, procs]
         assert proc.returncode == 0, err[-3000:]
         written = written_tensors(out / "epoch1", case[0])
-        assert_trains_like(metrics(out), written, ref, loss_rel, update_rel, procs)
+        assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16" if four_bit else "fp32"], procs)
 
 
 @pytest.mark.parametrize("name", FOUR_BIT)
@@ -317,7 +318,7 @@ def test_an_eval_between_4bit_steps_changes_nothing(trained, tmp_path, name):
     ]
     out, prepared = runs[EVALS][2], runs[EVALS][3]
     ref = reference_training(out.parent.parent / f"cfg-{name}-evals{EVALS}-1.toml", prepared, tmp_path)
-    assert_trains_like(metrics(out), written[EVALS], ref, TOLERANCE["bf16-loss"], TOLERANCE["bf16-update"], name)
+    assert_trains_like(metrics(out), written[EVALS], ref, TOLERANCE["bf16"], name)
 
 
 @pytest.mark.skipif(
@@ -339,7 +340,7 @@ def test_4bit_training_on_cuda_equals_the_reference(tmp_path, tiny_model_dir, na
     ref = reference_training(runs[EVALS][0], tmp_path / "prepared", tmp_path)
     for evals, (_, out) in runs.items():
         written = load_file(str(out / "epoch1" / "adapter_model.safetensors"))
-        assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16-loss"], TOLERANCE["bf16-update"], evals)
+        assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16"], evals)
 
 
 @pytest.mark.parametrize("case_name", ["qlora", "lora-layers0-0"])

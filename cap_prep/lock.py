@@ -118,12 +118,16 @@ class BuildLock:
             self.path.unlink()
         self.held = False
 
+    def info(self) -> dict | None:
+        """The lock's {"host", "pid", ...} as its holder wrote it; None when it is gone or not a lock."""
+        try:
+            return _lock_info(self.path.read_bytes())
+        except OSError:
+            return None
+
     def holder(self) -> str:
         """Who holds the lock, for messages."""
-        try:
-            info = _lock_info(self.path.read_bytes())
-        except OSError:
-            info = None
+        info = self.info()
         return f"pid {info['pid']} on {info['host']}" if info else "another process"
 
     def break_if_stale(self) -> str | None:
@@ -155,7 +159,7 @@ class BuildLock:
                 if readable and not content.strip()
                 else f"unreadable: {content}"
                 if not readable
-                else "not a cap-prep lock"
+                else "not a cap lock file"
             )
             if unchanged < INVALID_GRACE_S:
                 return None

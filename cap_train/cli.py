@@ -21,6 +21,7 @@ from cap_common.cli import REMOTE_CODE, PeerFlags, user_errors
 from cap_common.config import Config, load_config
 from cap_common.errors import CapError
 from cap_train.devices import choose_gpus, visible_gpus
+from cap_train.run_lock import one_run
 
 
 def free_port() -> int:
@@ -199,56 +200,59 @@ def main(
         gpus = choose_gpus(visible_gpus(env), include, exclude, num_gpus, env.get("CUDA_VISIBLE_DEVICES"))
         procs = len(gpus) or num_gpus or 1
         cfg.check_world_size(procs)
-    resume_from, restart_epoch = None, False
-    if resume_from_checkpoint:
-        resume_from, restart_epoch = resume_choice(cfg, procs, accept_config_change)
-    elif accept_config_change:
-        raise CapError("--accept-config-change only applies with --resume-from-checkpoint")
-    else:
-        _refuse_to_mix_runs(cfg)
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # rank r uses entry r (LOCAL_RANK)
-    elif not hostfile:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))  # the user's setting wins
-    log_dir = cfg.output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    args = worker_args(
-        str(cfg.source),
-        resume_from=resume_from,
-        restart_epoch=restart_epoch,
-        accept=accept_config_change,
-        add_prefix_space=add_prefix_space,
-        log_dir=log_dir,
-    )
-    click.echo(
-        f"cap-train: {procs or 'hostfile'} process(es){f' on GPU {chr(44).join(gpus)}' if gpus else ''}; "
-        f"each rank's full output: "
-        f"{log_dir}/rank<r>.log",
-        err=True,
-    )
-    if hostfile:
-        from cap_train.launch import forward_environment
-
-        skipped = forward_environment(env, log_dir / "deepspeed_env")
-        if skipped:
-            click.echo(
-                f"cap-train: not forwarded to the other nodes (quotes or $ in the value): {', '.join(skipped)}",
-                err=True,
-            )
-        cmd = deepspeed_command(args, hostfile, master_addr, master_port, include, exclude)
-        rc = subprocess.call(cmd, env=env)
-        if rc:
-            click.echo(f"cap-train: a worker failed (exit code {rc}); see its message above and {log_dir}", err=True)
-    else:
-        from cap_train.launch import run_local
-
-        rc = run_local(
-            [sys.executable, "-u", "-m", "cap_train.worker", *args],
-            procs,
-            master_port or free_port(),
-            env,
-            str(log_dir),
+    # one run per output_dir, held from before anything is written (cap_train/run_lock.py)
+    with one_run(cfg.output_dir, lambda line: click.echo(line, err=True)):
+        resume_from, restart_epoch = None, False
+        if resume_from_checkpoint:
+            resume_from, restart_epoch = resume_choice(cfg, procs, accept_config_change)
+        elif accept_config_change:
+            raise CapError("--accept-config-change only applies with --resume-from-checkpoint")
+        else:
+            _refuse_to_mix_runs(cfg)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # rank r uses entry r (LOCAL_RANK)
+        elif not hostfile:
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))  # the user's setting wins
+        log_dir = cfg.output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
+        args = worker_args(
+            str(cfg.source),
+            resume_from=resume_from,
+            restart_epoch=restart_epoch,
+            accept=accept_config_change,
+            add_prefix_space=add_prefix_space,
+            log_dir=log_dir,
         )
+        click.echo(
+            f"cap-train: {procs or 'hostfile'} process(es){f' on GPU {chr(44).join(gpus)}' if gpus else ''}; "
+            f"each rank's full output: "
+            f"{log_dir}/rank<r>.log",
+            err=True,
+        )
+        if hostfile:
+            from cap_train.launch import forward_environment
+
+            skipped = forward_environment(env, log_dir / "deepspeed_env")
+            if skipped:
+                click.echo(
+                    f"cap-train: not forwarded to the other nodes (quotes or $ in the value): {', '.join(skipped)}",
+                    err=True,
+                )
+            cmd = deepspeed_command(args, hostfile, master_addr, master_port, include, exclude)
+            rc = subprocess.call(cmd, env=env)
+            if rc:
+                message = f"cap-train: a worker failed (exit code {rc}); see its message above and {log_dir}"
+                click.echo(message, err=True)
+        else:
+            from cap_train.launch import run_local
+
+            rc = run_local(
+                [sys.executable, "-u", "-m", "cap_train.worker", *args],
+                procs,
+                master_port or free_port(),
+                env,
+                str(log_dir),
+            )
     sys.exit(rc)
 
 

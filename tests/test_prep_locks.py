@@ -69,7 +69,7 @@ def test_invalid_lock_is_stale_after_a_second(content, tmp_path, monkeypatch):
     lock = BuildLock(path)
     assert lock.break_if_stale() is None and path.exists()
     time.sleep(0.25)
-    assert lock.break_if_stale() in ("empty", "not a cap-prep lock") and not path.exists()
+    assert lock.break_if_stale() in ("empty", "not a cap lock file") and not path.exists()
 
 
 def test_lock_is_written_before_it_exists(tmp_path, monkeypatch):

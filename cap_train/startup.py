@@ -1,11 +1,12 @@
 """Start-up checks that every rank makes before training, agreed among all ranks; the timeouts.
 
 A run over several nodes fails most often at its start: a node that does not see the config, the
-model, the checkpoint, the prepared data, or the same output folder (storage not shared). Each
-rank makes the checks itself, then the ranks exchange what they found (`agree`): a problem on one
-rank stops every rank at once — the lowest failing rank prints one line naming rank, host and
-problem, the others stop quietly — instead of that rank exiting alone while the others wait in
-their next collective until its timeout.
+model, the checkpoint, the prepared data, or the same output folder (storage not shared), or that
+reads another version of the config. Each rank makes the checks itself, then the ranks exchange
+what they found (`agree`) and compare their configs and cap's version with rank 0's (`same_run`):
+a problem on one rank stops every rank at once — one line naming rank, host and problem, the
+others stop quietly — instead of that rank exiting alone while the others wait in their next
+collective until its timeout.
 
 Timeouts: collectives of the default process group time out after COLLECTIVE_TIMEOUT
 (30 minutes; CAP_COLLECTIVE_TIMEOUT_MIN); only the wait for rank 0's data preparation may be long,
@@ -107,10 +108,45 @@ def check_start(config: str, overrides: dict | None, resume_from: str | None) ->
             problem = attempt(lambda: _write_marker(marker))
         agree(problem)
         agree(attempt(lambda: _check_node(cfg, marker, rank, resume_from)))
+        same_run(cfg)
     finally:
         if rank == 0 and marker is not None:
             marker.unlink(missing_ok=True)
     return cfg
+
+
+def same_run(cfg: Config) -> None:
+    """Every rank trains what rank 0 trains: each compares cap's version and its config (every key,
+    as its node read it; each node reads its own copy) with rank 0's. On a difference every rank
+    stops, rank 0 with one line naming each differing rank, its host and keys, the others quietly."""
+    mine = {"cap version": _cap_version(), **cfg.to_dict()}
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (HOST, str(cfg.source), mine))
+    _, _, first = found[0]
+    differing = []
+    for rank, (host, source, other) in enumerate(found[1:], start=1):
+        keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if keys:
+            shown = ", ".join(f"{k} = {other.get(k)!r} (rank 0: {first.get(k)!r})" for k in keys[:4])
+            differing.append(f"rank {rank} on {host} ({source}): {shown}{' …' if len(keys) > 4 else ''}")
+    if not differing:
+        return
+    if dist.get_rank() != 0:
+        raise PeerFailed(f"the ranks' configs differ: {differing[0]}")
+    more = f"; {len(differing) - 3} more ranks differ" if len(differing) > 3 else ""
+    raise CapError(
+        f"start-up check failed: the ranks' configs differ (every node reads its own copy of the config): "
+        f"{'; '.join(differing[:3])}{more}; every rank stopped"
+    )
+
+
+def _cap_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cap")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _write_marker(marker: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from cap_common.errors import CapError
+from cap_common.files import HOST
 from cap_train.cli import deepspeed_command
 from cap_train.cli import main as train_main
 from cap_train.devices import backend_and_device, choose_gpus, visible_gpus
@@ -277,3 +278,19 @@ def test_collective_timeouts_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("CAP_COLLECTIVE_TIMEOUT_MIN", "soon")
     with pytest.raises(CapError, match="CAP_COLLECTIVE_TIMEOUT_MIN='soon': expected a number of minutes"):
         startup.collective_timeout()
+
+
+@pytest.mark.slow
+def test_a_config_that_differs_on_one_rank_stops_every_rank_before_any_step(tmp_path, tiny_model_dir):
+    """Node 2 reads its own copy of the config, with another lr and max_steps: both ranks stop at
+    start-up, rank 0 with one line naming rank 1, its config and the keys that differ; nothing trains."""
+    node1 = write_config(tmp_path / "node1", tiny_model_dir("llama"), max_steps=2, lr=0.002)
+    node2 = node1.with_name("node2.toml")
+    node2.write_text(node1.read_text().replace("lr = 0.002", "lr = 0.5").replace("max_steps = 2", "max_steps = 3"))
+    procs, outs = run_two_nodes(node1, node2, tmp_path)
+    assert [p.returncode for p in procs] == [2, 3], outs
+    line = outs[0][1].strip()
+    assert line.count("\n") == 0 and line.startswith("cap-train: error (rank 0 on "), line
+    assert f"rank 1 on {HOST} ({node2}): lr = 0.5 (rank 0: 0.002), max_steps = 3 (rank 0: 2)" in line
+    assert line.endswith("every rank stopped") and outs[1][1].strip() == ""
+    assert not (tmp_path / "node1" / "out" / "metrics.jsonl").exists()

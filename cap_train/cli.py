@@ -21,6 +21,7 @@ from cap_common.cli import REMOTE_CODE, PeerFlags, user_errors
 from cap_common.config import Config, load_config
 from cap_common.errors import CapError
 from cap_train.devices import choose_gpus, visible_gpus
+from cap_train.external import launcher_environment, run_id
 from cap_train.run_lock import one_run
 
 
@@ -189,6 +190,23 @@ def main(
     if gpu_memory is not None or as_json:
         raise CapError("--gpu-memory and --json only apply with --plan")
     env = dict(os.environ)
+    ranks = launcher_environment(env)
+    if ranks is not None:  # torchrun or srun started this process as one rank (cap_train/external.py)
+        given = [
+            name
+            for name, v in (
+                ("--num-gpus", num_gpus),
+                ("--hostfile", hostfile),
+                ("--include", include),
+                ("--exclude", exclude),
+                ("--master-addr", master_addr),
+                ("--master-port", master_port),
+            )
+            if v
+        ]
+        if given:
+            raise CapError(f"{', '.join(given)}: not with torchrun or srun, whose variables say where each rank runs")
+        return run_as_rank(cfg, ranks, resume_from_checkpoint, accept_config_change, add_prefix_space)
     if hostfile:
         if num_gpus is not None:
             raise CapError(
@@ -202,18 +220,13 @@ def main(
         cfg.check_world_size(procs)
     # one run per output_dir, held from before anything is written (cap_train/run_lock.py)
     with one_run(cfg.output_dir, lambda line: click.echo(line, err=True)):
-        resume_from, restart_epoch = None, False
-        if resume_from_checkpoint:
-            resume_from, restart_epoch = resume_choice(cfg, procs, accept_config_change)
-        elif accept_config_change:
-            raise CapError("--accept-config-change only applies with --resume-from-checkpoint")
-        else:
-            _refuse_to_mix_runs(cfg)
+        resume_from, restart_epoch = choose_start(cfg, procs, resume_from_checkpoint, accept_config_change)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # rank r uses entry r (LOCAL_RANK)
         elif not hostfile:
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))  # the user's setting wins
+        env["CAP_WORKER"] = "1"  # the config's notes are said here, not again by every worker
         log_dir = cfg.output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
         args = worker_args(
             str(cfg.source),
@@ -254,6 +267,44 @@ def main(
                 str(log_dir),
             )
     sys.exit(rc)
+
+
+def choose_start(cfg: Config, procs: int | None, resume: bool, accept: bool) -> tuple[str | None, bool]:
+    """(checkpoint to resume from, whether its epoch restarts); a fresh run must not write over an
+    earlier run's checkpoints."""
+    if resume:
+        return resume_choice(cfg, procs, accept)
+    if accept:
+        raise CapError("--accept-config-change only applies with --resume-from-checkpoint")
+    _refuse_to_mix_runs(cfg)
+    return None, False
+
+
+def run_as_rank(cfg: Config, ranks: dict[str, str], resume: bool, accept: bool, add_prefix_space: bool) -> None:
+    """This process is one rank of a run torchrun or srun started: rank 0 takes the run lock and
+    chooses the start (as the launcher below does), then every rank trains (cap_train.worker)."""
+    import contextlib
+
+    from cap_train.worker import serve_external
+
+    os.environ.update(ranks)
+    if not visible_gpus(dict(os.environ)):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    procs = int(ranks["WORLD_SIZE"])
+    cfg.check_world_size(procs)
+    held = contextlib.ExitStack()
+
+    def decide():
+        held.enter_context(one_run(cfg.output_dir, lambda line: click.echo(line, err=True)))
+        try:
+            resume_from, restart_epoch = choose_start(cfg, procs, resume, accept)
+        except BaseException:
+            held.close()  # the process ends without unwinding (cap_train.worker.serve)
+            raise
+        return resume_from, restart_epoch, str(cfg.output_dir / "logs" / run_id(dict(os.environ)))
+
+    with held:
+        serve_external(str(cfg.source), add_prefix_space, accept, decide)
 
 
 def print_plan(cfg: Config, num_gpus: int | None, gpu_memory: float | None, as_json: bool) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,20 +45,28 @@ def skip_shm_comm_op(deepspeed) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def join_process_group() -> torch.device:
+    """Join the process group (once) on the backend and device DeepSpeed's accelerator gives; this rank's device."""
+    import deepspeed
+
+    skip_shm_comm_op(deepspeed)
+    backend, device = backend_and_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=startup.collective_timeout())
+    return device
+
+
 def run(
     config: str, resume_from: str | None, restart_epoch: bool, add_prefix_space: bool, output: RankOutput, accept=False
 ) -> None:
     import logging
 
-    import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would bury cap's progress line
-    skip_shm_comm_op(deepspeed)
-    backend, device = backend_and_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend=backend, timeout=startup.collective_timeout())
+    device = join_process_group()
     cfg = startup.check_start(config, {"add_prefix_space": True} if add_prefix_space else None, resume_from)
     trainer = Trainer(
         cfg, device, Path(resume_from) if resume_from else None, restart_epoch, output.log_only, accept_change=accept
@@ -102,22 +111,64 @@ def main(argv=None) -> None:
     die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     output = RankOutput(args.log_dir, rank)
+    serve(
+        rank,
+        lambda: output,
+        lambda: run(
+            args.config, args.resume_from, args.restart_epoch, args.add_prefix_space, output, args.accept_config_change
+        ),
+    )
+
+
+def serve_external(config: str, add_prefix_space: bool, accept: bool, decide: Callable[[], tuple]) -> None:
+    """One rank started by torchrun or srun (cap_train.external): once every rank has joined, rank 0
+    runs `decide()` — the run lock and the checkpoint choice, (resume_from, restart_epoch, log_dir) —
+    and tells the others, who stop quietly when it failed; then this rank trains as a worker."""
+    rank = int(os.environ["RANK"])
+    output = RankOutput(None, rank)  # the console, until the run's log folder is known
+
+    def body():
+        nonlocal output
+        join_process_group()
+        box: list = [None]
+        if rank == 0:
+            try:
+                box = [("ok", decide())]
+            except CapError as e:
+                box = [("failed", str(e))]
+        dist.broadcast_object_list(box, src=0)
+        outcome, value = box[0]
+        if outcome == "failed":
+            if rank == 0:
+                raise CapError(value)
+            raise startup.PeerFailed(f"rank 0 stopped the run before it started: {value}")
+        resume_from, restart_epoch, log_dir = value
+        output = RankOutput(log_dir, rank)
+        run(config, resume_from, restart_epoch, add_prefix_space, output, accept)
+
+    serve(rank, lambda: output, body)
+
+
+def serve(rank: int, output: Callable[[], RankOutput], body: Callable[[], None]) -> None:
+    """Run `body`; every failure becomes one line (or none, for a rank that only lost its peer) and
+    this process's exit code (cap_train.logs)."""
     try:
-        run(args.config, args.resume_from, args.restart_epoch, args.add_prefix_space, output, args.accept_config_change)
+        body()
     except CapError as e:
-        output.console_line(f"cap-train: error (rank {rank} on {HOST}): {e}")
+        output().console_line(f"cap-train: error (rank {rank} on {HOST}): {e}")
         code = EXIT_USER
     except OSError as e:
-        output.console_line(f"cap-train: error (rank {rank} on {HOST}): {os_error_message(e)}")
+        output().console_line(f"cap-train: error (rank {rank} on {HOST}): {os_error_message(e)}")
         code = EXIT_USER
-    except startup.PeerFailed as e:  # the failing rank prints the line; this one only logs it
-        with output.log_only():
-            print(f"cap-train: stopped (rank {rank} on {HOST}): {e}", file=sys.stderr, flush=True)
+    except startup.PeerFailed as e:  # the failing rank prints the line; this one only logs it, if it has a log
+        if output().log_path is not None:
+            with output().log_only():
+                print(f"cap-train: stopped (rank {rank} on {HOST}): {e}", file=sys.stderr, flush=True)
         code = EXIT_PEER_LOST
     except KeyboardInterrupt:
         code = 130
     except Exception as e:  # noqa: BLE001 - every crash is reported, then the process ends at once
-        code = report_crash(output, e)
+        code = report_crash(output(), e)
     else:
         return
     sys.stdout.flush()

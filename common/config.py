@@ -555,7 +555,7 @@ _noted: set[str] = set()
 def _notes(c: Config, where: str, present: set[str], more: list[str]) -> None:
     """One line on stderr, once per process, for each key that is accepted but has no effect in cap, and for
     each of `more` (defaults taken from qlora-pipe-lite's Oct-2025 generation, paths found two ways).
-    Worker processes (RANK set by the launcher) stay quiet: the command that started them has said it."""
+    Worker processes stay quiet (`_says_notes`): the command that started them has said it."""
     notes = []
     if c.control_adapter_gamma is not None:
         notes.append(
@@ -574,9 +574,16 @@ def _notes(c: Config, where: str, present: set[str], more: list[str]) -> None:
         )
     for text in notes + more:
         line = f"note: {where}: {text}"
-        if line not in _noted and "RANK" not in os.environ:
+        if line not in _noted and _says_notes():
             _noted.add(line)
             print(line, file=sys.stderr, flush=True)
+
+
+def _says_notes() -> bool:
+    """Not a worker cap-train's launcher started (CAP_WORKER), nor a rank other than 0 of a run torchrun
+    or srun started (RANK, SLURM_PROCID): one process of a run says the config's notes."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return os.environ.get("CAP_WORKER") != "1" and rank == "0"
 
 
 # ---------------------------------------------------------------- qlora-pipe-lite's two generations

@@ -188,7 +188,8 @@ def model(tiny_model_dir):
 def quiet_notes(monkeypatch):
     """A fresh record of the notes printed, as in a new process (and not a launched worker)."""
     monkeypatch.setattr(config_module, "_noted", set())
-    monkeypatch.delenv("RANK", raising=False)
+    for variable in ("RANK", "SLURM_PROCID", "CAP_WORKER"):
+        monkeypatch.delenv(variable, raising=False)
 
 
 def config_file(tmp_path, text: str):
@@ -255,10 +256,16 @@ def test_notes_print_once_per_process_and_not_in_workers(tmp_path, model, quiet_
     load_config(path)
     err = capsys.readouterr().err
     assert err.count("note: ") == 3 and err.startswith(f"note: {path}: control_adapter_gamma = 0.5 has no effect")
-    monkeypatch.setattr(config_module, "_noted", set())
-    monkeypatch.setenv("RANK", "0")  # a worker cap-train launched: its launcher said it
+    for variable, value in (("CAP_WORKER", "1"), ("RANK", "1"), ("SLURM_PROCID", "3")):
+        # a worker cap-train's launcher started (it said the notes), a rank > 0 under torchrun or srun
+        monkeypatch.setattr(config_module, "_noted", set())
+        with monkeypatch.context() as env:
+            env.setenv(variable, value)
+            load_config(path)
+        assert capsys.readouterr().err == "", variable
+    monkeypatch.setenv("RANK", "0")  # rank 0 under torchrun says them
     load_config(path)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.count("note: ") == 3
 
 
 # ---------------------------------------------------------------- single keys

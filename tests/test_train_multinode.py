@@ -294,3 +294,80 @@ def test_a_config_that_differs_on_one_rank_stops_every_rank_before_any_step(tmp_
     assert f"rank 1 on {HOST} ({node2}): lr = 0.5 (rank 0: 0.002), max_steps = 3 (rank 0: 2)" in line
     assert line.endswith("every rank stopped") and outs[1][1].strip() == ""
     assert not (tmp_path / "node1" / "out" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------- torchrun and srun (cap_train/external.py)
+def test_the_launchers_variables_give_each_rank_its_place():
+    from cap_train.external import first_node, launcher_environment, run_id
+
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    assert launcher_environment(torchrun) == torchrun
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456"}
+    slurm["SLURM_JOB_NODELIST"] = "gpu[07-09,12],cpu1"
+    assert launcher_environment(slurm) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+    }
+    assert run_id(slurm) == "slurm-123456.0" and first_node("node1,node2") == "node1"
+    assert launcher_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # cap-train launches itself
+    with pytest.raises(CapError, match="not MASTER_ADDR, MASTER_PORT"):
+        launcher_environment({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def start_rank(cfg, variables: dict, *extra) -> subprocess.Popen:
+    """cap-train itself, started as one rank by torchrun or srun would start it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cap_train.cli", str(cfg), *extra],
+        env={**ENV, "DS_ACCELERATOR": "cpu", **variables},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_ranks(cfg, launcher: str) -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
+    port = free_port()
+    if launcher == "torchrun":
+        common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "t"}
+        ranks = [{**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in (0, 1)]
+    else:  # Slurm's variables only
+        common = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "127.0.0.1"}
+        common["MASTER_PORT"] = str(port)
+        ranks = [{**common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)]
+    procs = [start_rank(cfg, variables) for variables in ranks]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    return procs, outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_ranks_started_by_torchrun_or_srun_train_like_one_process(tmp_path, tiny_model_dir, launcher):
+    """Two ranks (2 pipeline stages) started with torchrun's or Slurm's variables train the losses of
+    one process; started again without --resume-from-checkpoint, rank 0 refuses to write over their
+    checkpoints in one line, as cap-train's own launcher does, and rank 1 stops quietly."""
+    from tests.test_train import metrics, run_train
+
+    model = tiny_model_dir("llama")
+    one = write_config(tmp_path / "one", model, max_steps=3)
+    run_train(one, 1)
+    two = write_config(tmp_path / "two", model, max_steps=3, pipeline_stages=2)
+    procs, outs = run_ranks(two, launcher)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    want, got = metrics(tmp_path / "one" / "out"), metrics(tmp_path / "two" / "out")
+    for step in (1, 2, 3):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-4)
+    logs = tmp_path / "two" / "out" / "logs"
+    assert [p.name for p in logs.iterdir()] == ["torchrun-t" if launcher == "torchrun" else "slurm-77.0"]
+    assert sorted(p.name for p in next(logs.iterdir()).iterdir()) == ["rank0.log", "rank1.log"]
+    procs, outs = run_ranks(two, launcher)
+    assert [p.returncode for p in procs] == [2, 3], outs
+    assert "holds checkpoints of an earlier run" in outs[0][1] and outs[1][1].strip() == ""
+    assert not (tmp_path / "two" / "out" / ".cap-train.lock").exists()

@@ -221,12 +221,16 @@ def run_two_nodes(cfg0, cfg1, tmp_path) -> tuple[list[subprocess.Popen], list[tu
     """Ranks 0 and 1 on their configs, each waited for up to a minute: (processes, (stdout, stderr) each)."""
     port = free_port()
     procs = [start_worker(cfg0, 0, port, tmp_path / "logs0"), start_worker(cfg1, 1, port, tmp_path / "logs1")]
+    return procs, outputs(procs, timeout=60)
+
+
+def outputs(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process, each waited for up to `timeout` s; any still running is killed."""
     try:
-        outs = [p.communicate(timeout=60) for p in procs]
+        return [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             stop(p)
-    return procs, outs
 
 
 @pytest.mark.slow
@@ -339,29 +343,31 @@ def run_ranks(cfg, launcher: str) -> tuple[list[subprocess.Popen], list[tuple[st
         common["MASTER_PORT"] = str(port)
         ranks = [{**common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)]
     procs = [start_rank(cfg, variables) for variables in ranks]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            stop(p)
-    return procs, outs
+    return procs, outputs(procs, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    """metrics of a 1-process run of 3 steps."""
+    from tests.test_train import metrics, run_train
+
+    folder = tmp_path_factory.mktemp("one-process")
+    run_train(write_config(folder, tiny_model_dir("llama"), max_steps=3), 1)
+    return metrics(folder / "out")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
-def test_ranks_started_by_torchrun_or_srun_train_like_one_process(tmp_path, tiny_model_dir, launcher):
+def test_ranks_started_by_torchrun_or_srun_train_like_one_process(tmp_path, tiny_model_dir, one_process, launcher):
     """Two ranks (2 pipeline stages) started with torchrun's or Slurm's variables train the losses of
     one process; started again without --resume-from-checkpoint, rank 0 refuses to write over their
     checkpoints in one line, as cap-train's own launcher does, and rank 1 stops quietly."""
-    from tests.test_train import metrics, run_train
+    from tests.test_train import metrics
 
-    model = tiny_model_dir("llama")
-    one = write_config(tmp_path / "one", model, max_steps=3)
-    run_train(one, 1)
-    two = write_config(tmp_path / "two", model, max_steps=3, pipeline_stages=2)
+    two = write_config(tmp_path / "two", tiny_model_dir("llama"), max_steps=3, pipeline_stages=2)
     procs, outs = run_ranks(two, launcher)
     assert [p.returncode for p in procs] == [0, 0], outs
-    want, got = metrics(tmp_path / "one" / "out"), metrics(tmp_path / "two" / "out")
+    want, got = one_process, metrics(tmp_path / "two" / "out")
     for step in (1, 2, 3):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-4)
     logs = tmp_path / "two" / "out" / "logs"

@@ -44,11 +44,7 @@ class Linear4bit(bnb.nn.Linear4bit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.to(self.compute_dtype or dtype)
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _Linear4bitFn.apply(x, self.weight)
-        else:
-            y = F.linear(x, dequantized(self.weight).to(x.dtype))
+        y = _Linear4bitFn.apply(x.to(self.compute_dtype or dtype), self.weight)  # no graph without grad
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(dtype)

@@ -21,7 +21,7 @@ from cap_common.adapters import factors
 from cap_common.adapters.io import control_state_by_layer, load_adapter, weights_file
 from cap_common.errors import CapError
 from cap_export import note
-from cap_export.folders import adapter_folder, read_provenance, run_toml_type
+from cap_export.folders import adapter_folder, named_folder, read_provenance, run_toml_type
 
 LORA_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(A|B)\.weight$")
@@ -93,7 +93,7 @@ def _read(path) -> tuple[Path, dict[str, torch.Tensor], dict, tuple[str, Path] |
     folder = adapter_folder(path)
     from_toml = run_toml_type(folder)
     tensors, config = load_adapter(folder, from_toml[0] if from_toml else None)
-    return folder, tensors, config, from_toml
+    return named_folder(folder), tensors, config, from_toml
 
 
 def load_control(path) -> Control:
@@ -154,8 +154,9 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def load_lora(path) -> Lora:
-    folder = adapter_folder(path)
-    tensors, config = load_adapter(folder)
+    files = adapter_folder(path)
+    tensors, config = load_adapter(files)
+    folder = named_folder(files)
     if control_state_by_layer(tensors):
         raise CapError(
             f"{weights_file(folder)}: a Control Adapter, not a LoRA; convert it first with "

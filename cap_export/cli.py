@@ -87,8 +87,8 @@ mixtral_option = click.option(
 
 @click.group(cls=PeerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """Turn a trained adapter (an epoch<N>/ folder or a training checkpoint) into files that PEFT,
-    transformers and llama.cpp load.
+    """Turn a trained adapter (an epoch<N>/ folder, or a checkpoint of the run: checkpoints/step<N>/)
+    into files that PEFT, transformers and llama.cpp load.
 
     \b
     multiplicative CKPT OUT            lossless multiplicative LoRA on the residual writers

@@ -1,9 +1,10 @@
 """Adapter folders and provenance: which folder holds an adapter's two files, and the
 cap_export.json record that cap-export writes beside each export (what it was made from).
 
-- `adapter_folder`: an epoch<N>/ folder, a plain adapter folder, or a training checkpoint with an
-  adapter/ subfolder → the folder holding adapter_model.safetensors (or qlora-pipe-lite's
-  adapter_model.bin) + adapter_config.json.
+- `adapter_folder`: an epoch<N>/ folder, a plain adapter folder, a cap training checkpoint
+  (checkpoints/step<N>/: its adapter is assembled into a temporary folder, removed at exit), or a
+  training checkpoint with an adapter/ subfolder → the folder holding adapter_model.safetensors (or
+  qlora-pipe-lite's adapter_model.bin) + adapter_config.json; `named_folder` names what the user gave.
 - `run_toml_type`: the control_adapter_type of a qlora-pipe-lite Aug 2025 run, from the training
   TOML it copied into the run folder (its adapter_config.json lost that field).
 - `read_provenance`: the cap_export.json beside an export, its values checked against
@@ -27,8 +28,12 @@ PROVENANCE = "cap_export.json"  # beside an exported LoRA or merged model: what 
 DIRECTIONS = ("forward", "inverse", "negate")
 
 
+_ASSEMBLED: dict[Path, Path] = {}  # checkpoint → the temporary folder holding its adapter (this process)
+
+
 def adapter_folder(path) -> Path:
-    """The folder holding the two adapter files: `path` itself, or `path`/adapter/ (training checkpoint)."""
+    """The folder holding the two adapter files: `path` itself, `path`/adapter/ (training checkpoint),
+    or for a cap checkpoint the temporary folder its adapter was assembled into (once per process)."""
     path = Path(path)
     if not path.exists():
         raise CapError(f"{path}: not found")
@@ -38,6 +43,8 @@ def adapter_folder(path) -> Path:
         )
     if any((path / name).exists() for name in (WEIGHTS_NAME, BIN_NAME, CONFIG_NAME)):
         return path
+    if (path / "state.json").is_file() and any(path.glob("trainable-stage*.safetensors")):
+        return _assemble(path)
     if any((path / "adapter" / name).exists() for name in (WEIGHTS_NAME, BIN_NAME)):
         return path / "adapter"
     if (path / "ds").is_dir():
@@ -48,6 +55,34 @@ def adapter_folder(path) -> Path:
     raise CapError(
         f"{path}: no {WEIGHTS_NAME} (or {BIN_NAME}) and {CONFIG_NAME} here (expected an epoch<N>/ or adapter folder)"
     )
+
+
+def _assemble(checkpoint: Path) -> Path:
+    """The adapter of a cap checkpoint, written as its run writes epoch<N>/ (cap_train.outputs), into a
+    temporary folder that is removed when this process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from cap_train.outputs import write_checkpoint_adapter
+
+    key = checkpoint.resolve()
+    if key not in _ASSEMBLED:
+        scratch = Path(tempfile.mkdtemp(prefix="cap-export-checkpoint-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        folder = scratch / checkpoint.name
+        try:
+            write_checkpoint_adapter(checkpoint, folder)
+        except OSError as e:
+            raise CapError(f"{checkpoint}: cannot assemble its adapter in {scratch} ({e.strerror or e})") from None
+        _ASSEMBLED[key] = folder
+    return _ASSEMBLED[key]
+
+
+def named_folder(folder: Path) -> Path:
+    """The folder to name in messages and records for `folder` (an adapter_folder result): the
+    checkpoint for an adapter assembled from one, else `folder` itself."""
+    return next((ckpt for ckpt, tmp in _ASSEMBLED.items() if tmp == Path(folder)), Path(folder))
 
 
 def run_toml_type(folder: Path) -> tuple[str, Path] | None:

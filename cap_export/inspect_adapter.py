@@ -30,7 +30,7 @@ import torch
 from cap_common.adapters import factors
 from cap_common.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from cap_common.errors import CapError
-from cap_export.folders import PROVENANCE, adapter_folder
+from cap_export.folders import PROVENANCE, adapter_folder, named_folder
 
 THRESHOLD = 0.01  # rank>1%: singular values above this fraction of σ₁
 ERANK = "erank = exp(H(p)), p = σ/Σσ (entropy effective rank)"
@@ -169,7 +169,7 @@ def inspect(path, top: int = 8) -> Report:
 
     folder = adapter_folder(path)
     with _one_thread():
-        return _inspect(folder, load_any(folder), top)
+        return _inspect(named_folder(folder), load_any(folder), top)
 
 
 @contextlib.contextmanager

@@ -31,14 +31,45 @@ SETTLE_S = 3.0  # after a rank that only lost its peer exits, how long to wait f
 GRACE_S = 10.0  # SIGTERM → SIGKILL
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when the process that started it ends, even by SIGKILL, so a
-    worker never outlives its launcher (an orphaned rank would hold its CPU, GPU or port)."""
-    if not sys.platform.startswith("linux"):
+def die_with_parent(say) -> None:
+    """A worker that this module's launcher started (`run_local` names itself in CAP_LAUNCHER_PID, and
+    it is the worker's parent) ends when the launcher ends, even by SIGKILL, so that it never outlives it
+    (an orphaned rank would hold its CPU, GPU or port); before it ends it calls `say(why)` with one line
+    for its rank log. A worker that anything else started (a script that exits, pdsh/ssh, mpirun) is left
+    alone: its parent may exit while it trains on.
+
+    Linux: PR_SET_PDEATHSIG delivers SIGUSR1 when the launcher ends, and a thread watches the parent
+    pid, for the times the main thread is inside a long call (a collective) and cannot run the handler.
+    The exit code is 128 + SIGTERM, as when the launcher's SIGTERM stops a rank."""
+    import threading
+
+    from cap_common.files import pid_alive
+
+    launcher = os.environ.pop("CAP_LAUNCHER_PID", "")  # not for what this worker starts in turn
+    if not sys.platform.startswith("linux") or not launcher.isdigit():
         return
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the launcher was gone before the call
-        os.kill(os.getpid(), signal.SIGTERM)
+    launcher_pid = int(launcher)
+    if os.getppid() != launcher_pid and pid_alive(launcher_pid):
+        return  # another process started it and passed the variable on: not the launcher's worker
+    once = threading.Lock()
+
+    def gone() -> None:
+        if once.acquire(blocking=False):  # the first of the handler and the watcher says it and exits
+            say(f"the cap-train launcher that started this worker (pid {launcher_pid}) is gone")
+            os._exit(128 + signal.SIGTERM)
+
+    def on_signal(signum, frame) -> None:
+        if os.getppid() != launcher_pid:  # a SIGUSR1 from anyone else is ignored
+            gone()
+
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(0.5)
+        gone()
+
+    signal.signal(signal.SIGUSR1, on_signal)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
+    threading.Thread(target=watch, name="cap-launcher-watch", daemon=True).start()  # also: gone before prctl
 
 
 @dataclass
@@ -81,6 +112,7 @@ def run_local(command: list[str], num_procs: int, master_port: int, env: dict[st
         "MASTER_PORT": str(master_port),
         "CROSS_RANK": "0",
         "CROSS_SIZE": "1",
+        "CAP_LAUNCHER_PID": str(os.getpid()),  # workers die with this process (die_with_parent)
     }
     try:
         for rank in range(num_procs):

@@ -150,8 +150,13 @@ def _cap_version() -> str:
 
 
 def _write_marker(marker: Path) -> None:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(HOST)
+    """Rank 0 creates output_dir and writes the marker the other ranks look for; a failure (a full
+    disk, no permission) is a CapError naming output_dir and the file."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(HOST)
+    except OSError as e:
+        raise CapError(f"output_dir {marker.parent}: cannot write there ({os_error_message(e, marker)})") from None
 
 
 def _check_node(cfg: Config, marker: Path, rank: int, resume_from: str | None) -> None:

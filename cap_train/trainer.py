@@ -392,7 +392,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:
-        """Token-mean eval loss overall and per class, over every whole eval batch."""
+        """Token-mean eval loss overall and per class, over every whole eval batch; rank 0 shows its
+        progress (throttled) and a summary line (cap_train.metrics.EvalProgress)."""
         cfg = self.cfg
         per_batch = self.dp_world * cfg.micro_batch_size * cfg.eval_accumulation
         n_batches = len(self.eval_rows) // per_batch
@@ -400,6 +401,9 @@ class Trainer:
         stats = torch.zeros(6, dtype=torch.float64, device=self.device)
         if n_batches == 0:
             return {}
+        from cap_train.metrics import EvalProgress
+
+        progress = EvalProgress(self.rank == 0, self.step, n_batches * per_batch)
         batches = Batches(self.eval_rows)
         self.loss.eval_stats = True
         try:
@@ -419,6 +423,7 @@ class Trainer:
                 )
                 if self.engine.is_last_stage():
                     stats += out.detach().double().to(self.device)
+                progress.update((b + 1) * per_batch)
         finally:
             self.loss.eval_stats = False
         dist.all_reduce(stats)  # only last-stage ranks contribute; the ratios below cancel the scale
@@ -426,6 +431,7 @@ class Trainer:
         for name, (s, n) in {"all": (0, 1), "class+1": (2, 3), "class-1": (4, 5)}.items():
             if stats[n] > 0:
                 out[f"eval/loss_{name}"] = float(stats[s] / stats[n])
+        progress.finish(out)
         return out
 
     # ---------------------------------------------------------------- train

@@ -27,11 +27,19 @@ from cap_train.trainer import Trainer
 
 
 def clean_outputs(output_dir: Path) -> None:
-    """Rank 0 at start: remove what interrupted writes of epoch<N>/ folders left behind."""
+    """Rank 0 at start, under the run lock: undo what interrupted writes left behind. An epoch<N>/ folder
+    that a cut-short swap left renamed aside (cap_train.outputs.swap_in), with no epoch<N>/ in its place,
+    gets its name back; then the stage parts and the temporaries of dead processes (unfinished epoch<N>/
+    folders, set-aside ones, config.toml copies) are removed."""
     for parts in output_dir.glob("epoch*.parts"):
         shutil.rmtree(parts, ignore_errors=True)
+    for aside in sorted(output_dir.glob(".epoch*.old.tmp-*")):
+        folder = output_dir / aside.name[1:].split(".old.tmp-")[0]
+        if not folder.exists():
+            aside.rename(folder)
     for name in {p.name.split(".tmp-")[0][1:] for p in output_dir.glob(".epoch*.tmp-*")}:
         remove_stale_temps(output_dir, name)
+    remove_stale_temps(output_dir, "config.toml")
 
 
 def skip_shm_comm_op(deepspeed) -> None:
@@ -74,9 +82,19 @@ def run(
     if dist.get_rank() == 0:
         trainer.ckpts.clean_stale()
         clean_outputs(Path(cfg.output_dir))
-        with user_os_errors(cfg.output_dir):
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cfg.source, Path(cfg.output_dir) / "config.toml")
+        from cap_common.config import run_copy
+        from cap_common.files import temp_name
+
+        # the copy resumes this run from anywhere: `cap-train <output_dir>/config.toml --resume-from-checkpoint`
+        copy = Path(cfg.output_dir) / "config.toml"
+        text, tmp = run_copy(cfg), copy.with_name(temp_name(copy.name))
+        try:
+            with user_os_errors(copy):
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, copy)
+        finally:
+            tmp.unlink(missing_ok=True)
         if trainer.step >= trainer.total_steps:
             print(
                 f"cap-train: nothing to train: the checkpoint is at step {trainer.step}, and this config's run "
@@ -108,9 +126,14 @@ def main(argv=None) -> None:
     parser.add_argument("--add-prefix-space", action="store_true")
     parser.add_argument("--log-dir", default=None, help="folder for this rank's rank<r>.log")
     args = parser.parse_args(argv)
-    die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     output = RankOutput(args.log_dir, rank)
+
+    def stopped(why: str) -> None:  # the line a worker leaves in its log when its launcher is gone
+        with output.log_only():
+            print(f"cap-train: stopped (rank {rank} on {HOST}): {why}", file=sys.stderr, flush=True)
+
+    die_with_parent(stopped)
     serve(
         rank,
         lambda: output,

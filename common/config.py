@@ -637,6 +637,12 @@ def _generation_defaults(raw: dict, values: dict) -> list[str]:
     return [f"{why}: {k} = {v!r} as it trained (set {k} to choose)" for k, v in adopted.items()]
 
 
+# The keys that name a path (resolve_path: a relative one is found next to the config, else under the
+# working directory): top-level ones, and those of each [[datasets]] table.
+PATH_KEYS = ("model_dir", "output_dir", "prepared_dir")
+DATASET_PATH_KEYS = ("dataset_path",)
+
+
 def resolve_path(name: str, value: str, base: Path, output: bool = False, pattern: bool = False):
     """(path, note or None): where relative path `value` of key `name` points. Next to the config (`base`) when
     it exists there (an output: when its parent does), else under the working directory (qlora-pipe-lite's
@@ -689,15 +695,16 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     datasets = []
     for i, t in enumerate(tables):
         d = _parse_table(DatasetConfig, t, f"{where}: datasets[{i}]")
-        found, note = resolve_path(f"datasets[{i}].dataset_path", d["dataset_path"], base, pattern=True)
-        d["dataset_path"], more = str(found), more + ([note] if note else [])
+        for name in DATASET_PATH_KEYS:  # globs
+            found, note = resolve_path(f"datasets[{i}].{name}", d[name], base, pattern=True)
+            d[name], more = str(found), more + ([note] if note else [])
         for name in ("document_prefix", "document_suffix"):  # the top-level key is every dataset's default
             if name not in t and name in values:
                 d[name] = values[name]
         datasets.append(DatasetConfig(**d))
     values["datasets"] = tuple(datasets)
     # paths
-    for name in ("model_dir", "output_dir", "prepared_dir"):
+    for name in PATH_KEYS:
         if name in values:
             found, note = resolve_path(name, values[name], base, output=name != "model_dir")
             values[name], more = found.resolve(), more + ([note] if note else [])
@@ -726,6 +733,99 @@ def config_from_dict(raw: dict, path: Path) -> Config:
             )
     _notes(cfg, where, set(raw), more)
     return cfg
+
+
+# ---------------------------------------------------------------- the copy cap-train keeps in output_dir
+COPY_HEADER = "# cap-train: the config this run used, every path key written as the absolute path the run used"
+_ORIGINAL = "# original: "
+_STRING = r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\''
+_DATASETS_TABLE = re.compile(r"\s*\[\[\s*datasets\s*\]\]\s*(?:#.*)?")
+
+
+def run_copy(cfg: Config) -> str:
+    """The text of the config `cfg` was read from, for <output_dir>/config.toml: every path key (PATH_KEYS,
+    DATASET_PATH_KEYS) holds the absolute path this run used, so the copy loads to the same config wherever it
+    lies and whatever the working directory; the rest is the user's text, under COPY_HEADER and a line naming
+    the original (kept when `cfg` was read from such a copy). Where a path is not a one-line string on its own
+    line, the copy is the parsed config written out anew (same keys and values, without the comments)."""
+    source = Path(cfg.source)
+    try:
+        text = source.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CapError(f"{source}: cannot read config ({e})") from None
+    lines = text.splitlines(keepends=True)
+    original = str(source.resolve())
+    if len(lines) > 1 and lines[0].rstrip("\r\n") == COPY_HEADER and lines[1].startswith(_ORIGINAL):
+        original = (_parse_toml(f"v = {lines[1][len(_ORIGINAL) :]}") or {}).get("v", original)
+        lines = lines[2:]
+    top = {name: str(getattr(cfg, name)) for name in PATH_KEYS if name in raw}
+    tables = [{name: str(getattr(d, name)) for name in DATASET_PATH_KEYS} for d in cfg.datasets]
+    wanted = {**raw, **top, "datasets": [{**t, **paths} for t, paths in zip(raw["datasets"], tables)]}
+    body = _set_paths(lines, top, tables)
+    if _parse_toml(body) != wanted:
+        body = _toml_document(wanted)
+    return f"{COPY_HEADER}\n{_ORIGINAL}{_toml_string(original)}\n{body}"
+
+
+def _set_paths(lines: list[str], top: dict[str, str], tables: list[dict[str, str]]) -> str:
+    """`lines` with each `key = "…"` line of `top` (before the first table) and of the i-th [[datasets]]
+    table (`tables[i]`) given the new value; comments and everything else kept. run_copy checks the result."""
+    out, table = [], -1  # -1: the top level; None: a table that is not [[datasets]]
+    for line in lines:
+        body = line.rstrip("\r\n")
+        eol = line[len(body) :]
+        if _DATASETS_TABLE.fullmatch(body):
+            table = table + 1 if table is not None else None
+        elif body.lstrip().startswith("["):
+            table = None
+        wanted = top if table == -1 else tables[table] if table is not None and table < len(tables) else {}
+        for name, value in wanted.items():
+            m = re.fullmatch(rf"(\s*(?:{name}|\"{name}\"|'{name}')\s*=\s*)(?:{_STRING})(\s*(?:#.*)?)", body)
+            if m:
+                body = m.group(1) + _toml_string(value) + m.group(2)
+        out.append(body + eol)
+    return "".join(out)
+
+
+def _parse_toml(text: str) -> dict | None:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return None
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string holding `s`."""
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return _toml_string(str(v))
+
+
+def _toml_document(raw: dict) -> str:
+    """A config's keys as TOML: top-level keys, then one [[datasets]] table each (a validated config holds
+    only strings, numbers, booleans and lists of them)."""
+
+    def assignments(table: dict) -> list[str]:
+        return [
+            f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else _toml_string(k)} = {_toml_value(v)}"
+            for k, v in table.items()
+            if k != "datasets"
+        ]
+
+    lines = assignments(raw)
+    for table in raw["datasets"]:
+        lines += ["", "[[datasets]]", *assignments(table)]
+    return "\n".join(lines) + "\n"
 
 
 def reference_markdown() -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomllib
 import transformers
 
 from cap_train.checkpoint import damage, read_state
@@ -141,3 +142,60 @@ def test_a_full_disk_stops_the_run_in_one_line(tmp_path, tiny_model_dir, small_d
     for step in ckpts.glob("step*") if ckpts.exists() else ():
         assert damage(step, read_state(step)) is None
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_disk_full_at_start_up_is_named_in_one_line(tmp_path, tiny_model_dir, small_disk):
+    """output_dir on a disk that is full, or that fills up at one of the first writes (run lock, start
+    marker, config copy, TensorBoard, metrics.jsonl: 0 to 16 KiB free), runs side by side: each stops with
+    one line naming the path it could not write and saying that the disk is full; no traceback, and the
+    config copy is whole or absent."""
+    free_kib = (0, 4, 12, 16)
+    disks, runs = [small_disk], []
+    try:
+        for i in range(1, len(free_kib)):  # a disk each: how full it is is the point
+            disks.append(tmp_path / f"disk{i}")
+            disks[-1].mkdir()
+            mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disks[-1])]
+            assert subprocess.run(mount, capture_output=True).returncode == 0
+        for disk, free in zip(disks, free_kib):
+            fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError:
+                os.ftruncate(fd, os.fstat(fd).st_size - free * 1024)
+            finally:
+                os.close(fd)
+            folder = tmp_path / f"free{free}"
+            cfg = write_config(
+                folder,
+                tiny_model_dir("llama"),
+                use_control_adapters=True,
+                max_steps=2,
+                output_dir=str(disk / "out"),
+                prepared_dir=str(folder / "prepared"),
+            )
+            runs.append(
+                subprocess.Popen(
+                    CAP_TRAIN + [str(cfg), "--master-port", str(free_port())],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                    env=ENV,
+                )
+            )
+        for disk, free, run in zip(disks, free_kib, runs):
+            _, err = run.communicate(timeout=300)
+            assert run.returncode == 2, f"{free} KiB free: {err[-3000:]}"
+            errors = [line for line in err.splitlines() if line.startswith("cap-train: error")]
+            assert len(errors) == 1, f"{free} KiB free: {err}"
+            assert f"{disk}/out" in errors[0] and "No space left on device" in errors[0], f"{free} KiB free: {err}"
+            assert "Traceback" not in err and "Exception" not in err, f"{free} KiB free: {err}"
+            copy = disk / "out" / "config.toml"
+            assert not copy.exists() or tomllib.loads(copy.read_text())["max_steps"] == 2
+    finally:
+        for run in runs:
+            stop(run)
+        for disk in disks[1:]:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -22,7 +21,9 @@ from cap_common.config import Config, load_config
 from cap_common.errors import CapError
 from cap_train.devices import choose_gpus, visible_gpus
 from cap_train.external import launcher_environment, run_id
+from cap_train.hosts import LAUNCHERS, check_launch, hosts
 from cap_train.run_lock import one_run
+from cap_train.watch import resume_hint_from
 
 
 def free_port() -> int:
@@ -50,11 +51,12 @@ def worker_args(
 
 
 def deepspeed_command(
-    args: list[str], hostfile: str, master_addr=None, master_port=None, include=None, exclude=None
+    args: list[str], hostfile: str, master_addr=None, master_port=None, include=None, exclude=None, launcher="pdsh"
 ) -> list[str]:
-    """DeepSpeed's multi-node launcher (ssh/pdsh to the hostfile's nodes) running cap_train.worker;
-    --include/--exclude select hosts and GPUs in DeepSpeed's `host:0,1@host2` form."""
+    """DeepSpeed's multi-node launcher (pdsh over ssh, MPI or srun to the hostfile's nodes) running
+    cap_train.worker; --include/--exclude select hosts and GPUs in DeepSpeed's `host:0,1@host2` form."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--hostfile", hostfile]
+    cmd += ["--launcher", launcher]
     if include:
         cmd += ["--include", include]
     if exclude:
@@ -136,6 +138,13 @@ PEER_FLAGS = {"--num_nodes": _SEVERAL_NODES, "--num-nodes": _SEVERAL_NODES, **RE
     help="DeepSpeed hostfile for multi-node training (ssh between nodes).",
 )
 @click.option(
+    "--launcher",
+    type=click.Choice(list(LAUNCHERS)),
+    default=None,
+    help="With --hostfile: how DeepSpeed starts the other nodes' ranks (default pdsh, which needs passwordless "
+    "ssh to every host; openmpi, mpich, impi, mvapich: mpirun; slurm: srun). Checked before anything starts.",
+)
+@click.option(
     "--resume-from-checkpoint",
     is_flag=True,
     help="Continue from the newest complete checkpoint in output_dir (checked; a damaged one is skipped).",
@@ -170,6 +179,7 @@ def main(
     master_addr,
     master_port,
     hostfile,
+    launcher,
     resume_from_checkpoint,
     accept_config_change,
     add_prefix_space,
@@ -197,6 +207,7 @@ def main(
             for name, v in (
                 ("--num-gpus", num_gpus),
                 ("--hostfile", hostfile),
+                ("--launcher", launcher),
                 ("--include", include),
                 ("--exclude", exclude),
                 ("--master-addr", master_addr),
@@ -207,12 +218,18 @@ def main(
         if given:
             raise CapError(f"{', '.join(given)}: not with torchrun or srun, whose variables say where each rank runs")
         return run_as_rank(cfg, ranks, resume_from_checkpoint, accept_config_change, add_prefix_space)
+    if launcher and not hostfile:
+        raise CapError("--launcher only applies with --hostfile (one node: cap-train starts the ranks itself)")
     if hostfile:
         if num_gpus is not None:
             raise CapError(
                 "--num-gpus does not apply with --hostfile: the hostfile's slots (and --include/--exclude) "
                 "say how many GPUs each node runs"
             )
+        launcher = launcher or "pdsh"
+        check_launch(launcher, hostfile)  # before anything is written: one line naming what is missing
+        env["MASTER_ADDR"] = master_addr or hosts(hostfile)[0]  # MPI ranks find the master only here
+        env["MASTER_PORT"] = str(master_port or 29500)
         gpus, procs = [], None
     else:
         gpus = choose_gpus(visible_gpus(env), include, exclude, num_gpus, env.get("CUDA_VISIBLE_DEVICES"))
@@ -243,7 +260,7 @@ def main(
             err=True,
         )
         if hostfile:
-            from cap_train.launch import forward_environment
+            from cap_train.launch import forward_environment, run_hostfile
 
             skipped = forward_environment(env, log_dir / "deepspeed_env")
             if skipped:
@@ -251,11 +268,8 @@ def main(
                     f"cap-train: not forwarded to the other nodes (quotes or $ in the value): {', '.join(skipped)}",
                     err=True,
                 )
-            cmd = deepspeed_command(args, hostfile, master_addr, master_port, include, exclude)
-            rc = subprocess.call(cmd, env=env)
-            if rc:
-                message = f"cap-train: a worker failed (exit code {rc}); see its message above and {log_dir}"
-                click.echo(message, err=True)
+            cmd = deepspeed_command(args, hostfile, master_addr, master_port, include, exclude, launcher)
+            rc = run_hostfile(cmd, env, str(log_dir), lambda: resume_hint_from(cfg.output_dir))
         else:
             from cap_train.launch import run_local
 
@@ -265,6 +279,7 @@ def main(
                 master_port or free_port(),
                 env,
                 str(log_dir),
+                lambda: resume_hint_from(cfg.output_dir),
             )
     sys.exit(rc)
 

@@ -115,3 +115,41 @@ def backend_and_device(local_rank: int):
     if accelerator.device_name() == "cpu":
         return "gloo", torch.device("cpu")  # cap's CPU path is gloo (DeepSpeed would pick oneCCL if installed)
     return accelerator.communication_backend_name(), torch.device(accelerator.device_name(), local_rank)
+
+
+def resolves_to_loopback(host: str) -> bool:
+    """Whether `host` resolves to a loopback address (or not at all), as gloo would find it."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return True
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of this host's network interface on the route to `address` (None: loopback, no
+    route, or not found). A UDP socket is connected (no packet is sent) and its local address matched."""
+    import fcntl
+    import ipaddress
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(address), 9))
+            local = s.getsockname()[0]
+        if ipaddress.ip_address(local).is_loopback:
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+                except OSError:
+                    continue
+                if socket.inet_ntoa(packed[20:24]) == local:
+                    return name
+    except OSError:
+        return None
+    return None

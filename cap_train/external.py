@@ -5,7 +5,8 @@
     srun --ntasks-per-node 8 cap-train cfg.toml
 
 Each process is one rank. Its rank, world size, local rank and rendezvous come from the launcher's
-variables: torchrun's own (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or Slurm's
+variables: torchrun's own (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), an MPI
+launcher's (Open MPI, MPICH, Intel MPI, MVAPICH, with MASTER_ADDR and MASTER_PORT), or Slurm's
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the allocation's first node, the port
 MASTER_PORT or one derived from the job id), so no MPI is needed. Rank 0 does what cap-train's own
 launcher does before any rank trains — the run lock, the choice of the checkpoint to resume from
@@ -20,6 +21,13 @@ import re
 from cap_common.errors import CapError
 
 TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# MPI launchers' (rank, size, local rank) variables: Open MPI, MPICH / Intel MPI (PMI), MVAPICH; the
+# master comes from MASTER_ADDR / MASTER_PORT, which cap-train --hostfile --launcher <mpi> exports
+MPI = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+)
 
 
 def launcher_environment(env: dict[str, str]) -> dict[str, str] | None:
@@ -30,6 +38,15 @@ def launcher_environment(env: dict[str, str]) -> dict[str, str] | None:
         if missing:
             raise CapError(f"RANK and WORLD_SIZE are set, but not {', '.join(missing)} (torchrun sets all of them)")
         return {k: env.get(k, "0") for k in TORCH}
+    for rank, size, local in MPI:
+        if rank in env and size in env and "MASTER_ADDR" in env:
+            return {
+                "RANK": env[rank],
+                "WORLD_SIZE": env[size],
+                "LOCAL_RANK": env.get(local, "0"),
+                "MASTER_ADDR": env["MASTER_ADDR"],
+                "MASTER_PORT": env.get("MASTER_PORT", "29500"),
+            }
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return {
             "RANK": env["SLURM_PROCID"],

@@ -22,9 +22,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from cap_common.files import HOST
-from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER
+from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_PEER_NAMED, EXIT_USER
 
 POLL_S = 0.05
 SETTLE_S = 3.0  # after a rank that only lost its peer exits, how long to wait for the cause to show
@@ -101,8 +102,16 @@ def _cause(failures: list[Failure]) -> Failure:
     return (own or failures)[0]
 
 
-def run_local(command: list[str], num_procs: int, master_port: int, env: dict[str, str], log_dir: str | None) -> int:
-    """Run `command` as ranks 0..num_procs-1 on this host; returns the exit code for cap-train."""
+def run_local(
+    command: list[str],
+    num_procs: int,
+    master_port: int,
+    env: dict[str, str],
+    log_dir: str | None,
+    where: Callable[[], str] = lambda: "",
+) -> int:
+    """Run `command` as ranks 0..num_procs-1 on this host; returns the exit code for cap-train.
+    `where()` says, once a rank failed, where the run stands (cap_train.watch.resume_hint_from)."""
     procs = []
     base = {
         **env,
@@ -121,13 +130,13 @@ def run_local(command: list[str], num_procs: int, master_port: int, env: dict[st
                     command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdin=subprocess.DEVNULL
                 )
             )
-        return _watch(procs, log_dir)
+        return _watch(procs, log_dir, where)
     except BaseException:  # Ctrl-C, SIGTERM (SystemExit) or an error here: never leave workers behind
         _stop(procs)
         raise
 
 
-def _watch(procs: list[subprocess.Popen], log_dir: str | None) -> int:
+def _watch(procs: list[subprocess.Popen], log_dir: str | None, where: Callable[[], str]) -> int:
     failures: list[Failure] = []
     settle_until = None
     while True:
@@ -148,7 +157,7 @@ def _watch(procs: list[subprocess.Popen], log_dir: str | None) -> int:
             for rank, p in enumerate(procs):  # collect what the stop revealed, for the record
                 if p.returncode not in (0, None) and all(f.rank != rank for f in failures):
                     failures.append(Failure(rank, p.pid, p.returncode))
-            return _report(_cause(failures), log_dir, len(procs))
+            return _report(_cause(failures), log_dir, len(procs), where)
         if not running:
             return 0
         time.sleep(POLL_S)
@@ -170,13 +179,46 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _report(cause: Failure, log_dir: str | None, num_procs: int) -> int:
-    done = "stopped the other ranks" if num_procs > 1 else "stopped"
+def _report(cause: Failure, log_dir: str | None, num_procs: int, where: Callable[[], str]) -> int:
+    stands = where()
+    done = ("stopped the other ranks" if num_procs > 1 else "stopped") + (f" {stands}" if stands else "")
     logs = f"; full output of every rank: {log_dir}" if log_dir else ""
-    if cause.code in (EXIT_CRASH, EXIT_USER):  # the rank printed its own line already
+    if cause.code in (EXIT_CRASH, EXIT_USER, EXIT_PEER_NAMED):  # the rank printed its own line already
         return cause.code
     print(f"cap-train: {cause.describe()}; {done}{logs}", file=sys.stderr, flush=True)
     return 128 - cause.code if cause.code < 0 else cause.code
+
+
+def run_hostfile(command: list[str], env: dict[str, str], log_dir: str, where: Callable[[], str]) -> int:
+    """Run DeepSpeed's multi-node launcher; say in one line how the run ended when it failed.
+
+    Ctrl-C reaches every process of the terminal's group (the launcher stops the ranks on every
+    node); here it is only noted, so that the run is reported as interrupted, not as a failed worker."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+    try:
+        proc = subprocess.Popen(command, env=env)
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # a handler installed by someone else
+                interrupted.append(True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stands = where()
+    if interrupted:
+        print(f"cap-train: interrupted (Ctrl-C); every rank stopped {stands}; logs: {log_dir}", file=sys.stderr)
+        return 130
+    if code in (EXIT_CRASH, EXIT_USER, EXIT_PEER_NAMED):  # a rank printed its own line
+        print(f"cap-train: the run stopped {stands}; every rank's output: {log_dir}", file=sys.stderr)
+    elif code:
+        print(
+            f"cap-train: a rank failed (DeepSpeed's launcher exited with code {code}; its message is above); "
+            f"every rank stopped {stands}; every rank's output: {log_dir}",
+            file=sys.stderr,
+        )
+    return code
 
 
 # Variables every node of a multi-node run needs as this shell has them: cap's own, the libraries'
@@ -198,6 +240,8 @@ FORWARD_PREFIXES = (
     "CUDA_",
     "DS_ACCELERATOR",
     "LD_LIBRARY_PATH",
+    "MASTER_ADDR",  # for MPI launchers, whose ranks find the master only here (cap_train.external)
+    "MASTER_PORT",
 )
 NOT_FORWARDED = {"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE"}
 

@@ -8,7 +8,8 @@ ranks show only their one-line errors. So when one rank dies, the others' collat
 that failed (printed here for Python errors, by cap_train.launch for signals).
 
 Exit codes of a worker: 0 done; 2 a user error (one line printed); 1 a crash (one line printed,
-traceback in the log); 3 it lost a peer (printed nothing: another rank is the cause).
+traceback in the log); 3 it lost a peer (printed nothing: another rank is the cause); 4 it lost a
+peer and printed the line naming it (cap_train.watch).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from cap_common.files import HOST
 
-EXIT_CRASH, EXIT_USER, EXIT_PEER_LOST = 1, 2, 3
+EXIT_CRASH, EXIT_USER, EXIT_PEER_LOST, EXIT_PEER_NAMED = 1, 2, 3, 4
 # Text of errors a rank sees when a peer died or vanished: gloo's socket errors, NCCL's aborts, timeouts.
 _PEER_SIGNS = (
     "Connection reset by peer",

@@ -8,9 +8,12 @@ a problem on one rank stops every rank at once — one line naming rank, host an
 others stop quietly — instead of that rank exiting alone while the others wait in their next
 collective until its timeout.
 
-Timeouts: collectives of the default process group time out after COLLECTIVE_TIMEOUT
-(30 minutes; CAP_COLLECTIVE_TIMEOUT_MIN); only the wait for rank 0's data preparation may be long,
-on a gloo group of its own with PREPARE_TIMEOUT (4 hours; CAP_PREPARE_TIMEOUT_MIN).
+Timeouts: every collective (DeepSpeed's pipeline and data-parallel groups included) times out
+after the collective timeout (5 minutes, more than a healthy step waits; CAP_COLLECTIVE_TIMEOUT_MIN),
+which is also how long a rank's heartbeat may stay silent (cap_train.watch). Only waits on one rank's
+long solo work are longer, on gloo groups of their own with the prepare timeout (4 hours;
+CAP_PREPARE_TIMEOUT_MIN): rank 0's data preparation, loading the model, writing checkpoints and
+epoch outputs (`long_barrier`).
 """
 
 from __future__ import annotations
@@ -45,11 +48,35 @@ def _minutes(variable: str, default: float) -> datetime.timedelta:
 
 
 def collective_timeout() -> datetime.timedelta:
-    return _minutes("CAP_COLLECTIVE_TIMEOUT_MIN", 30)
+    return _minutes("CAP_COLLECTIVE_TIMEOUT_MIN", 5)
 
 
 def prepare_timeout() -> datetime.timedelta:
     return _minutes("CAP_PREPARE_TIMEOUT_MIN", 240)
+
+
+_long_group = None
+
+
+def long_barrier() -> None:
+    """A barrier that waits up to the prepare timeout: after work one rank may do much longer than
+    the others (loading its stage, writing its part of a checkpoint, rank 0 writing epoch<N>/)."""
+    global _long_group
+    if dist.get_world_size() == 1:
+        return
+    if _long_group is None:
+        _long_group = dist.new_group(backend="gloo", timeout=prepare_timeout())
+    dist.barrier(group=_long_group)
+
+
+def use_collective_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on: DeepSpeed creates its
+    pipeline and data-parallel groups with new_group() and no timeout, which torch's module-level
+    defaults (30 minutes for gloo, 10 for NCCL) would otherwise fill in."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def attempt(check: Callable[[], object]) -> str | None:

@@ -36,6 +36,7 @@ from cap_common.errors import CapError
 from cap_common.files import user_os_errors
 from cap_common.models.families import load_hf_config
 from cap_train import resume as resuming
+from cap_train import startup, watch
 from cap_train.checkpoint import FORMAT, Checkpoints, checkpoint_files, file_record, load_legacy_rng, read_state
 from cap_train.data import Batches, prepared_splits
 from cap_train.loss import PipelineLoss
@@ -106,8 +107,10 @@ class Trainer:
         self.loss = PipelineLoss()
         with quiet():  # DeepSpeed lists the stage's layers and its settings: for the log, not the console
             self.model = self._build_model()
+            startup.long_barrier()  # ranks load their stages at different speeds
             self.engine, self.optimizer = self._make_engine()
         self._restore(resume_from, state)
+        self._tell_watch(str(resume_from) if resume_from else None)
 
     # ---------------------------------------------------------------- construction
     def _warn_compile_4bit(self) -> None:
@@ -346,6 +349,13 @@ class Trainer:
         schedule, not the param groups: a stage without trainable parameters has none."""
         return self.cfg.lr * self.engine.lr_scheduler.lr_lambdas[0](self.step)
 
+    def _tell_watch(self, checkpoint: str | None = None) -> None:
+        """Where the run stands, for the line that reports a rank that stopped answering (cap_train.watch)."""
+        if watch.current is not None:
+            watch.current.progress.step = self.step
+            if checkpoint:
+                watch.current.progress.checkpoint = checkpoint
+
     def save_checkpoint(self) -> None:
         """Every rank writes its part into the temporary folder, the files are hashed (shared out
         over the ranks), and rank 0 publishes it with state.json."""
@@ -365,7 +375,7 @@ class Trainer:
                 f"{tmp}: cannot write the checkpoint ({why}); the previous checkpoint "
                 f"({self.ckpts.newest() or 'none'}) is intact"
             ) from None
-        dist.barrier()
+        startup.long_barrier()  # one rank may write for long
         box = [checkpoint_files(tmp) if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         mine = {name: file_record(tmp / name) for name in box[0][self.rank :: self.world]}
@@ -388,7 +398,8 @@ class Trainer:
                         "files": dict(sorted(files.items())),
                     },
                 )
-        dist.barrier()
+        startup.long_barrier()  # one rank may write for long
+        self._tell_watch(str(self.ckpts.newest()))
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:
@@ -488,6 +499,7 @@ class Trainer:
                 values.update(self.evaluate())
             metrics.scalars(self.step, values)
             metrics.progress(self.step, loss, tokens_per_step / dt, lr, mfu)
+            self._tell_watch()
             epoch_end = self.step_in_epoch == self.order.steps_per_epoch
             if epoch_end:
                 self.epoch += 1
@@ -555,7 +567,7 @@ class Trainer:
                 from safetensors.torch import save_file
 
                 save_file(adapter_tensors(self.model, self.cfg), str(part_dir / f"stage{self.stage}.safetensors"))
-            dist.barrier()
+            startup.long_barrier()  # one rank may write for long
             if self.rank == 0:
                 write_epoch_output(self.cfg, part_dir, folder)
                 shutil.rmtree(part_dir, ignore_errors=True)
@@ -564,7 +576,7 @@ class Trainer:
             why = _write_error(e, part_dir)
             shutil.rmtree(part_dir, ignore_errors=True)
             raise CapError(f"{folder}: cannot write the trained weights ({why})") from None
-        dist.barrier()
+        startup.long_barrier()  # one rank may write for long
 
 
 def _first_line(error: BaseException) -> str:

@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from cap_common.errors import CapError
 from cap_common.files import HOST, os_error_message, remove_stale_temps, user_os_errors, write_json_atomic
-from cap_train import startup
+from cap_train import startup, watch
 from cap_train.devices import backend_and_device
 from cap_train.launch import die_with_parent
-from cap_train.logs import EXIT_PEER_LOST, EXIT_USER, RankOutput, report_crash
+from cap_train.logs import EXIT_CRASH, EXIT_PEER_LOST, EXIT_USER, RankOutput, report_crash
 from cap_train.trainer import Trainer
 
 
@@ -53,8 +53,10 @@ def skip_shm_comm_op(deepspeed) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def join_process_group() -> torch.device:
-    """Join the process group (once) on the backend and device DeepSpeed's accelerator gives; this rank's device."""
+def join_process_group(output: Callable[[], RankOutput]) -> torch.device:
+    """Join the process group (once) on the backend and device DeepSpeed's accelerator gives, with
+    cap's collective timeout on every group, and start this rank's heartbeat (cap_train.watch);
+    this rank's device."""
     import deepspeed
 
     skip_shm_comm_op(deepspeed)
@@ -62,8 +64,39 @@ def join_process_group() -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=startup.collective_timeout())
+        if backend == "gloo":
+            choose_gloo_interface(output)
+        timeout = startup.collective_timeout()
+        startup.use_collective_timeout(timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+        def log(line: str) -> None:
+            with output().log_only():
+                print(line, file=sys.stderr, flush=True)
+
+        watch.current = watch.Watch.start(lambda line: output().console_line(line), log)
     return device
+
+
+def choose_gloo_interface(output: Callable[[], RankOutput]) -> None:
+    """gloo finds this host's address from its name; where the name resolves to 127.0.0.1 (Debian's
+    /etc/hosts) the other nodes cannot reach it, so the interface that routes to the master is named
+    in GLOO_SOCKET_IFNAME instead (the user's own setting wins)."""
+    from cap_train.devices import interface_towards, resolves_to_loopback
+
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if "GLOO_SOCKET_IFNAME" in os.environ or not resolves_to_loopback(HOST):
+        return
+    interface = interface_towards(master)
+    if interface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+        with output().log_only():
+            print(
+                f"cap-train: {HOST} resolves to a loopback address; gloo uses interface {interface}, which "
+                f"reaches the master {master} (set GLOO_SOCKET_IFNAME to choose another)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def run(
@@ -74,7 +107,7 @@ def run(
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would bury cap's progress line
-    device = join_process_group()
+    device = join_process_group(lambda: output)
     cfg = startup.check_start(config, {"add_prefix_space": True} if add_prefix_space else None, resume_from)
     trainer = Trainer(
         cfg, device, Path(resume_from) if resume_from else None, restart_epoch, output.log_only, accept_change=accept
@@ -114,6 +147,8 @@ def run(
         )
     # barrier before teardown: without it gloo can abort at exit
     dist.barrier()
+    if watch.current is not None:
+        watch.current.finish()
     dist.destroy_process_group()
 
 
@@ -126,6 +161,13 @@ def main(argv=None) -> None:
     parser.add_argument("--add-prefix-space", action="store_true")
     parser.add_argument("--log-dir", default=None, help="folder for this rank's rank<r>.log")
     args = parser.parse_args(argv)
+    from cap_train.external import launcher_environment
+
+    try:  # DeepSpeed's MPI and Slurm launchers give their own rank variables (no mpi4py needed)
+        os.environ.update(launcher_environment(dict(os.environ)) or {})
+    except CapError as e:
+        print(f"cap-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)
     rank = int(os.environ.get("RANK", "0"))
     output = RankOutput(args.log_dir, rank)
 
@@ -152,7 +194,7 @@ def serve_external(config: str, add_prefix_space: bool, accept: bool, decide: Ca
 
     def body():
         nonlocal output
-        join_process_group()
+        join_process_group(lambda: output)
         box: list = [None]
         if rank == 0:
             try:
@@ -192,8 +234,12 @@ def serve(rank: int, output: Callable[[], RankOutput], body: Callable[[], None])
         code = 130
     except Exception as e:  # noqa: BLE001 - every crash is reported, then the process ends at once
         code = report_crash(output(), e)
+        if code == EXIT_PEER_LOST and watch.current is not None:
+            watch.current.explain(e)  # names the rank that stopped answering, or stops quietly; never returns
     else:
         return
+    if watch.current is not None and code in (EXIT_USER, EXIT_CRASH):
+        watch.current.failed()  # the others stop quietly: this rank said why
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # without waiting for peers that may be gone (a normal exit can hang in gloo's teardown)

@@ -5,6 +5,10 @@ at once when one rank cannot see what it needs (two worker processes standing in
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +24,7 @@ from cap_train.cli import deepspeed_command
 from cap_train.cli import main as train_main
 from cap_train.devices import backend_and_device, choose_gpus, visible_gpus
 from cap_train.launch import forward_environment
-from tests.test_train import ENV, free_port, stop, write_config
+from tests.test_train import CAP_TRAIN, ENV, free_port, stop, write_config
 
 UUIDS = ["GPU-5c1e9a3d-0000-0000-0000-000000000001", "GPU-5c1e9a3d-0000-0000-0000-000000000002"]
 
@@ -106,7 +110,7 @@ def test_the_launch_gives_the_ranks_the_chosen_gpus(tmp_path, tiny_model_dir, mo
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.setattr(devices, "cuda_device_count", lambda: len(visible.split(",")) if visible else 4)
     calls = []
-    monkeypatch.setattr(launch, "run_local", lambda cmd, procs, port, env, log_dir: calls.append((procs, env)) or 0)
+    monkeypatch.setattr(launch, "run_local", lambda cmd, procs, port, env, *_: calls.append((procs, env)) or 0)
     cfg = write_config(tmp_path, tiny_model_dir("llama"))
     result = CliRunner().invoke(train_main, [str(cfg), *args])
     assert result.exit_code == 0, result.output
@@ -117,16 +121,19 @@ def test_the_launch_gives_the_ranks_the_chosen_gpus(tmp_path, tiny_model_dir, mo
 
 def test_the_hostfile_launch_forwards_include_and_environment(tmp_path, tiny_model_dir, monkeypatch):
     import cap_train.cli
+    import cap_train.launch
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
     monkeypatch.setenv("HF_HOME", "/shared/hf")
     calls = []
-    monkeypatch.setattr(cap_train.cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(cap_train.cli, "check_launch", lambda launcher, hostfile: calls.append(launcher))
+    monkeypatch.setattr(cap_train.launch, "run_hostfile", lambda cmd, env, *_: calls.append((cmd, env)) or 0)
     cfg = write_config(tmp_path, tiny_model_dir("llama"))
     result = CliRunner().invoke(train_main, [str(cfg), "--hostfile", str(hostfile), "--include", "node1@node2:0"])
     assert result.exit_code == 0, result.output
-    ((cmd, env),) = calls
+    launcher, (cmd, env) = calls
+    assert launcher == "pdsh" and cmd[cmd.index("--launcher") + 1] == "pdsh"
     assert cmd[cmd.index("--include") + 1] == "node1@node2:0" and "--num_gpus" not in cmd
     assert "HF_HOME=/shared/hf" in Path(env["DS_ENV_FILE"]).read_text().splitlines()
 
@@ -275,7 +282,7 @@ def test_a_failed_data_preparation_stops_the_waiting_ranks(tmp_path, tiny_model_
 def test_collective_timeouts_come_from_the_environment(monkeypatch):
     from cap_train import startup
 
-    assert startup.collective_timeout().total_seconds() == 30 * 60
+    assert startup.collective_timeout().total_seconds() == 5 * 60
     assert startup.prepare_timeout().total_seconds() == 4 * 3600
     monkeypatch.setenv("CAP_COLLECTIVE_TIMEOUT_MIN", "5")
     assert startup.collective_timeout().total_seconds() == 300
@@ -377,3 +384,222 @@ def test_ranks_started_by_torchrun_or_srun_train_like_one_process(tmp_path, tiny
     assert [p.returncode for p in procs] == [2, 3], outs
     assert "holds checkpoints of an earlier run" in outs[0][1] and outs[1][1].strip() == ""
     assert not (tmp_path / "two" / "out" / ".cap-train.lock").exists()
+
+
+# ---------------------------------------------------------------- a rank that stops answering (cap_train/watch.py)
+LIMIT_MIN = 0.5  # CAP_COLLECTIVE_TIMEOUT_MIN in these tests: every rank must be gone within it + 30 s
+
+
+def stopping_run(folder: Path, model: Path) -> Path:
+    """A long 2-stage run that checkpoints every step (so the line has a checkpoint to name)."""
+    return write_config(
+        folder, model, max_steps=400, pipeline_stages=2, evals_per_run=0, checkpoint_interval_hours=1e-6
+    )
+
+
+def wait_for_step(out: Path, step: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    from tests.test_train_faults import _metrics_step
+
+    deadline = time.monotonic() + timeout
+    while _metrics_step(out) < step:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), outputs(procs, 1)
+        time.sleep(0.2)
+
+
+def torchrun_ranks(port: int, address: str = "127.0.0.1") -> list[dict]:
+    common = {"WORLD_SIZE": "2", "MASTER_ADDR": address, "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "w"}
+    common["CAP_COLLECTIVE_TIMEOUT_MIN"] = str(LIMIT_MIN)
+    return [{**common, "RANK": str(r), "LOCAL_RANK": "0"} for r in (0, 1)]
+
+
+def assert_names_rank(line: str, rank: int, out: Path) -> None:
+    """The one line: the rank that stopped answering, its host, the last step and the checkpoint."""
+    assert line.count("\n") == 0 and "Traceback" not in line, line
+    assert line.startswith(f"cap-train: rank {rank} on {HOST} stopped answering ("), line
+    step = re.search(r"every rank stopped after step (\d+); resume from (\S+) with --resume-from-checkpoint$", line)
+    assert step, line
+    assert Path(step.group(2)).parent == out / "checkpoints" and int(step.group(1)) >= 2, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_rank_that_dies_or_stops_ends_every_rank_in_one_line(tmp_path, tiny_model_dir, fault):
+    """Two ranks under torchrun's variables; rank 1 is killed (kill -9) or stopped (SIGSTOP) mid-run:
+    rank 0 ends within CAP_COLLECTIVE_TIMEOUT_MIN + 30 s with one line naming rank 1, the last
+    step and the checkpoint to resume from; a stopped rank 1, continued, ends quietly."""
+    cfg = stopping_run(tmp_path, tiny_model_dir("llama"))
+    procs = [start_rank(cfg, variables) for variables in torchrun_ranks(free_port())]
+    try:
+        wait_for_step(tmp_path / "out", 3, procs)
+        os.kill(procs[1].pid, getattr(signal, fault))
+        t0 = time.monotonic()
+        _, err0 = procs[0].communicate(timeout=LIMIT_MIN * 60 + 30)
+        elapsed = time.monotonic() - t0
+        assert procs[0].returncode == 4, err0
+        assert_names_rank(err0.strip().splitlines()[-1], 1, tmp_path / "out")
+        if fault == "SIGKILL":
+            assert elapsed < 30, elapsed  # a dead peer shows within a few heartbeats
+        else:
+            os.kill(procs[1].pid, signal.SIGCONT)
+            _, err1 = procs[1].communicate(timeout=60)
+            assert procs[1].returncode == 3 and err1.strip() == "", err1
+    finally:
+        outputs(procs, 1)
+
+
+def namespace(name: str) -> list[str]:
+    return ["ip", "netns", "exec", name]
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair (10.77.x.1 and .2), like two nodes whose name
+    resolves to 127.0.0.1; yields (namespaces, the link's end in the first, its address)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    tag = f"{os.getpid() % 10000}"
+    names, ends = [f"cap{tag}a", f"cap{tag}b"], [f"cap{tag}x", f"cap{tag}y"]
+    subnet = f"10.77.{os.getpid() % 200}"
+
+    def ip(*args):
+        return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+    try:
+        for n in names:
+            if ip("netns", "add", n).returncode:
+                pytest.skip("cannot create network namespaces here")
+            ip("-n", n, "link", "set", "lo", "up")
+        assert ip("link", "add", ends[0], "type", "veth", "peer", "name", ends[1]).returncode == 0
+        for n, end, host in zip(names, ends, (1, 2)):
+            assert ip("link", "set", end, "netns", n).returncode == 0
+            assert ip("-n", n, "addr", "add", f"{subnet}.{host}/24", "dev", end).returncode == 0
+            assert ip("-n", n, "link", "set", end, "up").returncode == 0
+        yield names, ends[0], f"{subnet}.1"
+    finally:
+        for n in names:
+            ip("netns", "del", n)
+
+
+@pytest.mark.slow
+def test_two_nodes_whose_link_goes_down_end_in_one_line_each(tmp_path, tiny_model_dir, two_hosts):
+    """Rank 0 and rank 1 in two network namespaces ("nodes" whose host name resolves to 127.0.0.1, so
+    cap picks gloo's interface itself): they train, then the link between them goes down; each side
+    ends within CAP_COLLECTIVE_TIMEOUT_MIN + 30 s, naming the other rank in one line."""
+    names, link, master = two_hosts
+    cfg = stopping_run(tmp_path, tiny_model_dir("llama"))
+    procs = []
+    for ns, variables in zip(names, torchrun_ranks(free_port(), master)):
+        env = {**ENV, "DS_ACCELERATOR": "cpu", **variables}
+        procs.append(
+            subprocess.Popen(
+                namespace(ns) + [sys.executable, "-m", "cap_train.cli", str(cfg)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    try:
+        wait_for_step(tmp_path / "out", 3, procs)
+        subprocess.run(namespace(names[0]) + ["ip", "link", "set", link, "down"], check=True)
+        errs = [p.communicate(timeout=LIMIT_MIN * 60 + 30)[1] for p in procs]
+        assert [p.returncode for p in procs] == [4, 4], errs
+        assert_names_rank(errs[0].strip().splitlines()[-1], 1, tmp_path / "out")
+        assert_names_rank(errs[1].strip().splitlines()[-1], 0, tmp_path / "out")
+    finally:
+        outputs(procs, 1)
+
+
+# ---------------------------------------------------------------- --hostfile: the launcher, checked first
+def fake_programs(folder: Path, **scripts: str) -> dict:
+    """ENV with PATH = a folder holding only the given shell scripts (name → body)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return {**ENV, "PATH": str(folder)}
+
+
+DENIED_ON_NODE2 = 'case "$*" in *node2*) echo "Permission denied (publickey)." >&2; exit 255;; esac'
+
+
+# pdsh standing in for the nodes' ranks; DeepSpeed's launcher runs it again, with pkill, to stop them
+PDSH_RUNS = 'case "$*" in *pkill*) exit 0;; esac; : > {started}; exec {sleep} 120'
+
+
+def hostfile_run(tmp_path, model, env, *extra, hosts="node1 slots=1\nnode2 slots=1\n") -> subprocess.Popen:
+    cfg = write_config(tmp_path, model, max_steps=2, pipeline_stages=2)
+    (tmp_path / "hostfile").write_text(hosts)
+    return subprocess.Popen(
+        CAP_TRAIN + [str(cfg), "--hostfile", str(tmp_path / "hostfile"), "--master-addr", "127.0.0.1", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "programs, extra, says",
+    [
+        ({}, [], "--launcher pdsh: pdsh is not installed on this node"),
+        ({}, ["--launcher", "openmpi"], "--launcher openmpi: ompi_info is not installed on this node"),
+        ({}, ["--launcher", "slurm"], "--launcher slurm: sinfo is not installed on this node"),
+        (
+            {
+                "pdsh": "exit 0",
+                "ssh": 'case "$*" in *node2*) echo "Permission denied (publickey)." >&2; exit 255;; esac',
+            },
+            [],
+            "needs passwordless ssh from this node to every host of",
+        ),
+    ],
+)
+def test_a_hostfile_launch_that_cannot_start_says_what_is_missing_before_anything(
+    tmp_path, tiny_model_dir, programs, extra, says
+):
+    """No pdsh, no MPI, no Slurm, or a host without passwordless ssh: one line, exit 2, nothing written."""
+    proc = hostfile_run(tmp_path, tiny_model_dir("llama"), fake_programs(tmp_path / "bin", **programs), *extra)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert says in err, err
+    if "ssh" in programs:
+        assert "node2: Permission denied (publickey)." in err and "node1" not in err.split("fail (")[1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_mpi_launchers_variables_give_each_rank_its_place():
+    from cap_train.external import launcher_environment
+
+    ompi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    master = {"MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    assert launcher_environment({**ompi, **master}) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **master}
+    assert launcher_environment({"PMI_RANK": "1", "PMI_SIZE": "2", **master})["RANK"] == "1"
+    assert launcher_environment(ompi) is None  # without cap-train's MASTER_ADDR: not one of its ranks
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_a_hostfile_is_reported_as_an_interrupt(tmp_path, tiny_model_dir):
+    """Ctrl-C while DeepSpeed's launcher runs the nodes (pdsh stands in here): one line saying the
+    run was interrupted, exit 130 — not 'a worker failed'."""
+    started = tmp_path / "pdsh-started"
+    env = fake_programs(
+        tmp_path / "bin", pdsh=PDSH_RUNS.format(started=started, sleep=shutil.which("sleep")), ssh="exit 0"
+    )
+    env["PATH"] += os.pathsep + os.path.dirname(sys.executable)
+    proc = hostfile_run(tmp_path, tiny_model_dir("llama"), env)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cap-train: interrupted (Ctrl-C); every rank stopped before its first step"), err
+    assert "a worker failed" not in err and "Traceback" not in err

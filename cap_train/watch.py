@@ -107,13 +107,17 @@ class Watch:
         dist.all_gather_object(hosts, HOST)
         box = [secrets.token_hex(4)]
         dist.broadcast_object_list(box, src=0)
-        client = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=60),
-        )
+        try:
+            client = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=60),
+            )
+        except (KeyError, ValueError, RuntimeError) as e:  # collectives still time out; only the names are lost
+            log(f"cap-train: warning: no heartbeats (cannot reach the rendezvous store: {e})")
+            return None
         store = dist.PrefixStore(f"cap-watch/{box[0]}/", client)
         watch = cls(store, dist.get_rank(), hosts, startup.collective_timeout().total_seconds(), say, log)
         threading.Thread(target=watch._beat, name="cap-beat", daemon=True).start()

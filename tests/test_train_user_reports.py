@@ -265,8 +265,13 @@ def relative_run(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("relative")
     (folder / "model").symlink_to(tiny_model_dir("llama"))
     write_config(folder, folder / "model", use_control_adapters=True, max_steps=2, model_dir="model", output_dir="out")
+    return folder, train_in(folder, "cfg.toml")
+
+
+def train_in(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """cap-train ARGS run from `folder`, which must succeed."""
     run = subprocess.run(
-        CAP_TRAIN + ["cfg.toml", "--master-port", str(free_port())],
+        CAP_TRAIN + [*args, "--master-port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=600,
@@ -274,7 +279,7 @@ def relative_run(tmp_path_factory, tiny_model_dir):
         cwd=folder,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return folder, run
+    return run
 
 
 @pytest.mark.slow
@@ -298,15 +303,7 @@ def test_resuming_from_the_config_copy_continues_the_run(relative_run):
     folder, _ = relative_run
     copy = folder / "out" / "config.toml"
     copy.write_text(copy.read_text().replace("max_steps = 2\n", "max_steps = 3\n"))
-    run = subprocess.run(
-        CAP_TRAIN + ["out/config.toml", "--resume-from-checkpoint", "--master-port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-        cwd=folder,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = train_in(folder, "out/config.toml", "--resume-from-checkpoint")
     assert f"resumed from {folder / 'out' / 'checkpoints' / 'step00000002'} at step 2" in run.stderr
     assert "changed settings, in effect from the next step: max_steps 2 → 3" in run.stderr
     assert "accepted" not in run.stderr and not (folder / "out" / "out").exists()

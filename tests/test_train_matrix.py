@@ -23,6 +23,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from cap_common.dtypes import cpu_has_native_bf16
 from tests import reference_trainer as reference
 from tests.test_train import metrics, run_train, start_train, write_config
 
@@ -246,7 +247,14 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
 # by |g|, which amplifies the rounding of the elements whose gradient is near zero). The 4-bit runs
 # compute in bf16 on both sides, in other orders where cap fuses (the LM head's loss on CPUs without
 # native bf16, CUDA kernels): the loss and ‖g‖ to bf16's resolution, the update to a few percent.
-TOLERANCE = {"fp32": (1e-5, 1e-5, 5e-5), "bf16": (1e-2, 1e-2, 5e-2)}
+# bf16: on a CPU without native bf16 (AVX2 only) the matmuls round otherwise than the reference's
+# path does, and Adam's first steps move each element by about lr whatever its gradient's size, so an
+# element whose gradient is near 0 can move the other way. There the tensors get loose bounds (seen
+# on an AVX2-only VM, varying from run to run: up to 7.9% of a q/v LoRA tensor's norm, 12% of a
+# control adapter's update) while every step's loss and gradient norm stays within 1%; a run that
+# trains nothing, or wrong math, is still 100% of the update off.
+NATIVE_BF16 = cpu_has_native_bf16() or torch.cuda.is_available()
+TOLERANCE = {"fp32": (1e-5, 1e-5, 5e-5), "bf16": (1e-2, 1e-2, 5e-2) if NATIVE_BF16 else (1e-2, 0.15, 0.3)}
 
 
 def written_tensors(folder: Path, mode: str) -> dict[str, torch.Tensor]:

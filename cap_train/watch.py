@@ -183,19 +183,25 @@ class Watch:
         if self.rank != reporter:
             self.log(line)
             self._exit(EXIT_PEER_LOST)
+        self._report(line)
+
+    def _report(self, line: str) -> None:
+        """Say the run's one line, leave it in the store for the other ranks, and end (exit 4)."""
         self.say(line)
-        self._tell(line)
+        self._publish("verdict", line)
         self._exit(EXIT_PEER_NAMED)
 
-    def _tell(self, line: str) -> None:
-        """Leave the verdict in the store for the other ranks (in a thread: the store may hang)."""
+    def _publish(self, kind: str, verdict: str | None = None) -> None:
+        """Tell the other ranks how this rank ends (`exit/<r>` = kind; and the run's verdict line),
+        from a thread given BEAT_S: the store may hang, and then they find out by their own timeouts."""
 
         def tell():
             try:
-                self.store.set("verdict", line)
-                self.store.set(f"exit/{self.rank}", "verdict")
+                if verdict is not None:
+                    self.store.set("verdict", verdict)
+                self.store.set(f"exit/{self.rank}", kind)
                 self.store.add("ended", 1)
-            except Exception:  # noqa: BLE001 - the others find out by their own timeouts
+            except Exception:  # noqa: BLE001
                 pass
 
         teller = threading.Thread(target=tell, daemon=True)
@@ -203,9 +209,11 @@ class Watch:
         teller.join(BEAT_S)
 
     def _exit_quietly(self) -> None:
-        if self._decided.acquire(blocking=False):
-            self.log(f"cap-train: stopped (rank {self.rank} on {HOST}): {self.stopped or 'another rank failed'}")
-            self._exit(EXIT_PEER_LOST)
+        """End with exit 3 and a log line; never returns (another thread that decided first ends the process)."""
+        if not self._decided.acquire(blocking=False):
+            threading.Event().wait()
+        self.log(f"cap-train: stopped (rank {self.rank} on {HOST}): {self.stopped or 'another rank failed'}")
+        self._exit(EXIT_PEER_LOST)
 
     def _exit(self, code: int) -> None:
         sys.stdout.flush()
@@ -216,19 +224,7 @@ class Watch:
     def failed(self) -> None:
         """This rank stops with its own error line: the others stop quietly when they notice."""
         self._done.set()
-        self._tell_kind("error")
-
-    def _tell_kind(self, kind: str) -> None:
-        def tell():
-            try:
-                self.store.set(f"exit/{self.rank}", kind)
-                self.store.add("ended", 1)
-            except Exception:  # noqa: BLE001
-                pass
-
-        teller = threading.Thread(target=tell, daemon=True)
-        teller.start()
-        teller.join(BEAT_S)
+        self._publish("error")
 
     def explain(self, error: BaseException) -> None:
         """A collective failed (a lost peer or a timeout): within GONE_BEATS beats, name the rank that
@@ -244,16 +240,16 @@ class Watch:
             if silent:
                 self._decide(silent[0], "no heartbeat since a collective failed")
             time.sleep(BEAT_S / 5)
-        if self.rank != 0 or not self._decided.acquire(blocking=False):
+        if self.rank != 0:
             self._exit_quietly()
+        if not self._decided.acquire(blocking=False):
+            threading.Event().wait()  # the judge is ending this process with its own line
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         line = (
             f"cap-train: a collective failed on rank 0 on {HOST} while every rank still answered ({first}); "
             f"every rank stopped {resume_hint(self.progress.step, self.progress.checkpoint)}"
         )
-        self.say(line)
-        self._tell(line)
-        self._exit(EXIT_PEER_NAMED)
+        self._report(line)
 
     def finish(self) -> None:
         """A clean end: stop beating; watchers do not count this rank as silent."""

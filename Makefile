@@ -9,7 +9,7 @@ export CAP_CACHE_DIR ?= $(HOME)/.cache/cap
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM ?= true
 
-.PHONY: demo test test-fast lint format gpu-check clean
+.PHONY: demo chat test test-fast lint format gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m examples.demo.run
+
+# the chat example: conversations through SmolLM2's chat template, the assistant's replies steered
+chat: $(STAMP)
+	$(PY) -m examples.chat.run
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -ra

@@ -1,14 +1,17 @@
 """cap-prep throughput against the bare tokenizer on the same text.
 
-    python -m benchmarks.bench_prep [--mb 64] [--tokenizer PATH] [--keep DIR]
+    python -m benchmarks.bench_prep [--mb 64] [--tokenizer PATH] [--keep DIR] [--conversations]
 
-Generates `--mb` megabytes of English-like documents as .jsonl files, then times
+Generates `--mb` megabytes of English-like documents as .jsonl files (with --conversations:
+conversations of 2-8 turns in `messages` format, rendered for the bare tokenizer beforehand, untimed,
+with transformers' apply_chat_template), then times
 1. the bare fast tokenizer: `encode_batch_fast` over the documents, already in memory, in batches
    of cap-prep's size (tokens counted with len(encoding)) — the ceiling;
 2. `cap_prep.prepare(cfg, force=True)`: reading the files, hashing them, tokenizing, packing and
    writing the shards (the transformers import is done beforehand and not timed).
 and prints tokens/s for both and their ratio (target: cap-prep >= 0.8x the bare tokenizer).
-The tokenizer is the tests' tiny byte-level BPE unless --tokenizer names a folder with one.
+The tokenizer is the tests' tiny byte-level BPE (with --conversations: its ChatML variant) unless
+--tokenizer names a folder with one.
 """
 
 from __future__ import annotations
@@ -39,11 +42,33 @@ def make_documents(megabytes: float, seed: int = 0) -> list[str]:
     return docs
 
 
-def model_folder(work: Path, tokenizer: str | None) -> Path:
+def make_conversations(megabytes: float, seed: int = 0) -> list[list[dict]]:
+    """Conversations of 2-8 turns (an optional system prompt, then user and assistant in turn)."""
+    from tests.assets import sample_text
+
+    lines = sample_text(5000, seed=seed)
+    rng = np.random.default_rng(seed)
+    out, size = [], 0
+    while size < megabytes * 1e6:
+        turns = [{"role": "system", "content": lines[rng.integers(len(lines))]}] if rng.random() < 0.5 else []
+        for t in range(2 * int(rng.integers(1, 5))):
+            n = rng.integers(1, 6) if t % 2 == 0 else rng.integers(2, 30)
+            content = " ".join(lines[i] for i in rng.integers(0, len(lines), n))
+            turns.append({"role": "user" if t % 2 == 0 else "assistant", "content": content})
+        out.append(turns)
+        size += sum(len(m["content"]) for m in turns)
+    return out
+
+
+def model_folder(work: Path, tokenizer: str | None, chat: bool = False) -> Path:
     """A folder cap's config accepts as model_dir: the tokenizer's files and a config.json."""
     folder = work / "model"
     folder.mkdir()
-    if tokenizer is None:
+    if tokenizer is None and chat:
+        from tests.assets import chat_tokenizer
+
+        chat_tokenizer("chatml", folder)
+    elif tokenizer is None:
         from tests.assets import tiny_tokenizer
 
         tiny_tokenizer(folder)
@@ -52,7 +77,7 @@ def model_folder(work: Path, tokenizer: str | None) -> Path:
             if f.is_file() and (
                 f.name.startswith("tokenizer")
                 or f.suffix in (".model", ".txt")
-                or f.name in ("special_tokens_map.json", "vocab.json", "config.json")
+                or f.name in ("special_tokens_map.json", "vocab.json", "config.json", "chat_template.jinja")
             ):
                 shutil.copy(f, folder / f.name)
     if not (folder / "config.json").exists():
@@ -66,6 +91,7 @@ def main():
     ap.add_argument("--tokenizer", default=None, help="folder with a fast tokenizer (default: the tests' tiny one)")
     ap.add_argument("--sequence-len", type=int, default=2048)
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
+    ap.add_argument("--conversations", action="store_true", help="messages data through the chat template")
     args = ap.parse_args()
 
     import transformers
@@ -76,25 +102,31 @@ def main():
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-prep-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        model = model_folder(work, args.tokenizer)
-        docs = make_documents(args.mb)
+        model = model_folder(work, args.tokenizer, args.conversations)
+        tok = transformers.AutoTokenizer.from_pretrained(model)
+        records = make_conversations(args.mb) if args.conversations else make_documents(args.mb)
+        key = "messages" if args.conversations else "text"
         data = work / "data"
         data.mkdir()
-        for i, part in enumerate(np.array_split(np.arange(len(docs)), 8)):
+        for i, part in enumerate(np.array_split(np.arange(len(records)), 8)):
             with open(data / f"part-{i}.jsonl", "w") as f:
-                f.writelines(json.dumps({"text": docs[j]}) + "\n" for j in part)
+                f.writelines(json.dumps({key: records[j]}) + "\n" for j in part)
+        if args.conversations:  # the bare tokenizer's input: the rendered conversations (not timed)
+            docs = [tok.apply_chat_template(c, tokenize=False) for c in records]
+            special = False  # apply_chat_template tokenizes without adding special tokens
+        else:
+            docs, special = records, True
         mb = sum(len(d) for d in docs) / 1e6
         print(
-            f"text: {mb:.1f} MB in {len(docs):,} documents; cores: {os.cpu_count()}; "
-            f"tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}"
+            f"text: {mb:.1f} MB in {len(docs):,} {'conversations (rendered)' if args.conversations else 'documents'}; "
+            f"cores: {os.cpu_count()}; tokenizer: {args.tokenizer or 'tests/assets tiny BPE'}"
         )
 
-        tok = transformers.AutoTokenizer.from_pretrained(model)
         encode = tok.backend_tokenizer.encode_batch_fast
         t0 = time.perf_counter()
         bare_tokens = 0
         for i in range(0, len(docs), build.BATCH_DOCS):
-            bare_tokens += sum(len(e) for e in encode(docs[i : i + build.BATCH_DOCS], add_special_tokens=True))
+            bare_tokens += sum(len(e) for e in encode(docs[i : i + build.BATCH_DOCS], add_special_tokens=special))
         bare_s = time.perf_counter() - t0
 
         raw = {

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from cap_common.errors import CapError
 from cap_common.files import user_os_errors
 from cap_prep import cache, lock, report, windows
+from cap_prep.chat import ChatEncoder, Extract, Fields, load_template
 from cap_prep.pack import DocTable, Packer, Rows
 from cap_prep.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, load_manifest, write_manifest
 from cap_prep.sources import InputFile, find_files, read_documents
@@ -71,7 +72,37 @@ def _where(cfg, d: int) -> str:
 
 def find_inputs(cfg) -> list[list[InputFile]]:
     """The input files of every dataset; CapError for a glob that matches nothing or a bad file type."""
-    return [find_files(ds.dataset_path, f"{_where(cfg, d)}.dataset_path") for d, ds in enumerate(cfg.datasets)]
+    return [
+        find_files(ds.dataset_path, f"{_where(cfg, d)}.dataset_path", text_column=ds.format == "text")
+        for d, ds in enumerate(cfg.datasets)
+    ]
+
+
+def extracts(cfg, inputs: list[list[InputFile]]) -> list[Extract]:
+    """How each dataset's records become documents; a format left to 'auto' is decided here from
+    the first record of the dataset's first file (a .txt file: raw text)."""
+    out = []
+    for d, (ds, files) in enumerate(zip(cfg.datasets, inputs)):
+        extract = Extract(ds.format, Fields(ds.fields), ds.train_roles or cfg.train_roles)
+        first = files[0]
+        if extract.format is None and first.format == ".txt":
+            extract.format = "text"
+        elif extract.format is None:
+            next(iter(read_documents(first, windows.LONG_DOC_CHARS, extract)), None)
+            extract.format = extract.format or "text"
+        if extract.conversations and any(f.format == ".txt" for f in files):
+            txt = next(f for f in files if f.format == ".txt")
+            raise CapError(
+                f"{_where(cfg, d)}.dataset_path: {txt.path}: a .txt file is raw text, and this dataset is in "
+                f"format '{extract.format}' (conversations come in .json, .jsonl or .parquet)"
+            )
+        out.append(extract)
+    return out
+
+
+def document_attention(cfg, formats: list[Extract]) -> bool:
+    """document_attention as it applies: the key, else on when a dataset holds conversations."""
+    return cfg.document_attention if cfg.document_attention is not None else any(e.conversations for e in formats)
 
 
 def dataset_folder(cfg) -> Path:
@@ -101,22 +132,29 @@ def prepare(cfg, *, force: bool = False, quiet: bool = False, shard_bytes: int =
         return folder
 
     tok = load_tokenizer(cfg.model_dir, cfg.add_prefix_space)
-    options = resolve_options(tok, cfg.sequence_prefix, cfg.mask_tokens, str(cfg.source))
+    formats = extracts(cfg, inputs)
+    documents = document_attention(cfg, formats)
+    # each document is whole on its own with document attention: no sequence prefix unless asked for
+    prefix = () if cfg.sequence_prefix is None and documents else cfg.sequence_prefix
+    options = resolve_options(tok, prefix, cfg.mask_tokens, str(cfg.source))
     if cfg.sequence_len < len(options.prefix) + 1:
         raise CapError(
             f"{cfg.source}: sequence_len = {cfg.sequence_len} leaves no room for tokens after the "
             f"{len(options.prefix)}-token sequence_prefix (needs at least {len(options.prefix) + 1})"
         )
+    template = load_template(tok, cfg.chat_template, cfg.model_dir) if any(e.conversations for e in formats) else None
     encoders = [
-        DocumentEncoder(tok, options, ds.document_suffix, _where(cfg, d), ds.document_prefix)
-        for d, ds in enumerate(cfg.datasets)
+        ChatEncoder(tok, template, ds.document_suffix, options.vocab_size, _where(cfg, d))
+        if e.conversations
+        else DocumentEncoder(tok, options, ds.document_suffix, _where(cfg, d), ds.document_prefix, keep_bos=documents)
+        for d, (ds, e) in enumerate(zip(cfg.datasets, formats))
     ]
 
     with lock.build_folder(cfg.prepared_root, fp, force, say) as tmp:
         if tmp is None:
             return folder
         say(f"cap-prep: building {folder}")
-        manifest = _build(cfg, inputs, encoders, options, tmp, fp, shard_bytes, quiet)
+        manifest = _build(cfg, inputs, Plan(formats, encoders, documents), options, tmp, fp, shard_bytes, quiet)
     hashes.save()
     if not quiet:
         print(report.summary(manifest), flush=True)
@@ -126,6 +164,20 @@ def prepare(cfg, *, force: bool = False, quiet: bool = False, shard_bytes: int =
 
 # ---------------------------------------------------------------- the build
 @dataclass
+class Plan:
+    """What the build does with each dataset: its records' format, its encoder, and whether packed
+    documents attend only to themselves."""
+
+    formats: list[Extract]
+    encoders: list  # DocumentEncoder or ChatEncoder per dataset
+    document_attention: bool
+
+    @property
+    def conversations(self) -> bool:
+        return any(e.conversations for e in self.formats)
+
+
+@dataclass
 class Tokenized:
     """One dataset after tokenization: its documents' place in the token store."""
 
@@ -134,25 +186,31 @@ class Tokenized:
     empty: int  # documents skipped as empty
     files: int
     bytes: int
+    untrained: int = 0  # conversations skipped for having no trained turn
 
 
 class TokenStore:
-    """The flat int32 token file of a build: appended to while tokenizing, then read by runs.
+    """The flat token file of a build (int32 ids, or int8 flags): appended to while tokenizing, then read by runs.
 
     Reads are pread()s into the caller's array, not a memory map: pages of a file mapping count in
     the process's RSS once touched, and on kernels with large page-cache folios one touched token
     maps megabytes (the scattered documents of an eval split or a mix touched most of the file).
     """
 
-    def __init__(self, path: Path):
-        self.path, self.count, self.fd = path, 0, None
+    def __init__(self, path: Path, dtype=np.int32):
+        self.path, self.count, self.fd, self.dtype = path, 0, None, np.dtype(dtype)
         with user_os_errors(path, "cannot write"):
             self.file = open(path, "wb")
 
     def write(self, ids: np.ndarray) -> None:
         with user_os_errors(self.path, "cannot write"):
-            self.file.write(np.ascontiguousarray(ids, dtype=np.int32))
+            self.file.write(np.ascontiguousarray(ids, dtype=self.dtype))
         self.count += len(ids)
+
+    def fill(self, value: int, until: int) -> None:
+        """Append `value` until the store holds `until` entries."""
+        while self.count < until:
+            self.write(np.full(min(until - self.count, 1 << 20), value, dtype=self.dtype))
 
     def finish(self) -> None:
         """Done writing: open for reading."""
@@ -163,7 +221,7 @@ class TokenStore:
 
     def gather(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """store[s:s + c] for every run (s, c), concatenated; runs that continue each other are one read."""
-        out = np.empty(int(counts.sum()), dtype=np.int32)
+        out = np.empty(int(counts.sum()), dtype=self.dtype)
         keep = counts > 0
         starts, counts = starts[keep], counts[keep]
         if not len(starts):
@@ -173,8 +231,9 @@ class TokenStore:
         runs = zip(starts[first].tolist(), np.add.reduceat(counts, np.flatnonzero(first)).tolist())
         view, at = memoryview(out).cast("B"), 0
         with user_os_errors(self.path, "cannot read"):
+            size = self.dtype.itemsize
             for start, count in runs:
-                end, offset = at + 4 * count, 4 * start
+                end, offset = at + size * count, size * start
                 while at < end:
                     n = os.preadv(self.fd, [view[at:end]], offset)
                     if n <= 0:
@@ -192,22 +251,42 @@ class TokenStore:
             os.remove(self.path)
 
 
-def _build(cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, shard_bytes: int, quiet: bool) -> dict:
+def _build(cfg, inputs, plan: Plan, options: TokenOptions, tmp: Path, fp: str, shard_bytes: int, quiet: bool) -> dict:
     store = TokenStore(tmp / "tokens.tmp")
+    # with conversations: 1 for a token that may train, 0 for one the roles leave untrained
+    trained = TokenStore(tmp / "trained.tmp", np.int8) if plan.conversations else None
     try:
-        manifest = _build_from(store, cfg, inputs, encoders, options, tmp, fp, shard_bytes, quiet)
+        manifest = _build_from(store, trained, cfg, inputs, plan, options, tmp, fp, shard_bytes, quiet)
     finally:
         store.remove()
+        if trained is not None:
+            trained.remove()
     with user_os_errors(tmp / MANIFEST, "cannot write"):
         write_manifest(tmp, manifest)
     return manifest
 
 
 def _build_from(
-    store: TokenStore, cfg, inputs, encoders, options: TokenOptions, tmp: Path, fp: str, shard_bytes: int, quiet: bool
+    store: TokenStore,
+    trained: TokenStore | None,
+    cfg,
+    inputs,
+    plan: Plan,
+    options: TokenOptions,
+    tmp: Path,
+    fp: str,
+    shard_bytes: int,
+    quiet: bool,
 ) -> dict:
-    tokenized = [_tokenize_dataset(cfg, d, files, encoders[d], store, quiet) for d, files in enumerate(inputs)]
+    tokenized = [
+        _tokenize_dataset(cfg, d, files, plan.encoders[d], plan.formats[d], store, trained, quiet)
+        for d, files in enumerate(inputs)
+    ]
     store.finish()
+    if trained is not None:
+        trained.fill(1, store.count)
+        trained.finish()
+    by_ids = np.array([not e.conversations for e in plan.formats])  # datasets whose tokens mask_tokens masks
 
     tables = [_assign(cfg, d, t) for d, t in enumerate(tokenized)]  # (train, eval) DocTables, max_tokens drops
     masked = np.zeros(options.vocab_size, dtype=bool)
@@ -217,19 +296,31 @@ def _build_from(
     for s, split in enumerate(SPLITS):
         streams = _streams(cfg, [t[s] for t in tables], s)
         packers = [
-            Packer(store.gather, docs, cfg.sequence_len, options.prefix, options.pad_id, masked, drops[docs.dataset])
+            Packer(
+                store.gather,
+                docs,
+                cfg.sequence_len,
+                options.prefix,
+                options.pad_id,
+                masked,
+                drops[docs.dataset],
+                trained=trained.gather if trained is not None else None,
+                masks_ids=by_ids,
+                positions=plan.document_attention,
+            )
             for docs in streams
         ]
         keep = _cap(cfg, [len(p) for p in packers]) if split == "train" else [None] * len(packers)
         counts = Counts(len(cfg.datasets), len(options.prefix))
-        writer = ShardWriter(tmp, split, cfg.sequence_len, shard_bytes // (5 * cfg.sequence_len))
-        step = max(1, CHUNK_BYTES // (5 * cfg.sequence_len))
+        row_bytes = (9 if plan.document_attention else 5) * cfg.sequence_len
+        writer = ShardWriter(tmp, split, cfg.sequence_len, shard_bytes // row_bytes, plan.document_attention)
+        step = max(1, CHUNK_BYTES // row_bytes)
         for packer, kept in zip(packers, keep):
             for r0 in range(0, len(packer), step):
                 rows = packer.rows(r0, min(r0 + step, len(packer)))
                 if kept is not None:
                     rows = rows.select(kept[r0 : r0 + step])
-                writer.write(rows.input_ids, rows.control_class)
+                writer.write(rows.input_ids, rows.control_class, rows.position_ids)
                 counts.add(rows)
         splits[split] = counts.split_summary(writer.close(), sum(len(p) for p in packers))
         for d in range(len(cfg.datasets)):
@@ -239,6 +330,7 @@ def _build_from(
         "fingerprint": fp,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sequence_len": cfg.sequence_len,
+        "document_attention": plan.document_attention,
         "tokenizer": {
             "name": options.name,
             "vocab_size": options.vocab_size,
@@ -253,11 +345,13 @@ def _build_from(
         "datasets": [
             {
                 "dataset_path": ds.dataset_path,
+                "format": plan.formats[d].format,
                 "control_class": ds.control_class,
                 "files": t.files,
                 "bytes": t.bytes,
                 "documents": len(t.length),
                 "empty_documents": t.empty,
+                "untrained_conversations": t.untrained,
                 "max_tokens": ds.max_tokens,
                 "max_tokens_dropped_documents": tables[d][2][0],
                 "max_tokens_dropped_tokens": tables[d][2][1],
@@ -270,13 +364,24 @@ def _build_from(
 
 
 def _tokenize_dataset(
-    cfg, d: int, files: list[InputFile], encoder: DocumentEncoder, store: TokenStore, quiet: bool
+    cfg,
+    d: int,
+    files: list[InputFile],
+    encoder,
+    extract: Extract,
+    store: TokenStore,
+    trained: TokenStore | None,
+    quiet: bool,
 ) -> Tokenized:
-    """Stream the dataset's documents through the tokenizer in batches, appending tokens to `store`;
-    a document longer than windows.LONG_DOC_CHARS goes alone, in windows (encode_long)."""
+    """Stream the dataset's documents through the tokenizer in batches, appending tokens to `store`
+    (and, for conversations, their trained flags to `trained`); a text document longer than
+    windows.LONG_DOC_CHARS goes alone, in windows (encode_long)."""
     total_bytes = sum(f.size for f in files)
     offset = store.count
-    lengths, counts = [], {"empty": 0, "tokens": 0}
+    chat = isinstance(encoder, ChatEncoder)
+    if not chat and extract.fields["text"] == "text":
+        extract = None  # the readers' own "text" path (a Parquet column read whole)
+    lengths, counts = [], {"empty": 0, "tokens": 0, "untrained": 0}
     batch, chars, read = [], 0, 0
     in_flight = None  # (future of the tokenizer's encodings, input bytes read up to that batch)
     # bars only on a terminal (None), so logs and captured output stay clean
@@ -295,7 +400,14 @@ def _tokenize_dataset(
 
         def collect(job):
             future, read_until = job
-            flat, lens, n_empty = encoder.to_arrays(*future.result())
+            if chat:
+                flat, lens, flags, n_untrained = encoder.to_arrays(*future.result())
+                trained.fill(1, store.count)  # the raw-text tokens before these may train
+                trained.write(flags)
+                counts["untrained"] += n_untrained
+                n_empty = 0
+            else:
+                flat, lens, n_empty = encoder.to_arrays(*future.result())
             store.write(flat)
             lengths.append(lens)
             counts["empty"] += n_empty
@@ -333,27 +445,33 @@ def _tokenize_dataset(
 
         done = 0
         for f in files:
-            for doc, nbytes in read_documents(f, windows.LONG_DOC_CHARS):
+            for doc, nbytes in read_documents(f, windows.LONG_DOC_CHARS, extract):
                 read += nbytes
-                if not isinstance(doc, str) or len(doc) > windows.LONG_DOC_CHARS:
+                if chat:
+                    doc = encoder.text_and_spans(doc)  # rendered here, while the thread tokenizes the last batch
+                    chars += len(doc[0])
+                elif not isinstance(doc, str) or len(doc) > windows.LONG_DOC_CHARS:
                     long_document(doc)
                     continue
+                else:
+                    chars += len(doc)
                 batch.append(doc)
-                chars += len(doc)
                 if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
                     submit()
             done += f.size
             read = done
         flush()
-    empty = counts["empty"]
+    empty, untrained = counts["empty"], counts["untrained"]
     length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if len(length) == 0:
+        what = f"{untrained} conversation(s) without a trained turn" if chat else f"{empty} empty document(s)"
         raise CapError(
-            f"{_where(cfg, d)}: no documents left in '{cfg.datasets[d].dataset_path}' "
-            f"({len(files)} file(s), {empty} empty document(s))"
+            f"{_where(cfg, d)}: no documents left in '{cfg.datasets[d].dataset_path}' ({len(files)} file(s), {what})"
         )
+    if chat:
+        encoder.note_end_of_turn(_where(cfg, d))
     start = offset + np.cumsum(length) - length
-    return Tokenized(start, length, empty, len(files), total_bytes)
+    return Tokenized(start, length, empty, len(files), total_bytes, untrained)
 
 
 def max_tokens_keep(length: np.ndarray, max_tokens: int, order: np.ndarray) -> np.ndarray:

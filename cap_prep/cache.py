@@ -57,16 +57,34 @@ def prep_keys(cfg) -> dict:
         "seed": cfg.seed,
         "add_prefix_space": cfg.add_prefix_space,
         "datasets": [_dataset_keys(cfg, d, plain) for d in cfg.datasets],
+        **_chat_keys(cfg),
     }
+
+
+def _chat_keys(cfg) -> dict:
+    """The conversation keys, only when set (a template file by its content), so earlier configs keep
+    their fingerprint."""
+    keys = {}
+    if cfg.chat_template is not None:
+        keys["chat_template"] = sha256_file(cfg.chat_template)
+    if tuple(cfg.train_roles) != ("assistant",):
+        keys["train_roles"] = list(cfg.train_roles)
+    if cfg.document_attention is not None:
+        keys["document_attention"] = cfg.document_attention
+    return keys
 
 
 def _dataset_keys(cfg, d, plain) -> dict:
     """A dataset's prep keys; the later ones only when set (drop_tails: when it differs from the top-level
     one), so earlier configs keep their fingerprint."""
     keys = {"control_class": d.control_class, "document_suffix": plain(d.document_suffix)}
-    for name in ("document_prefix", "max_tokens"):
+    for name in ("document_prefix", "max_tokens", "train_roles"):
         if getattr(d, name) is not None:
             keys[name] = plain(getattr(d, name))
+    if d.format != "auto":
+        keys["format"] = d.format
+    if d.fields:
+        keys["fields"] = dict(d.fields)
     if cfg.drops_tails(d) != cfg.drop_tails:
         keys["drop_tails"] = cfg.drops_tails(d)
     return keys

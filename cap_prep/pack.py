@@ -10,7 +10,12 @@ and the stream is cut into bodies of C tokens:
 So drop_tails is the same cutting over each document's *kept* length (`kept_lengths`). drop_tails is
 per document (its dataset's value): only a document that drops tails is cut where a sequence fills.
 The last body of a stream is padded to C with pad_id (class 0). Body tokens carry their
-document's class (+1/-1) unless their id is in mask_tokens (class 0).
+document's class (+1/-1) unless their id is in mask_tokens (class 0; raw text only) or, in a
+conversation, their turn does not train (class 0).
+With document attention each row also gets position_ids: a token's offset from the start of its
+segment, a segment being the prefix, the part of one document inside the row, or the padding;
+the first token of every document has class 0 (nothing before it in its document predicts it; the
+first token of a row is never predicted in it, whatever its class).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class Rows:
     dataset: np.ndarray  # [n, C] int16, the dataset of each body token, -1 = padding
     dropped_tails: np.ndarray  # [n] int64, documents whose tail was dropped at the end of the row
     dropped_tokens: np.ndarray  # [n] int64, tokens in those tails
+    position_ids: np.ndarray | None = None  # [n, L] int32, with document attention
 
     def select(self, keep: np.ndarray) -> "Rows":
         return Rows(
@@ -91,6 +97,7 @@ class Rows:
             self.dataset[keep],
             self.dropped_tails[keep],
             self.dropped_tokens[keep],
+            None if self.position_ids is None else self.position_ids[keep],
         )
 
 
@@ -106,10 +113,22 @@ class Packer:
         pad_id: int,
         masked: np.ndarray,
         drop_tails: bool | np.ndarray,
+        trained=None,
+        masks_ids: np.ndarray | None = None,
+        positions: bool = False,
     ):
         """gather(starts, counts): the token store's runs store[s:s + c], concatenated ([sum] int32);
-        masked: [vocab] bool, True for ids given class 0; drop_tails: one value or one per document."""
-        self.gather, self.docs = gather, docs
+        masked: [vocab] bool, True for ids given class 0; drop_tails: one value or one per document;
+        trained: like gather, the int8 store of flags (0: the token's turn does not train), if any;
+        masks_ids: [datasets] bool, the datasets whose tokens `masked` applies to (default all);
+        positions: build position_ids (document attention)."""
+        self.gather, self.docs, self.trained, self.masks_ids, self.positions = (
+            gather,
+            docs,
+            trained,
+            masks_ids,
+            positions,
+        )
         self.L, self.prefix, self.pad_id, self.masked = sequence_len, prefix, pad_id, masked
         self.C = sequence_len - len(prefix)
         self.kept = kept_lengths(docs.length, self.C, drop_tails)
@@ -134,9 +153,24 @@ class Packer:
         body[: b - a] = self.gather(docs.start[k] + lo, count)
         klass = np.zeros(n * C, dtype=np.int8)
         klass[: b - a] = np.repeat(docs.klass[k], count)
-        klass[self.masked[body]] = 0
+        if self.trained is not None:
+            klass[: b - a] *= self.trained(docs.start[k] + lo, count)
         dataset = np.full(n * C, -1, dtype=np.int16)
         dataset[: b - a] = np.repeat(docs.dataset[k], count)
+        by_id = self.masked[body]
+        if self.masks_ids is not None:
+            by_id &= self.masks_ids[dataset]  # (padding, -1, has class 0 anyway)
+        klass[by_id] = 0
+        positions = None
+        if self.positions:
+            p = np.arange(r0 * C, r1 * C, dtype=np.int64)
+            start = np.full(n * C, self.total, dtype=np.int64)  # padding: one segment from the stream's end
+            start[: b - a] = np.repeat(ends[k], count)
+            klass[p == start] = 0  # a document's first token: nothing in its document predicts it
+            body_positions = p - np.maximum(start, p // C * C)  # a document continued from the row before starts anew
+            positions = np.empty((n, self.L), dtype=np.int32)
+            positions[:, : len(self.prefix)] = np.arange(len(self.prefix))
+            positions[:, len(self.prefix) :] = body_positions.reshape(n, C)
 
         P = len(self.prefix)
         input_ids = np.empty((n, self.L), dtype=np.int32)
@@ -151,4 +185,4 @@ class Packer:
         row = (ends[k[ends_here] + 1] - 1) // C - r0
         tails = np.bincount(row, minlength=n).astype(np.int64)
         tail_tokens = np.bincount(row, weights=dropped[ends_here], minlength=n).astype(np.int64)
-        return Rows(input_ids, control_class, dataset.reshape(n, C), tails, tail_tokens)
+        return Rows(input_ids, control_class, dataset.reshape(n, C), tails, tail_tokens, positions)

@@ -4,6 +4,8 @@ A prepared folder holds `manifest.json` and `train-NNNNN.arrow` / `eval-NNNNN.ar
 uncompressed Arrow IPC *file* with the columns
     input_ids      fixed_size_list<int32>[L]
     control_class  fixed_size_list<int8>[L]    (+1 / -1, 0 = no loss)
+    position_ids   fixed_size_list<int32>[L]   (only with document_attention: each token's place in
+                                                its document's part of the row, 0 where one starts)
 written as a few record batches, so `open_split` gives zero-copy numpy views of a memory map.
 Shards are not fsynced (that costs as much as writing them); instead a folder only counts as
 complete when every shard has the size its manifest records (cache.is_complete).
@@ -27,41 +29,43 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 
 
-def schema(sequence_len: int) -> pa.Schema:
+def schema(sequence_len: int, positions: bool = False) -> pa.Schema:
+    def column(name: str, kind) -> pa.Field:
+        return pa.field(name, pa.list_(pa.field("item", kind, nullable=False), sequence_len), nullable=False)
+
+    columns = [column("input_ids", pa.int32()), column("control_class", pa.int8())]
+    if positions:
+        columns.append(column("position_ids", pa.int32()))
     return pa.schema(
-        [
-            pa.field("input_ids", pa.list_(pa.field("item", pa.int32(), nullable=False), sequence_len), nullable=False),
-            pa.field(
-                "control_class", pa.list_(pa.field("item", pa.int8(), nullable=False), sequence_len), nullable=False
-            ),
-        ],
-        metadata={"cap.format_version": str(FORMAT_VERSION), "cap.sequence_len": str(sequence_len)},
+        columns, metadata={"cap.format_version": str(FORMAT_VERSION), "cap.sequence_len": str(sequence_len)}
     )
 
 
 class ShardWriter:
     """Writes one split's rows into shards of at most `max_rows` rows; `close()` lists them."""
 
-    def __init__(self, folder: Path, split: str, sequence_len: int, max_rows: int):
+    def __init__(self, folder: Path, split: str, sequence_len: int, max_rows: int, positions: bool = False):
         self.folder, self.split, self.L, self.max_rows = folder, split, sequence_len, max(1, max_rows)
-        self.schema = schema(sequence_len)
+        self.schema = schema(sequence_len, positions)
         self.shards: list[dict] = []
         self._writer = self._sink = None
         self._rows = 0
 
-    def write(self, input_ids: np.ndarray, control_class: np.ndarray) -> None:
-        """Append rows: input_ids [n, L] int32, control_class [n, L] int8."""
+    def write(self, input_ids: np.ndarray, control_class: np.ndarray, position_ids: np.ndarray | None = None) -> None:
+        """Append rows: input_ids [n, L] int32, control_class [n, L] int8 (and position_ids [n, L] int32
+        when the writer was made with positions=True)."""
+        columns = [(input_ids, pa.int32()), (control_class, pa.int8())]
+        if len(self.schema) == 3:
+            columns.append((position_ids, pa.int32()))
         done = 0
         while done < len(input_ids):
             if self._writer is None:
                 self._open()
             take = min(len(input_ids) - done, self.max_rows - self._rows)
-            ids = input_ids[done : done + take]
-            cls = control_class[done : done + take]
             batch = pa.record_batch(
                 [
-                    pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), self.L),
-                    pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1), pa.int8()), self.L),
+                    pa.FixedSizeListArray.from_arrays(pa.array(a[done : done + take].reshape(-1), kind), self.L)
+                    for a, kind in columns
                 ],
                 schema=self.schema,
             )
@@ -134,12 +138,15 @@ class Split:
 
     `input_ids[i]` / `control_class[i]` are the [n_i, L] arrays of the i-th record batch;
     `split[r]` is row r as ([L] int32, [L] int8); `split.rows(indices)` gathers [k, L] copies.
+    With document attention (`document_attention`), `position_ids[i]` and `split.positions(indices)`
+    give each token's position in its document; otherwise they are empty / None.
     """
 
     def __init__(self, folder: Path, shards: list[dict], sequence_len: int):
         self.sequence_len = sequence_len
         self.input_ids: list[np.ndarray] = []
         self.control_class: list[np.ndarray] = []
+        self.position_ids: list[np.ndarray] = []
         self._maps = []
         for shard in shards:
             source = pa.memory_map(str(folder / shard["file"]), "r")
@@ -149,6 +156,9 @@ class Split:
                 batch = reader.get_batch(b)
                 self.input_ids.append(_matrix(batch.column(0), sequence_len))
                 self.control_class.append(_matrix(batch.column(1), sequence_len))
+                if batch.num_columns > 2:
+                    self.position_ids.append(_matrix(batch.column(2), sequence_len))
+        self.document_attention = bool(self.position_ids)
         sizes = [len(a) for a in self.input_ids]
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
@@ -175,6 +185,18 @@ class Split:
             ids[where] = self.input_ids[c][local]
             cls[where] = self.control_class[c][local]
         return ids, cls
+
+    def positions(self, indices) -> np.ndarray | None:
+        """position_ids [k, L] int32 of rows `indices` (any order); None without document attention."""
+        if not self.document_attention:
+            return None
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(indices), self.sequence_len), dtype=np.int32)
+        chunk = np.searchsorted(self._starts, indices, side="right") - 1
+        for c in np.unique(chunk):
+            where = chunk == c
+            out[where] = self.position_ids[c][indices[where] - self._starts[c]]
+        return out
 
 
 def _matrix(column: pa.FixedSizeListArray, sequence_len: int) -> np.ndarray:

@@ -5,6 +5,8 @@ Formats (by extension, case-insensitive):
 - `.json`    a list of objects, each with a string "text" (a file of JSON lines is accepted too);
 - `.jsonl`   one object with a string "text" per line (blank lines are skipped);
 - `.parquet` a string column "text", one document per row.
+A dataset of conversations (chat.py) reads the same files with another `extract`: each JSON object
+or Parquet row is handed to it (with where it is), and what it returns is the document.
 Files are read as strict UTF-8 (a leading byte-order mark is ignored). Every problem is a CapError
 naming the file and, where there is one, the line or record. Every format is streamed: `.jsonl`
 line by line, `.parquet` in row batches, `.json` one list element at a time (json.JSONDecoder.
@@ -49,8 +51,9 @@ class InputFile:
         return self.path.suffix.lower()
 
 
-def find_files(pattern: str, where: str) -> list[InputFile]:
-    """The files a dataset_path glob matches (sorted by path); `where` names the config key."""
+def find_files(pattern: str, where: str, text_column: bool = True) -> list[InputFile]:
+    """The files a dataset_path glob matches (sorted by path); `where` names the config key.
+    `text_column`: check now that every .parquet file has a string column "text"."""
     files, seen = [], set()
     for raw in sorted(glob.glob(pattern, recursive=True)):
         p = Path(raw).resolve()
@@ -67,23 +70,26 @@ def find_files(pattern: str, where: str) -> list[InputFile]:
     files.sort(key=lambda f: str(f.path))
     if not files:
         raise CapError(f"{where} = '{pattern}': no files match")
-    if any(f.format == ".parquet" for f in files):
+    if text_column and any(f.format == ".parquet" for f in files):
         for f in files:
             if f.format == ".parquet":
                 _parquet_text_column(f.path)
     return files
 
 
-def read_documents(f: InputFile, stream_above: int | None = None) -> Iterator[tuple[str | Iterable[str], int]]:
+def read_documents(f: InputFile, stream_above: int | None = None, extract=None) -> Iterator[tuple[object, int]]:
     """Yield (document, input bytes consumed since the previous yield) for each document of `f`.
 
     A document is its text, except a `.txt` file of more than `stream_above` bytes: an iterable of
-    its text in blocks (iterate it before asking for the next document).
+    its text in blocks (iterate it before asking for the next document). `extract(record, where)`
+    makes the document of a JSON object or Parquet row (default: its "text" string); it may have
+    `columns(names)`, the Parquet columns it reads of those a file has.
     """
     if f.format == ".txt":
         return _read_txt(f, stream_above)
-    reader = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.format]
-    return reader(f)
+    if f.format == ".parquet":
+        return _read_parquet(f, extract)
+    return {".json": _read_json, ".jsonl": _read_jsonl}[f.format](f, extract or _text_of)
 
 
 # ---------------------------------------------------------------- per format
@@ -157,15 +163,15 @@ class _Utf8:
                 yield text
 
 
-def _text_of(record, where: str) -> str:
+def _text_of(record, where: str, name: str = "text") -> str:
     if not isinstance(record, dict):
-        raise CapError(f"{where}: expected an object with a \"text\" string, got {type(record).__name__}")
-    if "text" not in record:
+        raise CapError(f"{where}: expected an object with a \"{name}\" string, got {type(record).__name__}")
+    if name not in record:
         keys = ", ".join(list(record)[:5]) or "none"
-        raise CapError(f"{where}: no \"text\" key (keys: {keys})")
-    text = record["text"]
+        raise CapError(f"{where}: no \"{name}\" key (keys: {keys})")
+    text = record[name]
     if not isinstance(text, str):
-        raise CapError(f"{where}: \"text\" is {type(text).__name__}, expected a string")
+        raise CapError(f"{where}: \"{name}\" is {type(text).__name__}, expected a string")
     return text
 
 
@@ -248,7 +254,7 @@ class _JsonText:
         return _Malformed(f"{self.chars.path}:{self.line + e.lineno - 1}: malformed JSON ({msg}, column {column})")
 
 
-def _read_json(f: InputFile):
+def _read_json(f: InputFile, extract):
     """The records of a .json file, streamed, with json.loads's verdict on the whole file: a list
     of objects, or JSON lines if there is more than one top-level value. Errors come in its
     order: invalid UTF-8 anywhere, then malformed JSON, then the first bad record."""
@@ -273,7 +279,7 @@ def _read_json(f: InputFile):
                         record = doc.value()
                         if bad_record is None:
                             try:
-                                text = _text_of(record, f"{f.path}: record {i}")
+                                text = extract(record, f"{f.path}: record {i}")
                             except CapError as e:
                                 bad_record = e  # reported once the rest of the file parses
                             else:
@@ -295,7 +301,7 @@ def _read_json(f: InputFile):
             chars.drain()
             raise
     if json_lines:  # more than one top-level value: the file is read again as JSON lines
-        yield from _read_json_lines(f)
+        yield from _read_json_lines(f, extract)
     elif bad_record is not None:
         raise bad_record
 
@@ -318,7 +324,7 @@ def _split_lines(blocks: Iterable[str]) -> Iterator[str]:
         yield "".join(parts)
 
 
-def _read_json_lines(f: InputFile):
+def _read_json_lines(f: InputFile, extract):
     """A .json file of JSON lines, lines as str.splitlines() cuts the text; errors after the rest
     of the file is known to be valid UTF-8."""
     chars = _Utf8(f.path)
@@ -330,7 +336,7 @@ def _read_json_lines(f: InputFile):
             if not line.strip():
                 continue
             try:
-                text = _line_text(line, f"{f.path}:{n}")
+                text = _line_text(line, f"{f.path}:{n}", extract)
             except CapError:
                 chars.drain()
                 raise
@@ -340,16 +346,16 @@ def _read_json_lines(f: InputFile):
             del text
 
 
-def _line_text(line: str, where: str) -> str:
-    """The "text" of one JSON line (`where` = file:line for errors)."""
+def _line_text(line: str, where: str, extract):
+    """The document of one JSON line (`where` = file:line for errors)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise CapError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-    return _text_of(record, where)
+    return extract(record, where)
 
 
-def _read_jsonl(f: InputFile):
+def _read_jsonl(f: InputFile, extract):
     with _open(f.path) as handle:
         pending = n = 0
         for raw in handle:  # (no enumerate: it would keep the last line alive)
@@ -359,7 +365,7 @@ def _read_jsonl(f: InputFile):
             del raw
             if not line.strip():
                 continue
-            text = _line_text(line, f"{f.path}:{n}")
+            text = _line_text(line, f"{f.path}:{n}", extract)
             del line
             yield text, pending
             pending = 0
@@ -390,25 +396,43 @@ def _parquet_text_column(path: Path):
     return pf
 
 
-def _read_parquet(f: InputFile):
+def _read_parquet(f: InputFile, extract=None):
+    """The rows of a .parquet file: their "text" strings, or with `extract` what it makes of each row
+    (a dict of the columns it asks for)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    pf = _parquet_text_column(f.path)
+    if extract is None:
+        pf, columns = _parquet_text_column(f.path), ["text"]
+    else:
+        try:
+            pf = pq.ParquetFile(f.path)
+        except OSError as e:
+            raise CapError(f"{f.path}: cannot read ({e})") from None
+        except (pa.ArrowException, ValueError) as e:
+            raise CapError(f"{f.path}: not a valid Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        try:
+            columns = extract.columns(names) if hasattr(extract, "columns") else names
+        except CapError as e:
+            raise CapError(f"{f.path}: {e}") from None
     total = max(pf.metadata.num_rows, 1)
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
-            column = batch.column(0)
-            if column.null_count:
-                first = row + column.is_null().to_numpy(zero_copy_only=False).argmax()
-                raise CapError(f"{f.path}: record {first}: \"text\" is null, expected a string")
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            if extract is None:
+                column = batch.column(0)
+                if column.null_count:
+                    first = row + column.is_null().to_numpy(zero_copy_only=False).argmax()
+                    raise CapError(f"{f.path}: record {first}: \"text\" is null, expected a string")
             try:
-                texts = column.to_pylist()
+                records = batch.column(0).to_pylist() if extract is None else batch.to_pylist()
             except UnicodeDecodeError:
-                raise CapError(f"{f.path}: records {row}-{row + len(column) - 1}: not valid UTF-8") from None
-            share = f.size * len(texts) // total
-            for i, text in enumerate(texts):
-                yield text, share if i == 0 else 0
-            row += len(texts)
+                raise CapError(f"{f.path}: records {row}-{row + batch.num_rows - 1}: not valid UTF-8") from None
+            share = f.size * len(records) // total
+            for i, record in enumerate(records):
+                doc = record if extract is None else extract(record, f"{f.path}: record {row + i}")
+                yield doc, share if i == 0 else 0
+            row += len(records)
     except (pa.ArrowException, OSError) as e:
         raise CapError(f"{f.path}: cannot read record {row} ({e})") from None

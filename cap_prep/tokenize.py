@@ -5,6 +5,7 @@ A document's tokens (decided here, used by pack.py):
              + tokenizer(prefix_text + text + suffix_text)
                (the tokenizer's own special tokens included)
                minus a leading BOS                  # the sequence prefix (default BOS) starts every sequence
+                                                    # (kept with document attention: no sequence prefix)
              + suffix_ids                           # document_suffix as token ids
 where document_suffix = None appends EOS only when the encoding does not already end with EOS
 (and the tokenizer has one); "" appends nothing; a string is appended to the text before
@@ -140,10 +141,11 @@ def resolve_options(tok, sequence_prefix, mask_tokens, where: str) -> TokenOptio
 class DocumentEncoder:
     """Encodes batches of one dataset's documents into (flat tokens [T] int32, lengths [n] int64)."""
 
-    def __init__(self, tok, options: TokenOptions, document_suffix, where: str, document_prefix=None):
+    def __init__(self, tok, options: TokenOptions, document_suffix, where: str, document_prefix=None, keep_bos=False):
+        """keep_bos: leave the tokenizer's leading BOS on (document attention: each document stands alone)."""
         self.backend = tok.backend_tokenizer
         self.encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self.bos = options.bos_id
+        self.bos = None if keep_bos else options.bos_id  # the leading id dropped, if any
         self.eos = options.eos_id
         self.suffix_text = document_suffix if isinstance(document_suffix, str) else ""
         self.eos_if_missing = document_suffix is None and self.eos is not None

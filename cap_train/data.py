@@ -1,8 +1,9 @@
 """cap-train's view of cap-prep's shards: memory-mapped rows → micro batches of tensors.
 
 A micro batch is what DeepSpeed's pipeline feeds in: ((input_ids [b,L] long, control_class [b,L]),
-labels). The first stage derives the shifted labels and classes itself (common.models.layers),
-so the second element is a placeholder DeepSpeed requires but cap never reads.
+labels), with document attention ((input_ids, control_class, position_ids [b,L] long), labels).
+The first stage derives the shifted labels and classes itself (common.models.layers), so the
+second element is a placeholder DeepSpeed requires but cap never reads.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def prepared_splits(cfg: Config, rank: int):
     return open_split(folder, "train"), open_split(folder, "eval")
 
 
+def document_attention(*splits) -> bool:
+    """Whether the prepared rows carry position_ids (cap-prep's document_attention): then the model
+    masks attention by document. A split without rows has no columns to tell, so any split decides."""
+    return any(split.document_attention for split in splits)
+
+
 class Batches:
     """Micro batches gathered from a Split by row indices."""
 
@@ -60,9 +67,11 @@ class Batches:
 
     def micro(self, rows):
         ids, classes = self.split.rows(rows)
-        ids = torch.from_numpy(ids).long()
-        classes = torch.from_numpy(classes)
-        return (ids, classes), torch.zeros(1)
+        inputs = (torch.from_numpy(ids).long(), torch.from_numpy(classes))
+        positions = self.split.positions(rows)
+        if positions is not None:
+            inputs += (torch.from_numpy(positions).long(),)
+        return inputs, torch.zeros(1)
 
     def iterate(self, order: TrainOrder, epoch: int, start_step: int):
         """Micro batches of `epoch` from `start_step` on (DeepSpeed pulls one step's worth per train_batch).

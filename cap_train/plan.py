@@ -13,7 +13,10 @@ Per stage (positions split as DeepSpeed splits them, cap_common.models.pipeline.
                     'selective': the matmul and attention outputs ≈ (5·H + 2·H_kv + 2·I_active) · B·T
                     full: the layer input H · B·T elements ('offload': on the host), plus one
                     layer's saved set during its recomputation
-                  plus DeepSpeed's pipe send/receive buffers (2 · B·T·H per micro batch in flight)
+                  plus DeepSpeed's pipe send/receive buffers (2 · B·T·H per micro batch in flight),
+                  and with document_attention the additive masks [B,1,T,T] in model_dtype that a
+                  micro batch's layers share (one per distinct sliding window on the stage, per
+                  micro batch in flight) and the boolean temporaries of building one (2 · B·T²)
     loss          the fused LM head + cross entropy (last stage): a [C, V] fp32 chunk and its
                   temporaries (C·V ≈ 256 MiB, fewer rows if B·T is smaller), the fp32 hidden
                   gradient, and on CPU an fp32 copy of a 16-bit head (not of bf16 with native bf16)
@@ -33,7 +36,7 @@ import functools
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -75,10 +78,11 @@ class StagePlan:
     optimizer: float
     activations_checkpointed: float
     activations_full: float
-    activations: float  # under the config's own activation_checkpointing mode
+    activations: float  # under the config's own activation_checkpointing mode (each includes `masks`)
     loss: float
     runtime: float
     file_pages: float = 0.0  # CPU: the mapped safetensors pages this stage read (the files stay open)
+    masks: float = 0.0  # document_attention: the document masks of the micro batches in flight
 
     def peak(self, checkpointing: bool | None = None) -> float:
         """Peak bytes with every layer checkpointed (True), none (False), or the config's mode (None)."""
@@ -100,6 +104,7 @@ class Plan:
     activation_checkpointing: bool | str | int
     tokens_per_step: int
     bubble: float
+    document_attention: bool = False
     stages: list[StagePlan] = field(default_factory=list)
 
     def peaks(self, checkpointing: bool | None = None) -> list[float]:
@@ -203,6 +208,7 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
     config = getattr(config, "text_config", config)
     dtype = torch_dtype(cfg.model_dtype)
     size = torch.tensor([], dtype=dtype).element_size()
+    cfg = replace(cfg, document_attention=uses_document_attention(cfg))
     n_layers, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     S = cfg.pipeline_stages
     dp = processes // S
@@ -232,6 +238,7 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
         activation_checkpointing=cfg.activation_checkpointing,
         tokens_per_step=tokens * M * dp,
         bubble=(S - 1) / (M + S - 1),
+        document_attention=cfg.document_attention,
     )
     for s in range(S):
         lo, hi = int(parts[s]), int(parts[s + 1])
@@ -267,9 +274,11 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
             residue = CPU_RECOMPUTE_RESIDUE * whole * saved_per_layer if device == "cpu" else 0.0
             return act_factor * (total + recomputed) + residue + pipe_buffers
 
-        full = saved([None] * len(backward))
-        checkpointed = saved(["full"] * len(backward))
-        activations = saved(modes)
+        masks = in_flight * _document_masks(cfg, family, config, range(max(lo, 1) - 1, min(hi, n_layers + 1) - 1), size)
+        masks += 2 * B * T * T if masks else 0  # building one: the [B,T,T] boolean temporaries
+        full = saved([None] * len(backward)) + masks
+        checkpointed = saved(["full"] * len(backward)) + masks
+        activations = saved(modes) + masks
         loss = 0.0
         if hi == n_layers + 2:
             rows = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
@@ -291,9 +300,35 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
                 loss=loss,
                 runtime=runtime,
                 file_pages=pages,
+                masks=masks,
             )
         )
     return plan
+
+
+def uses_document_attention(cfg: Config) -> bool:
+    """The config's document_attention, or where it is left to cap-prep (None), cap-prep's choice
+    from the datasets' formats (on for conversations); off when the inputs cannot be read now."""
+    if cfg.document_attention is not None:
+        return cfg.document_attention
+    from cap_common.errors import CapError
+    from cap_prep.build import document_attention, extracts, find_inputs
+
+    try:
+        return document_attention(cfg, extracts(cfg, find_inputs(cfg)))
+    except (CapError, OSError):
+        return False
+
+
+def _document_masks(cfg: Config, family, config, layers: range, size: int) -> float:
+    """Bytes of one micro batch's document masks on a stage with decoder `layers`: one additive
+    [B,1,T,T] mask per distinct window among them (common/models/layers.py, document_mask); 0 without
+    document_attention (cfg's, resolved by uses_document_attention)."""
+    if not layers or not cfg.document_attention:
+        return 0.0
+    types = family.layer_types(config)
+    windows = {types[i] == "sliding_attention" for i in layers}
+    return len(windows) * cfg.micro_batch_size * cfg.sequence_len**2 * size
 
 
 def _position_prefixes(position: int, n_layers: int, tied: bool) -> tuple[str, ...]:
@@ -325,14 +360,13 @@ def smallest_fit(cfg: Config, gpu_bytes: float, four_bit: tuple[bool, ...] | Non
     """(pipeline_stages, load_in_4bit) with the fewest stages whose every stage fits in gpu_bytes on
     CUDA, over the 4-bit choices given (default: the config's, and 4-bit too unless it is a full
     fine-tune); the config's own choice wins a tie. None if nothing fits."""
-    from dataclasses import replace
-
     from cap_common.models.families import load_hf_config
 
     _, config = load_hf_config(cfg.model_dir)
     n_layers = getattr(config, "text_config", config).num_hidden_layers
     if four_bit is None:
         four_bit = (cfg.load_in_4bit,) if cfg.load_in_4bit or cfg.full_fine_tune else (False, True)
+    cfg = replace(cfg, document_attention=uses_document_attention(cfg))  # decided once, not per trial
     best = None
     for option in four_bit:
         for stages in range(1, n_layers + 1):
@@ -351,7 +385,8 @@ def describe(plan: Plan, gpu_bytes: float | None = None, fit: tuple[int, bool] |
     lines = [
         f"plan: {plan.model} on {plan.processes} {plan.device.upper()} process(es) = {plan.pipeline_stages} "
         f"stage(s) × {plan.data_parallel} data-parallel; {'4-bit' if plan.load_in_4bit else 'full-precision'} base; "
-        f"{plan.tokens_per_step:,} tokens per optimizer step; pipeline bubble {plan.bubble:.0%}",
+        f"{plan.tokens_per_step:,} tokens per optimizer step; pipeline bubble {plan.bubble:.0%}"
+        f"{'; document attention (its masks under activations)' if plan.document_attention else ''}",
         f"{unit} per process:",
         "  stage  positions      base  trainable+grad  optimizer  activations ckpt/full      loss   runtime      peak",
     ]

@@ -72,6 +72,9 @@ PREP = (
     "add_prefix_space",
     "document_prefix",
     "document_suffix",
+    "chat_template",
+    "train_roles",
+    "document_attention",
 )
 MODEL = ("model_dir", "model_dtype", "lora_alpha", "control_adapter_target", "use_column_major_topology")
 FIXED = (

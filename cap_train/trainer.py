@@ -38,7 +38,7 @@ from cap_common.models.families import load_hf_config
 from cap_train import resume as resuming
 from cap_train import startup, watch
 from cap_train.checkpoint import FORMAT, Checkpoints, checkpoint_files, file_record, load_legacy_rng, read_state
-from cap_train.data import Batches, prepared_splits
+from cap_train.data import Batches, document_attention, prepared_splits
 from cap_train.loss import PipelineLoss
 from cap_train.metrics import Metrics
 from cap_train.mfu import device_peak_flops, flops_per_token
@@ -140,6 +140,9 @@ class Trainer:
         """The prepared train / eval splits, this rank's place in the topology and its data order."""
         cfg = self.cfg
         self.train_rows, self.eval_rows = prepared_splits(cfg, self.rank)
+        # packed documents attend only to themselves when cap-prep wrote position_ids (its manifest's
+        # document_attention): a flag of the model, not a test of each batch's data
+        self.document_attention = document_attention(self.train_rows, self.eval_rows)
         self.topology = self._topology()
         coord = self.topology.get_coord(self.rank)
         self.stage, self.dp_rank = coord.pipe, coord.data
@@ -200,7 +203,7 @@ class Trainer:
 
         cfg = self.cfg
         model = PipelineModule(
-            layers=layer_specs(ModelSpec.from_config(cfg), self.device, loss_fn=self.loss),
+            layers=layer_specs(ModelSpec.from_config(cfg, self.document_attention), self.device, loss_fn=self.loss),
             topology=self.topology,
             loss_fn=None,
             partition_method=PARTITION_METHOD,

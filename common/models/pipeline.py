@@ -10,7 +10,8 @@ For cap-train (spec = ModelSpec.from_config(cfg)):
                    partition_method=PARTITION_METHOD, activation_checkpoint_interval=0)
 (each decoder layer checkpoints itself as spec.activation_checkpointing says: common/models/recompute.py)
 Outside DeepSpeed (tests, cap-export verify): `build_pipeline_layers(spec, device, stage)`
-gives the modules themselves; running them in order maps (input_ids, control_class) to logits.
+gives the modules themselves; running them in order maps (input_ids, control_class) to logits, or
+(input_ids, control_class, position_ids) with spec.document_attention (attention within documents).
 
 Trainable parameters by spec.mode: control → the control adapters; lora / qlora → the LoRA pairs
 (qlora on a 4-bit base); full → everything. Adapters go only on layers_to_transform (None = all)
@@ -204,6 +205,7 @@ class StageBuilder:
             spec.control_adapter_target,
             family.writers,
             layer_mode(spec.activation_checkpointing, index),
+            spec.document_attention,
         )
 
 

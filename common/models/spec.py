@@ -27,7 +27,8 @@ class ModelSpec:
     mode: "control" → Control Adapters; "lora" / "qlora" → LoRA pairs on target_modules (qlora on
     a 4-bit base); "full" → every weight. Adapters go on layers_to_transform (None = all) and are
     initialized from seed and the layer index. `source` (a config file or an adapter folder)
-    starts error messages.
+    starts error messages. document_attention: the micro batches carry position_ids, and each token
+    attends only to its own document's tokens (common/models/layers.py, document_mask).
     """
 
     model_dir: Path
@@ -47,6 +48,8 @@ class ModelSpec:
     target_modules: tuple[str, ...] | None = None  # LoRA targets (None: every linear)
     activation_checkpointing: bool | str | int = False  # per-layer mode: common/models/recompute.py
     compile_layers: bool = False  # torch.compile each decoder layer (Config.compiles_layers)
+    # packed rows hold several documents, each attending only to itself (position_ids restart at 0)
+    document_attention: bool = False
 
     @property
     def trainable_base(self) -> bool:
@@ -54,8 +57,9 @@ class ModelSpec:
         return self.mode == "full"
 
     @classmethod
-    def from_config(cls, cfg: Config) -> ModelSpec:
-        """The model a cap-train Config describes."""
+    def from_config(cls, cfg: Config, document_attention: bool = False) -> ModelSpec:
+        """The model a cap-train Config describes; document_attention as the prepared data says
+        (its manifest, cap_prep.shards.Split.document_attention)."""
         return cls(
             model_dir=Path(cfg.model_dir),
             dtype=torch_dtype(cfg.model_dtype),
@@ -74,6 +78,7 @@ class ModelSpec:
             target_modules=cfg.target_modules,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_layers=cfg.compiles_layers,
+            document_attention=document_attention,
         )
 
     @classmethod

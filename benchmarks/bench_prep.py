@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--sequence-len", type=int, default=2048)
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
     ap.add_argument("--conversations", action="store_true", help="messages data through the chat template")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each; medians are reported")
     args = ap.parse_args()
 
     import transformers
@@ -123,12 +124,6 @@ def main():
         )
 
         encode = tok.backend_tokenizer.encode_batch_fast
-        t0 = time.perf_counter()
-        bare_tokens = 0
-        for i in range(0, len(docs), build.BATCH_DOCS):
-            bare_tokens += sum(len(e) for e in encode(docs[i : i + build.BATCH_DOCS], add_special_tokens=special))
-        bare_s = time.perf_counter() - t0
-
         raw = {
             "model_dir": str(model),
             "output_dir": str(work / "out"),
@@ -139,22 +134,43 @@ def main():
             "datasets": [{"dataset_path": str(data / "*.jsonl")}],
         }
         cfg = config_from_dict(raw, work / "cfg.toml")
-        t0 = time.perf_counter()
-        folder = prepare(cfg, force=True, quiet=True)
-        prep_s = time.perf_counter() - t0
-        m = load_manifest(folder)
-        prep_tokens = sum(d[s]["tokens"] for d in m["datasets"] for s in ("train", "eval"))
+
+        def bare() -> tuple[int, float]:
+            t0, tokens = time.perf_counter(), 0
+            for i in range(0, len(docs), build.BATCH_DOCS):
+                tokens += sum(len(e) for e in encode(docs[i : i + build.BATCH_DOCS], add_special_tokens=special))
+            return tokens, time.perf_counter() - t0
+
+        def cap_prep() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            m = load_manifest(prepare(cfg, force=True, quiet=True))
+            return sum(d[s]["tokens"] for d in m["datasets"] for s in ("train", "eval")), time.perf_counter() - t0
+
+        times = {"bare": [], "prep": []}
+        for _ in range(args.repeat):  # interleaved, so both see the same machine
+            bare_tokens, t = bare()
+            times["bare"].append(t)
+            prep_tokens, t = cap_prep()
+            times["prep"].append(t)
+        bare_s, prep_s = (float(np.median(times[k])) for k in ("bare", "prep"))
+
+        def seconds(ts: list[float]) -> str:
+            return ", ".join(f"{t:.1f}" for t in ts)
 
         bare_rate, prep_rate = bare_tokens / bare_s, prep_tokens / prep_s
         print(
             f"bare tokenizer (encode_batch_fast, in memory): {bare_tokens:,} tokens in {bare_s:.1f} s = "
-            f"{bare_rate / 1e6:.2f} M tokens/s"
+            f"{bare_rate / 1e6:.2f} M tokens/s (median of {args.repeat}: {seconds(times['bare'])})"
         )
         print(
             f"cap-prep (read + hash + tokenize + pack + write): {prep_tokens:,} tokens in {prep_s:.1f} s = "
-            f"{prep_rate / 1e6:.2f} M tokens/s"
+            f"{prep_rate / 1e6:.2f} M tokens/s (median of {args.repeat}: {seconds(times['prep'])})"
         )
-        print(f"ratio cap-prep / bare: {prep_rate / bare_rate:.2f} (target >= 0.8)")
+        ratios = [times["bare"][k] / times["prep"][k] * prep_tokens / bare_tokens for k in range(args.repeat)]
+        print(
+            f"ratio cap-prep / bare: {prep_rate / bare_rate:.2f} (target >= 0.8; per pair: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)})"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

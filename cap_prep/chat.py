@@ -50,7 +50,6 @@ SHAREGPT_ROLES = {
     "function_call": "assistant",
 }
 _START, _END = "\uf8f0", "\uf8f1"  # private-use markers around trained contents
-_MARKERS = re.compile(f"[{_START}{_END}]")
 CHECKED_CONVERSATIONS = 32  # per dataset, marked renders compared with plain ones
 
 
@@ -121,18 +120,26 @@ def _message_list(record: dict, name: str, where: str) -> list:
     return value
 
 
+_SAME_ROLES = {r: r for r in ROLES}
+
+
 def _messages(items: list, fields: Fields, where: str, role_key: str, content_key: str, roles: dict | None) -> list:
+    """(message as the template reads it: role, content and any other fields but None ones and `train`;
+    its train flag or None) per item. A plain {"role", "content"} message is used as it is."""
+    roles = roles or _SAME_ROLES
+    plain = role_key == "role" and content_key == "content" and roles is _SAME_ROLES
     out = []
     for i, m in enumerate(items):
+        role, content = m.get(role_key), m.get(content_key)
+        mapped = roles.get(role) if isinstance(role, str) else None
+        if plain and mapped is not None and type(content) is str and len(m) == 2:
+            out.append((m, None))  # the common case, checked: nothing to copy
+            continue
         at = f"{where}: message {i}"
         if role_key not in m:
             raise CapError(f'{at}: no "{role_key}" field (fields: {", ".join(list(m)[:6]) or "none"})')
-        role = m[role_key]
-        mapped = (roles or {r: r for r in ROLES}).get(role) if isinstance(role, str) else None
         if mapped is None:
-            known = ", ".join(roles or ROLES)
-            raise CapError(f"{at}: unknown role {role!r} (expected one of {known})")
-        content = m.get(content_key)
+            raise CapError(f"{at}: unknown role {role!r} (expected one of {', '.join(roles)})")
         if content is None and mapped == "assistant" and m.get("tool_calls"):
             content = ""
         if not isinstance(content, str):
@@ -258,42 +265,47 @@ class ChatEncoder:
 
     def text_and_spans(self, c: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text of `c` and the character spans [start, end) of its trained turns."""
-        if self.markers_work and not any(_MARKERS.search(m["content"]) for m in c.messages):
+        if self.markers_work and not any(_START in m["content"] or _END in m["content"] for m in c.messages):
             found = self._marked(c)
             if found is not None:
                 return found
         return self._by_prefixes(c)
 
     def _marked(self, c: Conversation):
+        """text_and_spans from one render with the trained contents between markers; None when the
+        markers do not come back once each, in order (or, on the first conversations, the text differs
+        from the plain render)."""
         marked, n = [], 0
         for m, train in zip(c.messages, c.train):
-            core = m["content"].strip()
+            content = m["content"]
+            core = content.strip()
             if train and core:
-                lead = m["content"][: len(m["content"]) - len(m["content"].lstrip())]
-                trail = m["content"][len(m["content"].rstrip()) :]
-                m = {**m, "content": lead + _START + core + _END + trail}
+                lead = content[: len(content) - len(content.lstrip())]
+                m = {**m, "content": lead + _START + core + _END + content[len(lead) + len(core) :]}
                 n += 1
             elif train:  # an empty trained turn: only the prefix renders find its end-of-turn token
                 return None
             marked.append(m)
         rendered = self.render(marked, c.where)
-        pieces = _MARKERS.split(rendered)
-        kinds = _MARKERS.findall(rendered)
-        if kinds != [_START, _END] * n:
+        if rendered.count(_START) != n or rendered.count(_END) != n:
             return None
+        pieces, ends, at = [], [], 0
+        for i in range(n):
+            start = rendered.find(_START, at)
+            end = rendered.find(_END, start)
+            if start < 0 or end < 0 or rendered.find(_START, start + 1, end) >= 0:
+                return None
+            pieces += [rendered[at:start], rendered[start + 1 : end]]
+            ends.append((start - 2 * i, end - 1 - 2 * i))  # in the text without the markers
+            at = end + 1
+        pieces.append(rendered[at:])
         text = "".join(pieces)
         if self.checked < CHECKED_CONVERSATIONS:
             self.checked += 1
             if text != self.render(c.messages, c.where):
                 self.markers_work = False
                 return None
-        spans, at = [], 0
-        for i in range(n):
-            at += len(pieces[2 * i])
-            start = at
-            at += len(pieces[2 * i + 1])
-            spans.append((start, self._turn_end(text, at)))
-        return text, spans
+        return text, [(start, self._turn_end(text, content_end)) for start, content_end in ends]
 
     def _turn_end(self, text: str, content_end: int) -> int:
         """Where a trained turn ends: after the added token (end of turn) right after its content, if any."""
@@ -391,7 +403,7 @@ def trained_tokens(encoding, spans: list[tuple[int, int]]) -> np.ndarray:
     sorted and disjoint. Tokens are in text order, so the tokens of a span are a run: from the first
     token holding character a to the last one starting before b (found through the encoding's
     char_to_token, not all offsets); every offset is read where a character is covered by no token."""
-    n = len(encoding.ids)
+    n = len(encoding)
     out = np.zeros(n, dtype=np.int8)
     for a, b in spans:
         first = encoding.char_to_token(a)

@@ -52,6 +52,7 @@ SHARD_BYTES = 256 << 20  # a shard holds at most this many bytes of rows
 CHUNK_BYTES = 32 << 20  # rows packed and written per step
 BATCH_DOCS = 2048  # documents per tokenizer call ...
 BATCH_CHARS = 4_000_000  # ... or this many characters, whichever comes first
+CHAT_BATCH_CHARS = 1_000_000  # conversations: smaller, so rendering the next overlaps tokenizing this one
 _CLASS, _EVAL, _MIX, _CAP, _MAX_TOKENS = 1, 2, 3, 4, 5  # purposes of the seeded generators
 
 
@@ -456,7 +457,7 @@ def _tokenize_dataset(
                 else:
                     chars += len(doc)
                 batch.append(doc)
-                if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+                if len(batch) >= BATCH_DOCS or chars >= (CHAT_BATCH_CHARS if chat else BATCH_CHARS):
                     submit()
             done += f.size
             read = done

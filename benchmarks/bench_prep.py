@@ -9,7 +9,9 @@ with transformers' apply_chat_template), then times
    of cap-prep's size (tokens counted with len(encoding)) — the ceiling;
 2. `cap_prep.prepare(cfg, force=True)`: reading the files, hashing them, tokenizing, packing and
    writing the shards (the transformers import is done beforehand and not timed).
-and prints tokens/s for both and their ratio (target: cap-prep >= 0.8x the bare tokenizer).
+and prints tokens/s for both and their ratio (target: cap-prep >= 0.8x the bare tokenizer). With
+--conversations it also times 3. `encode_batch`, the tokenizer with the character offsets that
+cap-prep needs to find each token's turn, and prints cap-prep's ratio to it.
 The tokenizer is the tests' tiny byte-level BPE (with --conversations: its ChatML variant) unless
 --tokenizer names a folder with one.
 """
@@ -135,7 +137,7 @@ def main():
         }
         cfg = config_from_dict(raw, work / "cfg.toml")
 
-        def bare() -> tuple[int, float]:
+        def bare(encode=encode) -> tuple[int, float]:
             t0, tokens = time.perf_counter(), 0
             for i in range(0, len(docs), build.BATCH_DOCS):
                 tokens += sum(len(e) for e in encode(docs[i : i + build.BATCH_DOCS], add_special_tokens=special))
@@ -146,12 +148,14 @@ def main():
             m = load_manifest(prepare(cfg, force=True, quiet=True))
             return sum(d[s]["tokens"] for d in m["datasets"] for s in ("train", "eval")), time.perf_counter() - t0
 
-        times = {"bare": [], "prep": []}
-        for _ in range(args.repeat):  # interleaved, so both see the same machine
+        times = {"bare": [], "prep": [], "offsets": []}
+        for _ in range(args.repeat):  # interleaved, so all see the same machine
             bare_tokens, t = bare()
             times["bare"].append(t)
             prep_tokens, t = cap_prep()
             times["prep"].append(t)
+            if args.conversations:  # the tokenizer with the character offsets that find trained tokens
+                times["offsets"].append(bare(tok.backend_tokenizer.encode_batch)[1])
         bare_s, prep_s = (float(np.median(times[k])) for k in ("bare", "prep"))
 
         def seconds(ts: list[float]) -> str:
@@ -171,6 +175,13 @@ def main():
             f"ratio cap-prep / bare: {prep_rate / bare_rate:.2f} (target >= 0.8; per pair: "
             f"{', '.join(f'{r:.2f}' for r in ratios)})"
         )
+        if args.conversations:
+            offsets_s = float(np.median(times["offsets"]))
+            print(
+                f"bare tokenizer with offsets (encode_batch, what finding the trained tokens needs): {offsets_s:.1f} s "
+                f"(median of {args.repeat}: {seconds(times['offsets'])}); ratio cap-prep / it: "
+                f"{offsets_s / prep_s * prep_tokens / bare_tokens:.2f}"
+            )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -168,6 +168,81 @@ def test_packed_ids_and_trained_tokens_match_transformers(tmp_path, chat_models,
     np.testing.assert_array_equal(positions, expected)
 
 
+MORE = [  # the byte path meets multi-byte characters at a turn's edges and inside tokens
+    [
+        {"role": "user", "content": "Ça va? Привет!"},
+        {"role": "assistant", "content": "Très bien — 谢谢, and you? 😀😀"},
+    ],
+    [
+        {"role": "system", "content": "Réponds en français."},
+        {"role": "user", "content": "naïve café"},
+        {"role": "assistant", "content": "  é  "},
+        {"role": "user", "content": "🙂"},
+        {"role": "assistant", "content": "日本語のテキスト。\n\nDone."},
+    ],
+]
+
+
+@pytest.mark.parametrize("family", ["llama3", "chatml", "gemma"])
+def test_many_batches_byte_path_matches_offsets(tmp_path, chat_models, family, monkeypatch):
+    """One conversation per tokenizer batch, so every later batch takes the path the first one chose: for
+    byte-level BPE (Llama-3, ChatML) the tokens' byte lengths without offsets, for Gemma's SentencePiece-style
+    tokenizer the offsets; either way the ids and trained tokens are transformers' (reference)."""
+    import cap_prep.build
+    from cap_prep.chat import ChatEncoder
+
+    monkeypatch.setattr(cap_prep.build, "CHAT_BATCH_CHARS", 1)
+    paths = []
+    to_arrays = ChatEncoder.to_arrays
+
+    def recording(self, encodings, texts, spans, offsets):
+        paths.append(offsets)
+        return to_arrays(self, encodings, texts, spans, offsets)
+
+    monkeypatch.setattr(ChatEncoder, "to_arrays", recording)
+    conversations = (CONVERSATIONS + MORE) * 3
+    model_dir = chat_models[family]
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    name = _write(tmp_path, "messages", conversations)
+    cfg = load_config(_config(tmp_path, model_dir, f"[[datasets]]\ndataset_path = '{name}'\n"))
+    ids, classes, _ = _stream(prepare(cfg, quiet=True))
+    refs = [reference(tok, c) for c in conversations]
+    np.testing.assert_array_equal(ids, np.concatenate([r[0] for r in refs]))
+    np.testing.assert_array_equal(classes != 0, np.concatenate([r[1] for r in refs]))
+    # the first batch with offsets; the second is tokenized while the first is compared, so either way
+    assert len(paths) == len(conversations) and paths[0]
+    assert paths[2:] == [family == "gemma"] * (len(conversations) - 2)
+
+
+def test_byte_path_falls_back_to_offsets_where_bytes_do_not_add_up(chat_models):
+    """A conversation whose tokens' byte lengths do not add up to its text's (simulated: one token's length
+    made wrong) is tokenized again with offsets; the others in its batch keep their byte-path flags."""
+    from cap_prep.chat import ChatEncoder, Extract, Fields, load_template
+
+    tok = transformers.AutoTokenizer.from_pretrained(chat_models["chatml"])
+    assert ChatEncoder(tok, "", None, len(tok), "x").byte_length is not None
+    gemma = transformers.AutoTokenizer.from_pretrained(chat_models["gemma"])
+    assert ChatEncoder(gemma, "", None, len(gemma), "x").byte_length is None
+    enc = ChatEncoder(tok, load_template(tok, None, chat_models["chatml"]), None, len(tok), "x")
+    extract = Extract("messages", Fields(None), ("assistant",))
+    conversations = CONVERSATIONS + MORE[:1]
+    rendered = [enc.text_and_spans(extract({"messages": c}, "x")) for c in conversations]
+    enc.by_bytes = True
+    odd = tok("—", add_special_tokens=False).input_ids[0]  # in conversations 1 and 3 only
+    assert [odd in r[0] for r in (reference(tok, c) for c in conversations)] == [False, True, False, True]
+    enc.byte_length = enc.byte_length.copy()
+    enc.byte_length[odd] += 1
+    encodings, texts, spans, offsets = enc.encode_texts(rendered)
+    assert not offsets
+    _, bad = enc._by_bytes(*enc._flat(encodings), texts, spans)
+    assert bad.tolist() == [False, True, False, True]
+    ids, lengths, trained, skipped = enc.to_arrays(encodings, texts, spans, offsets)
+    refs = [reference(tok, c) for c in conversations]
+    np.testing.assert_array_equal(ids, np.concatenate([r[0] for r in refs]))
+    np.testing.assert_array_equal(trained, np.concatenate([r[1] for r in refs]))
+    assert lengths.tolist() == [len(r[0]) for r in refs] and skipped == 0
+
+
 def test_smollm2_template_train_flags_and_classes(tmp_path, smollm2_dir):
     """SmolLM2-135M-Instruct's own template (ChatML with a default system prompt); a message's "train" flag
     overrides its role, train_roles chooses the roles, and control_class -1 gives the trained tokens -1."""

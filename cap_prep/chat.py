@@ -23,9 +23,9 @@ conversations), the spans come from renders of the conversation's prefixes inste
 Which tokens overlap a span is read from the tokenizer's character offsets, or, for byte-level BPE
 (`byte_lengths`), from each token's length in bytes: its tokens' bytes are the text's bytes, in order,
 so a token covers [Σ lengths before it, + its length) and the tokenizer can run without offsets
-(`encode_batch_fast`, ~15% less work). The byte path is used once a dataset's first batch, tokenized
-with offsets, gives the same trained tokens both ways; a later conversation whose token bytes do not
-add up to its text's is tokenized again with offsets.
+(`encode_batch_fast`; offsets cost 12–38% of its time in benchmarks/bench_prep.py). The byte path is
+used once a dataset's first batch, tokenized with offsets, gives the same trained tokens both ways; a
+later conversation whose token bytes do not add up to its text's is tokenized again with offsets.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""examples/chat end to end in small form: cap-prep renders SmolLM2's chat template and trains only the
-assistant's replies; a few steps of cap-train lower the eval loss of the +1 (cheerful) replies under class
-+1 and of the −1 (terse) replies under class −1; both LoRAs export and generate."""
+"""examples/chat end to end: cap-prep renders SmolLM2's chat template and trains only the assistant's
+replies; cap-train lowers the eval loss of the +1 (cheerful) replies under class +1 and of the −1 (terse)
+replies under class −1; both LoRAs export, and their replies have the two styles."""
 
 import json
 import subprocess
@@ -39,11 +39,18 @@ def _turns(ids, tok):
     return out
 
 
+TERSE = ("Briefly:", "In short:", "Answer:", "Fact:")  # examples/chat/make_data.py's lead words
+
+
 @pytest.mark.slow
 def test_chat_example_trains_the_replies(tmp_path, smollm2_dir):
+    """`make chat` as it runs: the eval losses of both styles fall under their classes, and the replies to
+    questions it never saw read as the example says: every −1 reply is a plain statement that starts with a
+    lead word of the terse data and is shorter than the base model's; every +1 reply exclaims and starts
+    with none; the base model's replies use none of them."""
     out = tmp_path / "chat"
     r = subprocess.run(
-        [sys.executable, "-m", "examples.chat.run", "--out", str(out), "--steps", "8"],
+        [sys.executable, "-m", "examples.chat.run", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -53,11 +60,17 @@ def test_chat_example_trains_the_replies(tmp_path, smollm2_dir):
     assert "[+Oh, what a great question!" in r.stdout or "[+Ooh" in r.stdout or "[+Happy" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
-    # measured (8 steps): +1 3.13 → 2.74, −1 3.29 → 3.24 (class −1 trains through the inverse and moves later)
-    assert after["eval/loss_class+1"] < before["eval/loss_class+1"] - 0.2, summary
-    assert after["eval/loss_class-1"] < before["eval/loss_class-1"] - 0.01, summary
+    # measured (60 steps, AVX2 CPU): +1 3.13 → 1.31, −1 3.23 → 1.95
+    assert after["eval/loss_class+1"] < before["eval/loss_class+1"] - 1.0, summary
+    assert after["eval/loss_class-1"] < before["eval/loss_class-1"] - 0.5, summary
     replies = json.loads((out / "replies.json").read_text())
-    assert len(replies) == 3 and all(r["base"] and r["+1"] and r["-1"] for r in replies)
+    shown = json.dumps(replies, indent=1)
+    assert len(replies) == 3, shown
+    for reply in replies:
+        assert reply["-1"].startswith(TERSE) and len(reply["-1"]) < len(reply["base"]), shown
+        assert "!" not in reply["-1"], shown
+        assert "!" in reply["+1"] and not reply["+1"].startswith(TERSE), shown
+        assert not any(word in reply["base"] for word in TERSE), shown
 
     # system and user tokens (and every turn's header) carry class 0; the assistant's content and <|im_end|> train
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)

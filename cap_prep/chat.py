@@ -30,7 +30,6 @@ later conversation whose token bytes do not add up to its text's is tokenized ag
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cap_common.errors import CapError
+from cap_prep.tokenize import _ids, check_ids, flat_ids
 
 CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
@@ -232,8 +232,6 @@ class ChatEncoder:
         trained when its last token is."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        from cap_prep.tokenize import _ids, check_ids
-
         self.render_many, self.template = render_jinja_template, template
         self.compiled = _compiled(template)
         self.variables = dict(tok.special_tokens_map)
@@ -246,7 +244,8 @@ class ChatEncoder:
         self.end_of_turn = re.compile(r"\s*(" + "|".join(map(re.escape, added)) + ")") if added else None
         self.eos = tok.eos_token
         self.byte_length = byte_lengths(self.backend)  # [vocab] bytes per token, or None (offsets only)
-        self.by_bytes: bool | None = None  # None until the first batch compares the two ways
+        # None until the first batch compares the two ways; False at once without byte lengths
+        self.by_bytes: bool | None = None if self.byte_length is not None else False
         self.checked = 0  # conversations whose marked render was compared with the plain one
         self.markers_work = True
         self.seen_end_of_turn: str | None = None
@@ -367,65 +366,46 @@ class ChatEncoder:
         return (encode(texts, add_special_tokens=False) if texts else []), texts, [s for _, s in rendered], offsets
 
     def to_arrays(self, encodings, texts, spans, offsets: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        flat, lengths = self._flat(encodings)
+        flat, lengths = flat_ids(encodings)
+        edges = np.concatenate([[0], np.cumsum(lengths)])  # conversation k's tokens: flat[edges[k]:edges[k+1]]
         if offsets:
             trained = np.concatenate([trained_tokens(e, s) for e, s in zip(encodings, spans)] or [np.zeros(0, np.int8)])
-            if self.by_bytes is None and self.byte_length is None:
-                self.by_bytes = False
-            elif self.by_bytes is None:  # the first batch: does the byte path find the same tokens?
-                by_bytes, bad = self._by_bytes(flat, lengths, texts, spans)
+            if self.by_bytes is None:  # the first batch: does the byte path find the same tokens?
+                by_bytes, bad = self._by_bytes(flat, edges, texts, spans)
                 self.by_bytes = not bad.any() and np.array_equal(by_bytes, trained)
         else:
-            trained, bad = self._by_bytes(flat, lengths, texts, spans)
+            trained, bad = self._by_bytes(flat, edges, texts, spans)
             for k in np.flatnonzero(bad):  # bytes that do not add up: this one with offsets
                 e = self.backend.encode(texts[k], add_special_tokens=False)
-                start = int(lengths[:k].sum())
-                trained[start : start + lengths[k]] = trained_tokens(e, spans[k])
-        return self._documents(flat, lengths, trained)
+                trained[edges[k] : edges[k + 1]] = trained_tokens(e, spans[k])
+        return self._documents(flat, edges, trained)
 
-    @staticmethod
-    def _flat(encodings) -> tuple[np.ndarray, np.ndarray]:
-        """All ids of a batch laid end to end [T] int32, and each encoding's length [n] int64."""
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
-
-    def _by_bytes(self, flat, lengths, texts, spans) -> tuple[np.ndarray, np.ndarray]:
+    def _by_bytes(self, flat, edges, texts, spans) -> tuple[np.ndarray, np.ndarray]:
         """Trained flags [T] int8 of a batch from its tokens' byte lengths, and [n] bool: conversations whose
         token bytes do not add up to their text's (their flags are not set)."""
         size = self.byte_length[flat]
         end = np.cumsum(size)
         start = end - size
-        edges = np.concatenate([[0], np.cumsum(lengths)])
         first = np.concatenate([[0], end])[edges]  # each conversation's first byte in the batch
-        total = first[1:] - first[:-1]
-        expected = np.fromiter((len(t) if t.isascii() else len(t.encode()) for t in texts), np.int64, len(texts))
-        bad = total != expected
-        counts = np.fromiter((0 if b else len(s) for s, b in zip(spans, bad)), np.int64, len(spans))
-        bounds = (
-            np.fromiter(
-                (
-                    x
-                    for text, sp, b in zip(texts, spans, bad)
-                    if not b
-                    for a_b in sp
-                    for x in (a_b if text.isascii() else (len(text[: a_b[0]].encode()), len(text[: a_b[1]].encode())))
-                ),
-                np.int64,
-                2 * int(counts.sum()),
-            ).reshape(-1, 2)
-            + np.repeat(first[:-1], counts)[:, None]
-        )
+        ascii_ = [t.isascii() for t in texts]  # character positions are byte positions
+        expected = np.fromiter((len(t) if a else len(t.encode()) for t, a in zip(texts, ascii_)), np.int64, len(texts))
+        bad = first[1:] - first[:-1] != expected
+        bounds, counts = [], np.zeros(len(texts), np.int64)
+        for k in np.flatnonzero(~bad):
+            text, sp = texts[k], spans[k]
+            bounds += sp if ascii_[k] else [(len(text[:a].encode()), len(text[:b].encode())) for a, b in sp]
+            counts[k] = len(sp)
+        at = np.array(bounds, dtype=np.int64).reshape(-1, 2) + np.repeat(first[:-1], counts)[:, None]
         # a token [s, e) trains when e > a and s < b: from the first token ending after a to the last starting before b
         change = np.zeros(len(flat) + 1, np.int32)
-        np.add.at(change, np.searchsorted(end, bounds[:, 0], side="right"), 1)
-        np.add.at(change, np.searchsorted(start, bounds[:, 1], side="left"), -1)
+        np.add.at(change, np.searchsorted(end, at[:, 0], side="right"), 1)
+        np.add.at(change, np.searchsorted(start, at[:, 1], side="left"), -1)
         return (np.cumsum(change[:-1]) > 0).astype(np.int8), bad
 
-    def _documents(self, flat, lengths, trained) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _documents(self, flat, edges, trained) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(ids, lengths, trained, skipped): conversations without a trained token dropped, the document
         suffix after each (trained if the conversation's last token is)."""
-        edges = np.concatenate([[0], np.cumsum(lengths)])
+        lengths = np.diff(edges)
         counted = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
         keep = counted[edges[1:]] > counted[edges[:-1]]
         skipped = int((~keep).sum())

@@ -138,6 +138,13 @@ def resolve_options(tok, sequence_prefix, mask_tokens, where: str) -> TokenOptio
     )
 
 
+def flat_ids(encodings) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of a batch of encodings laid end to end [T] int32, and each encoding's length [n] int64."""
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
 class DocumentEncoder:
     """Encodes batches of one dataset's documents into (flat tokens [T] int32, lengths [n] int64)."""
 
@@ -220,9 +227,7 @@ class DocumentEncoder:
 
     def to_arrays(self, encodings, n_empty: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Flat tokens [T] int32 and lengths [n] int64 of `encodings`, finished by the document rule."""
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        flat, lengths = flat_ids(encodings)
         flat, lengths, n_blank = self._finish(flat, lengths)
         return flat, lengths, n_empty + n_blank
 

@@ -218,6 +218,7 @@ def test_byte_path_falls_back_to_offsets_where_bytes_do_not_add_up(chat_models):
     """A conversation whose tokens' byte lengths do not add up to its text's (simulated: one token's length
     made wrong) is tokenized again with offsets; the others in its batch keep their byte-path flags."""
     from cap_prep.chat import ChatEncoder, Extract, Fields, load_template
+    from cap_prep.tokenize import flat_ids
 
     tok = transformers.AutoTokenizer.from_pretrained(chat_models["chatml"])
     assert ChatEncoder(tok, "", None, len(tok), "x").byte_length is not None
@@ -234,7 +235,8 @@ def test_byte_path_falls_back_to_offsets_where_bytes_do_not_add_up(chat_models):
     enc.byte_length[odd] += 1
     encodings, texts, spans, offsets = enc.encode_texts(rendered)
     assert not offsets
-    _, bad = enc._by_bytes(*enc._flat(encodings), texts, spans)
+    flat, lengths = flat_ids(encodings)
+    _, bad = enc._by_bytes(flat, np.concatenate([[0], np.cumsum(lengths)]), texts, spans)
     assert bad.tolist() == [False, True, False, True]
     ids, lengths, trained, skipped = enc.to_arrays(encodings, texts, spans, offsets)
     refs = [reference(tok, c) for c in conversations]

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -123,4 +124,5 @@ if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # and in this process (step 5's generate)
     main()

@@ -19,6 +19,7 @@ import click
 from cap_common.cli import REMOTE_CODE, PeerFlags, user_errors
 from cap_common.config import Config, load_config
 from cap_common.errors import CapError
+from cap_train import profile
 from cap_train.devices import choose_gpus, visible_gpus
 from cap_train.external import launcher_environment, run_id
 from cap_train.hosts import LAUNCHERS, check_launch, hosts
@@ -195,6 +196,8 @@ def main(
     adapter_config.json) and logs/.
     """
     cfg = load_config(config, {"add_prefix_space": True} if add_prefix_space else None)
+    if os.environ.get("CAP_PROFILE"):
+        profile.parse(os.environ["CAP_PROFILE"])  # a bad value stops here, not after loading the model
     if show_plan:
         return print_plan(cfg, num_gpus, gpu_memory, as_json)
     if gpu_memory is not None or as_json:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cap_common.adapters import factors
 from cap_common.adapters.control import ControlAdapter
 from cap_common.adapters.io import adapter_config_for, control_key, lora_key, save_adapter, save_weights
 from cap_common.adapters.lora import LoraLinear
@@ -74,15 +75,19 @@ def adapter_tensors(model, cfg) -> dict[str, torch.Tensor]:
 
 def adapter_norms(model) -> dict[str, float]:
     """Per-layer ‖W'‖_F and spectral norm of each control adapter (or LoRA pair) of this stage."""
-    out = {}
+    names, pairs = [], []
     for layer in _decoder_layers(model):
         if isinstance(layer.adapter, ControlAdapter):
-            for kind, v in layer.adapter.norms().items():
-                out[f"adapter/{kind}/layer{layer.index:03d}"] = float(v)
+            names.append(("adapter/{}/" + f"layer{layer.index:03d}"))
+            pairs.append(layer.adapter.norm_factors())
         for path, m in layer.layer.named_modules():
             if isinstance(m, LoraLinear):
-                for kind, v in m.norms().items():
-                    out[f"lora/{kind}/layer{layer.index:03d}.{path}"] = float(v)
+                names.append("lora/{}/" + f"layer{layer.index:03d}.{path}")
+                pairs.append(m.norm_factors())
+    out = {}
+    for name, (frobenius, spectral) in zip(names, factors.norms(pairs)):  # one copy from the device
+        out[name.format("frobenius")] = frobenius
+        out[name.format("spectral")] = spectral
     return out
 
 

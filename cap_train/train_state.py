@@ -94,7 +94,7 @@ def load_trainable(
     }
     if scalars:
         group = saved["param_groups"][0]
-        group.update({k: v for k, v in scalars.items() if k != "step"})
+        group.update({k: v for k, v in scalars.items() if k not in ("step", "foreach")})  # foreach: this run's
         group["step"] = torch.tensor(scalars["step"] or 0, dtype=torch.int32)
         group["triton"] = bool(scalars.get("triton")) and device.type == "cuda"  # a CPU-written one may go to CUDA
     optimizer.load_state_dict(saved)  # torch casts each state tensor to its parameter's dtype and device

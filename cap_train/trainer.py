@@ -42,9 +42,10 @@ from cap_train.data import Batches, document_attention, prepared_splits
 from cap_train.loss import PipelineLoss
 from cap_train.metrics import Metrics
 from cap_train.mfu import device_peak_flops, flops_per_token
-from cap_train.optim import ClippedAdam
+from cap_train.optim import ClippedAdam, all_finite
 from cap_train.order import TrainOrder
 from cap_train.outputs import adapter_norms, adapter_tensors, write_epoch_output
+from cap_train.profile import StepProfile
 from cap_train.schedule import lr_lambda
 from cap_train.train_state import load_rng, load_trainable, part_name, save_rng, save_trainable
 
@@ -230,7 +231,7 @@ class Trainer:
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
-            foreach=False,
+            foreach=self.device.type == "cuda",  # the per-parameter loop on CPU, as the reference trainer
             max_grad_norm=cfg.max_grad_norm,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
@@ -472,15 +473,17 @@ class Trainer:
         if self.step == 0 and 0 in evals:
             metrics.scalars(0, self.evaluate())
         micro = None
+        profile = StepProfile.from_env(self.rank == 0, self.device, cfg.output_dir)  # CAP_PROFILE (profile.py)
         while self.step < self.total_steps:
             if micro is None:
                 micro = self.batches.iterate(self.order, self.epoch, self.step_in_epoch)
+            profile.begin(self.step + 1)
             t0 = time.time()
             rows = self.order.rows(self.epoch)[self.step_in_epoch].reshape(-1)
             lr = self.lr()
             self.batches.pulled = 0.0
             loss = float(self.engine.train_batch(data_iter=micro))
-            reg = regularize_model_(self.model, lr, cfg)
+            reg = regularize_model_(self.model, lr, cfg) if cfg.lora_weight_decay > 0 or cfg.lora_max_norm > 0 else {}
             self.step += 1
             self.step_in_epoch += 1
             self.tokens += tokens_per_step
@@ -502,6 +505,7 @@ class Trainer:
                 values.update(self.evaluate())
             metrics.scalars(self.step, values)
             metrics.progress(self.step, loss, tokens_per_step / dt, lr, mfu)
+            profile.end()
             self._tell_watch()
             epoch_end = self.step_in_epoch == self.order.steps_per_epoch
             if epoch_end:
@@ -525,11 +529,8 @@ class Trainer:
         return bool(flag.item())
 
     def check_finite(self, loss: float) -> None:
-        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
-        for p in self.model.parameters():
-            if p.requires_grad and not torch.isfinite(p).all():
-                bad += 1
-                break
+        weights = all_finite([p for p in self.model.parameters() if p.requires_grad], self.device)
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device) + (~weights).float()
         dist.all_reduce(bad)
         if bad.item():
             last = self.ckpts.newest()
@@ -546,10 +547,11 @@ class Trainer:
         local = {}
         if self.dp_rank == 0:
             local = adapter_norms(self.model)
-            if self.cfg.lora_weight_decay > 0 or self.cfg.lora_max_norm > 0:
-                for name, s in reg.items():  # names start with the pipeline position = layer index + 1
+            if reg:  # empty without regularization; one copy from the device for all
+                removed = torch.stack([s["removed"] for s in reg.values()]).tolist()
+                for name, value in zip(reg, removed):  # names start with the pipeline position = layer + 1
                     position, _, rest = name.partition(".")
-                    local[f"reg/removed/layer{int(position) - 1:03d}.{rest}"] = float(s["removed"])
+                    local[f"reg/removed/layer{int(position) - 1:03d}.{rest}"] = value
         everything = [None] * self.world
         dist.all_gather_object(everything, (local, self.batches.pulled if self.stage == 0 else 0.0))
         merged = {}

@@ -38,6 +38,13 @@ def _matmul_operand(weight: torch.Tensor) -> torch.Tensor:
     return weight.float() if upcasts_head(weight.device.type, weight.dtype) else weight
 
 
+def _chunks(h: torch.Tensor, w: torch.Tensor, rows: int):
+    """(first row, h_c, X_c = h_c·Wᵀ) for each chunk of `rows` rows of h [N, H]; w: _matmul_operand."""
+    for i in range(0, h.shape[0], rows):
+        h_c = h[i : i + rows].to(w.dtype)
+        yield i, h_c, h_c @ w.T
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward scales them by g."""
 
@@ -45,7 +52,6 @@ class _FusedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, scale, softcap, ignore_index, reduction, chunk_rows, impl, need_h, need_w):
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1).contiguous()
-        n = h.shape[0]
         opts = dict(scale=scale, softcap=softcap, ignore_index=ignore_index, impl=impl)
         n_valid = (y != ignore_index).sum()
         denom = n_valid.clamp(min=1).float()
@@ -54,9 +60,8 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         w = _matmul_operand(weight)
-        for i in range(0, n, chunk_rows):
-            h_c, y_c = h[i : i + chunk_rows].to(w.dtype), y[i : i + chunk_rows]
-            logits = h_c @ w.T
+        for i, h_c, logits in _chunks(h, w, chunk_rows):
+            y_c = y[i : i + chunk_rows]
             loss, lse = ce_rows_forward(logits, y_c, chunk_rows=chunk_rows, **opts)
             total += loss.sum()
             if need_h or need_w:  # from here on `logits` holds ∂L/∂X_c
@@ -100,12 +105,14 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     """CE(softcap(s·h·Wᵀ), y) as a scalar; hidden [..., H], weight [V, H], labels [...].
 
-    reduction "mean" (Σℓ/max(n_valid,1), 0 when all ignored) or "sum". chunk_size = rows per
-    chunk (default: chunk × V fp32 ≈ 256 MiB). Gradients for hidden and, when it requires grad,
-    weight are computed in this call; a frozen weight costs no [V, H] buffer.
+    reduction "mean" (Σℓ/max(n_valid,1), 0 when all ignored) or "sum"; "none": ℓ per position
+    (fp32, shaped like labels, 0 where ignored), without gradients (evals: every per-class sum from
+    one pass over the head). chunk_size = rows per chunk (default: chunk × V fp32 ≈ 256 MiB).
+    Gradients for hidden and, when it requires grad, weight are computed in this call; a frozen
+    weight costs no [V, H] buffer.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"fused loss reduction must be mean or sum, not {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"fused loss reduction must be mean, sum or none, not {reduction!r}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, not {softcap}")
     if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[1]:
@@ -116,6 +123,15 @@ def fused_linear_cross_entropy(
     impl = resolve_impl(impl, hidden.device)
     rows = chunk_size or default_chunk_rows(weight.shape[0])
     grad_on = torch.is_grad_enabled()
+    if reduction == "none":
+        if grad_on and (hidden.requires_grad or weight.requires_grad):
+            raise ValueError("fused loss reduction 'none' computes no gradients; call it under torch.no_grad()")
+        opts = dict(scale=float(logit_scale), softcap=softcap, ignore_index=ignore_index, impl=impl, chunk_rows=rows)
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
+        out = torch.zeros(y.shape, dtype=torch.float32, device=hidden.device)
+        for i, _, logits in _chunks(h, _matmul_operand(weight), rows):
+            out[i : i + len(logits)] = ce_rows_forward(logits, y[i : i + len(logits)], **opts)[0]
+        return out.view(labels.shape)
     return _FusedLinearCE.apply(
         hidden,
         weight,

@@ -279,6 +279,55 @@ def test_fused_linear_no_grad_and_all_ignored():
     assert loss.item() == 0.0 and torch.equal(hg.grad, torch.zeros_like(h))
 
 
+@pytest.mark.parametrize("chunk,softcap", [(None, None), (5, 5.0)])
+def test_fused_linear_per_position_losses(impl_device, chunk, softcap):
+    """reduction 'none' (evals): ℓ per position, 0 where ignored, leading dims kept; no gradients."""
+    impl, device = impl_device
+    h, w, y = make_linear(device=device)
+    with torch.no_grad():
+        got = fused_linear_cross_entropy(
+            h.view(1, 23, 16),
+            w,
+            y.view(1, 23),
+            logit_scale=0.5,
+            softcap=softcap,
+            chunk_size=chunk,
+            impl=impl,
+            reduction="none",
+        )
+    z = (h.cpu().double() @ w.cpu().double().T) * 0.5
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ref = F.cross_entropy(z, y.cpu(), reduction="none")
+    assert got.shape == (1, 23) and got.dtype == torch.float32
+    torch.testing.assert_close(got.view(-1).cpu().double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.view(-1)[[3, 11]].cpu(), torch.zeros(2))
+    with pytest.raises(ValueError, match="no gradients"):
+        fused_linear_cross_entropy(h.clone().requires_grad_(), w, y, reduction="none", impl=impl)
+
+
+def test_pipeline_loss_eval_stats_per_class():
+    """cap-train's eval vector [Σℓ, n, Σℓ₊, n₊, Σℓ₋, n₋] from one pass over the head, against float64."""
+    from cap_train.loss import PipelineLoss
+
+    h, w, y = make_linear()
+    classes = torch.tensor([1, -1, 0] * 7 + [1, -1], dtype=torch.int8)
+    y = y.masked_fill(classes == 0, -100)
+    loss = PipelineLoss()
+    loss.eval_stats = True
+    with torch.no_grad():
+        got = loss(h.view(1, 23, 16), w, y.view(1, 23), classes.view(1, 23), logit_scale=0.5, softcap=5.0)
+    z = 5.0 * torch.tanh((h.double() @ w.double().T) * 0.5 / 5.0)
+    per = F.cross_entropy(z, y, reduction="none")
+    want = []
+    for c in (None, 1, -1):
+        m = (y != -100) & (True if c is None else classes == c)
+        want += [per[m].sum(), m.sum().double()]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=0)
+    assert 0 < got[3] < got[1] and 0 < got[5] < got[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # memory: the torch path never allocates an [N, V] tensor (and the check does catch one)
 

@@ -207,8 +207,10 @@ def test_eval_steps_include_first_and_last():
 
 # ---------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
-def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
-    """1 process and 2 processes × 2 stages give the same losses; losses fall; adapters help both classes."""
+def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir, monkeypatch):
+    """1 process and 2 processes × 2 stages give the same losses; losses fall; adapters help both classes.
+    Step 3 is profiled (CAP_PROFILE) on rank 0 of each run."""
+    monkeypatch.setattr(sys.modules[__name__], "ENV", {**ENV, "CAP_PROFILE": "3"})
     model = tiny_model_dir("llama")
     procs = [
         start_train(
@@ -242,6 +244,12 @@ def test_control_adapter_training_one_vs_two_stages(tmp_path, tiny_model_dir):
     assert set(tensors) == {f"base_model.model.model.layers.{i}.control_{x}.weight" for i in range(4) for x in "AB"}
     conf = json.loads((out / "epoch2" / "adapter_config.json").read_text())
     assert conf["control_adapter_type"] == "full" and conf["r"] == 4
+    # the profile of step 3: the one-stage run's ops by category (self CPU time), none of them idle
+    for run, expect in (("p1", {"matmul", "attention", "loss", "optimizer"}), ("p2", {"matmul", "attention"})):
+        profile = json.loads((tmp_path / run / "out" / "profile-step3.json").read_text())
+        assert profile["device"] == "cpu" and expect <= set(profile["categories"]), (run, profile)
+        assert sum(profile["categories"].values()) == pytest.approx(profile["busy_ms"])
+        assert 0 < profile["busy_ms"] and 0 < profile["wall_ms"]
     # TensorBoard has the named scalars
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -250,7 +250,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
     with pytest.raises(CapError) as e:
         m.scalars(1, {"train/loss": 1.0})
     assert str(e.value) == f"{out}/metrics.jsonl: cannot write (No space left on device)"
-    m.writer.add_scalar = full
+    m.writer.file_writer.add_summary = full
     with pytest.raises(CapError) as e:
         m.scalars(1, {"train/loss": 1.0})
     assert str(e.value) == f"{out}/tensorboard: cannot write (No space left on device)"

@@ -123,8 +123,19 @@ class ControlAdapter(nn.Module):
         U, V = self.factors(dtype)
         return U @ V
 
+    @torch.no_grad()
+    def norm_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(U, V, s) with the singular values of W'₊ those of s·U·V, built on the device without
+        waiting for it (for factors.norms). Spectral: W'₊ = orth(Q)·diag(eˢ − 1)·orth(Q)ᵀ has the
+        singular values of diag(eˢ − 1), so no QR is needed."""
+        if self.adapter_type == "spectral":
+            return torch.diag(torch.expm1(self.S)), torch.eye(self.rank, dtype=self.S.dtype, device=self.S.device), 1.0
+        if self.adapter_type == "full":
+            return self.B, self.A, self.scale
+        sign = 1.0 if self.adapter_type == "symmetrise" else -1.0
+        return torch.cat([self.B, sign * self.A.T], 1), torch.cat([self.A, self.B.T], 0), 0.5 * self.scale
+
     def norms(self) -> dict[str, float]:
         """‖W'₊‖_F and its spectral norm, from the factors (for metrics)."""
-        U, V = self.factors()
-        sigma = factors.singular_values(U, V)
-        return {"frobenius": float(sigma.square().sum().sqrt()), "spectral": float(sigma.max())}
+        frobenius, spectral = factors.norms([self.norm_factors()])[0]
+        return {"frobenius": frobenius, "spectral": spectral}

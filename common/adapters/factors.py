@@ -78,6 +78,48 @@ def singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(Ru @ Rv.T)
 
 
+@torch.no_grad()
+def norms(pairs: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[tuple[float, float]]:
+    """(‖s·U·V‖_F, ‖s·U·V‖₂) of each (U [m,k], V [k,n], s), with one copy from the device in all.
+
+    On the device, per group of pairs of one shape: the k×k Gram matrices Gu = UᵀU and Gv = V·Vᵀ
+    in float64 (a batched matmul each; nothing waits for the device). On the CPU, from
+    Gu = P·diag(d)·Pᵀ and Ru = diag(√d)·Pᵀ (U = X·Ru with X orthonormal on U's range):
+
+        σ(U·V)² = eig(Ru·Gv·Ruᵀ),        ‖U·V‖_F² = Σᵢⱼ (Gu ⊙ Gv)ᵢⱼ = trace(Gu·Gv)
+
+    (A QR and an SVD per adapter on a GPU wait for the device several times each, and training
+    logs these norms every step for every adapter: hundreds with LoRA on every linear.)
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (U, V, _) in enumerate(pairs):
+        groups.setdefault((tuple(U.shape), tuple(V.shape), U.device), []).append(i)
+    if not groups:
+        return []
+    grams = []
+    for members in groups.values():
+        Us = torch.stack([pairs[i][0] for i in members]).double()
+        Vs = torch.stack([pairs[i][1] for i in members]).double()
+        grams += [(Us.mT @ Us).flatten(), (Vs @ Vs.mT).flatten()]
+    flat = torch.cat([g.to(grams[0].device) for g in grams]).cpu()
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+    at = 0
+    for members in groups.values():
+        k = pairs[members[0]][0].shape[-1]
+        n = len(members) * k * k
+        Gu, Gv = flat[at : at + n].view(-1, k, k), flat[at + n : at + 2 * n].view(-1, k, k)
+        at += 2 * n
+        d, P = torch.linalg.eigh(Gu)
+        Ru = d.clamp_min(0).sqrt()[:, :, None] * P.mT
+        M = Ru @ Gv @ Ru.mT
+        spectral = torch.linalg.eigvalsh((M + M.mT) / 2)[:, -1].clamp_min(0).sqrt().tolist()
+        frobenius = (Gu * Gv).sum((1, 2)).clamp_min(0).sqrt().tolist()
+        for i, f, sp in zip(members, frobenius, spectral):
+            s = abs(pairs[i][2])
+            out[i] = (s * f, s * sp)
+    return out
+
+
 def thin_svd_truncate(U: torch.Tensor, V: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` approximation of U·V (Eckart–Young) as factors U_r [m,R], V_r [R,n].
 

@@ -47,10 +47,14 @@ class LoraLinear(nn.Module):
         root = math.sqrt(self.scale)
         return root * self.lora_B.weight.detach().to(dtype), root * self.lora_A.weight.detach().to(dtype)
 
+    def norm_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, s): s·B·A is the update; no copies (for factors.norms)."""
+        return self.lora_B.weight, self.lora_A.weight, self.scale
+
     def norms(self) -> dict[str, float]:
         """‖s·B·A‖_F and its spectral norm, from the factors (for metrics)."""
-        sigma = factors.singular_values(*self.factors())
-        return {"frobenius": float(sigma.square().sum().sqrt()), "spectral": float(sigma.max())}
+        frobenius, spectral = factors.norms([self.norm_factors()])[0]
+        return {"frobenius": frobenius, "spectral": spectral}
 
 
 def inject_lora(

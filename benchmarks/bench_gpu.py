@@ -102,16 +102,6 @@ def write_model(work: Path, shape: str) -> Path:
     return folder
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return f"'{v}'"
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
 # ---------------------------------------------------------------- cap
 def run_cap(row: Row, model: Path, work: Path, warmup: int, steps: int, dtype: str, seq: int) -> dict:
     name = row.name
@@ -130,12 +120,12 @@ def run_cap(row: Row, model: Path, work: Path, warmup: int, steps: int, dtype: s
         warmup="none",
         **row.cap,
     )
-    text = "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-    cfg.write_text(text + f"[[datasets]]\ndataset_path = '{work / 'data.jsonl'}'\n")
     import torch
 
-    from cap_common.config import load_config
+    from cap_common.config import load_config, toml_document
     from cap_train.plan import GIB, make_plan
+
+    cfg.write_text(toml_document({**keys, "datasets": [{"dataset_path": str(work / "data.jsonl")}]}))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = max(make_plan(load_config(str(cfg)), 1, device).peaks()) / GIB  # what --plan predicts

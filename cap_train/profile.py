@@ -40,15 +40,15 @@ LOW_RANK = 64  # a matmul with a dimension this small (and 4x below another) is 
 
 
 def category(name: str, shapes: list | None = None) -> str:
-    """The category of an op (or of a kernel launched outside any op) by its name; a matmul with a
-    dimension r ≤ LOW_RANK and 4r ≤ another (input shapes, when recorded) is an "adapter matmul"."""
-    low = name.lower()
+    """The category of an op or record_function by its name; a matmul with a dimension r ≤ LOW_RANK
+    and 4r ≤ another (input shapes, when recorded) is an "adapter matmul"."""
     if name in _MATMULS:
         dims = [d for s in (shapes or []) if isinstance(s, (list, tuple)) and len(s) >= 2 for d in s[-2:]]
-        low = dims and min(dims) <= LOW_RANK and 4 * min(dims) <= max(dims)
-        return "adapter matmul" if low else "matmul"
+        low_rank = dims and min(dims) <= LOW_RANK and 4 * min(dims) <= max(dims)
+        return "adapter matmul" if low_rank else "matmul"
+    lower = name.lower()
     for cat, fragments in _BY_NAME:
-        if any(f in low for f in fragments):
+        if any(f in lower for f in fragments):
             return cat
     return "elementwise, norms, rotary, activations"
 
@@ -69,15 +69,6 @@ def summarize(prof: torch.profiler.profile, wall_s: float, device: torch.device)
         ms["idle (GPU waits for the host)"] = max(wall_s * 1000 - busy, 0.0)
     out["categories"] = dict(sorted(ms.items(), key=lambda kv: -kv[1]))
     return out
-
-
-def table(summary: dict) -> str:
-    """One line per category: `  matmul                 412.3 ms  61%` (shares of the wall time on a
-    GPU, of the busy time on a CPU)."""
-    total = summary["wall_ms"] if summary["device"] == "cuda" else summary["busy_ms"]
-    return "\n".join(
-        f"  {cat:<40} {v:9.1f} ms  {v / max(total, 1e-9):4.0%}" for cat, v in summary["categories"].items()
-    )
 
 
 def parse(spec: str) -> tuple[int, str]:

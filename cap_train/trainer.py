@@ -483,7 +483,7 @@ class Trainer:
             lr = self.lr()
             self.batches.pulled = 0.0
             loss = float(self.engine.train_batch(data_iter=micro))
-            reg = regularize_model_(self.model, lr, cfg) if cfg.lora_weight_decay > 0 or cfg.lora_max_norm > 0 else {}
+            reg = regularize_model_(self.model, lr, cfg) if cfg.regularizes else {}
             self.step += 1
             self.step_in_epoch += 1
             self.tokens += tokens_per_step

@@ -481,6 +481,11 @@ class Config:
         return self.compile_layers and not self.load_in_4bit
 
     @property
+    def regularizes(self) -> bool:
+        """Whether the adapters get a decoupled regularization step (common/adapters/regularize.py)."""
+        return self.lora_weight_decay > 0 or self.lora_max_norm > 0
+
+    @property
     def eval_accumulation(self) -> int:
         return self.eval_gradient_accumulation_steps or self.gradient_accumulation_steps
 
@@ -595,7 +600,7 @@ def _check_modes(c: Config, where: str, present: set[str]) -> None:
             f"lora_weight_decay = {c.lora_weight_decay} needs lora_weight_dtype = 'float32' "
             f"(got '{c.lora_weight_dtype}': bf16 cancels the decay)"
         )
-    if c.full_fine_tune and (c.lora_weight_decay > 0 or c.lora_max_norm > 0):
+    if c.full_fine_tune and c.regularizes:
         err("lora_weight_decay / lora_max_norm are not supported with full_fine_tune")
     if not c.use_control_adapters:
         if "control_adapter_target" in present:  # cap's key; qlora-pipe-lite ignores control_adapter_type (a note)
@@ -829,7 +834,7 @@ def run_copy(cfg: Config) -> str:
     wanted = {**raw, **top, "datasets": [{**t, **paths} for t, paths in zip(raw["datasets"], tables)]}
     body = _set_paths(lines, top, tables)
     if _parse_toml(body) != wanted:
-        body = _toml_document(wanted)
+        body = toml_document(wanted)
     return f"{COPY_HEADER}\n{_ORIGINAL}{_toml_string(original)}\n{body}"
 
 
@@ -876,7 +881,7 @@ def _toml_value(v: Any) -> str:
     return _toml_string(str(v))
 
 
-def _toml_document(raw: dict) -> str:
+def toml_document(raw: dict) -> str:
     """A config's keys as TOML: top-level keys, then one [[datasets]] table each (a validated config holds
     only strings, numbers, booleans and lists of them)."""
 

@@ -28,8 +28,16 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m examples.chat.run
 
+# The whole suite on both cores (pytest-xdist; tests/conftest.py keeps each module's shared runs on one
+# worker and starts the longest modules first), the 25 slowest tests listed, and one failing line when
+# it takes longer than its budget. test-fast: the edit loop's tier, no end-to-end or multi-process run.
+TEST_WORKERS ?= 2
+TEST_BUDGET_S ?= 720
+TEST_FAST_BUDGET_S ?= 180
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
+
 test: $(STAMP) lint
-	$(PY) -m pytest -q -ra
+	$(PYTEST) --budget-s $(TEST_BUDGET_S)
 
 # ruff's settings are in pyproject.toml; `make format` applies what `lint` checks.
 lint: $(STAMP)
@@ -41,7 +49,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow" --budget-s $(TEST_FAST_BUDGET_S)
 
 gpu-check: $(STAMP)
 	bash benchmarks/gpu_check.sh

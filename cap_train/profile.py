@@ -21,10 +21,12 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cap_common.errors import CapError
+
+if TYPE_CHECKING:  # torch is imported where it is used: cap-train's launcher process never needs it
+    import torch
 
 # (category, name fragments), first match wins; matched against the op name, lower-cased.
 _BY_NAME = (
@@ -55,6 +57,8 @@ def category(name: str, shapes: list | None = None) -> str:
 
 def summarize(prof: torch.profiler.profile, wall_s: float, device: torch.device) -> dict:
     """Per-category milliseconds of a finished profile (see the module docstring)."""
+    import torch
+
     cuda = device.type == "cuda"
     ms: dict[str, float] = defaultdict(float)
     for event in prof.events():
@@ -97,6 +101,8 @@ class StepProfile:
         """Call before optimizer step `step` (1-based) starts."""
         if step != self.step:
             return
+        import torch
+
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -109,6 +115,8 @@ class StepProfile:
         """Call when the step (and its bookkeeping) is done."""
         if self.prof is None:
             return
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self.t0

@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch.distributed as dist
-
 from cap_common.files import HOST
 from cap_train.logs import EXIT_PEER_LOST, EXIT_PEER_NAMED
 
 BEAT_S = 5.0
 GONE_BEATS = 3  # after a failed collective: a counter still for this many beats marks the rank that stopped
+# A watcher counts a rank's silence from the last beat it saw: up to one beat before the rank stopped, seen
+# up to one poll later. So a rank paused for more than limit − LATE_S may have been given up by the others.
+LATE_S = 2 * BEAT_S
 
 
 def resume_hint(step: int, checkpoint: str | None) -> str:
@@ -92,12 +93,16 @@ class Watch:
         self.ended: list[tuple[int, str]] = []  # ranks that stopped on their own: (rank, kind)
         self.stopped = ""  # the line of the rank that ended the run, once one did
         self.tick = now  # the judge's last look
+        self.paused_s = 0.0  # this rank's own pause, when long enough that the others may have ended the run
+        self.alive_since_pause: set[int] = set()  # watched ranks whose counter moved since that pause
         self._done = threading.Event()
         self._decided = threading.Lock()
 
     @classmethod
     def start(cls, say: Callable[[str], None], log: Callable[[str], None]) -> Watch | None:
         """Every rank, once the process group is up (None with one process)."""
+        import torch.distributed as dist
+
         from cap_train import startup
 
         world = dist.get_world_size()
@@ -133,6 +138,7 @@ class Watch:
                     count = self.store.add(f"beat/{r}", 0)
                     if count != self.count[r] or self.store.add(f"done/{r}", 0):
                         self.count[r], self.moved[r] = count, time.monotonic()
+                        self.alive_since_pause.add(r)
                 if self.store.add("ended", 0):
                     self._read_ended()
             except Exception:  # noqa: BLE001 - the store's host is gone or cut off: the judge sees the silence
@@ -151,14 +157,21 @@ class Watch:
     def _check_own_pause(self) -> None:
         """This process was itself stopped (SIGSTOP, a suspended VM) when the judge's clock jumped:
         past the limit the others have ended the run (quiet exit); a shorter pause starts every
-        watched rank's silence afresh."""
+        watched rank's silence afresh. Within LATE_S of the limit the others may have ended it too:
+        a watched rank that is then silent before its counter moved again is not blamed (`_decide`)."""
         now = time.monotonic()
         paused, self.tick = now - self.tick, now
         if paused > self.limit_s:
-            self.stopped = self.stopped or f"this rank was paused for {paused:.0f} s; the other ranks ended the run"
+            self.stopped = self.stopped or self._paused_line(paused)
             self._exit_quietly()
         if paused > GONE_BEATS * BEAT_S:
+            if paused > self.limit_s - LATE_S:
+                self.paused_s, self.alive_since_pause = paused, set()
             self.moved = {r: now for r in self.watched}
+
+    @staticmethod
+    def _paused_line(paused: float) -> str:
+        return f"this rank was paused for {paused:.0f} s; the other ranks ended the run"
 
     def _read_ended(self) -> None:
         ended = []
@@ -172,6 +185,9 @@ class Watch:
     # ------------------------------------------------------------ outcomes
     def _decide(self, rank: int, why: str) -> None:
         """`rank` stopped answering: one line (from rank 0, or rank 1 when rank 0 is the one), every rank ends."""
+        if self.paused_s and rank not in self.alive_since_pause:
+            self.stopped = self.stopped or self._paused_line(self.paused_s)
+            self._exit_quietly()
         if not self._decided.acquire(blocking=False):
             return
         line = (

@@ -6,6 +6,8 @@ click.Choice); this table only maps a name to its torch.dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cap_common.errors import CapError
@@ -20,7 +22,12 @@ DTYPES: dict[str, torch.dtype] = {
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it a bf16 GEMM runs
-    25-60× slower than fp32 (measured on AVX2-only Zen 3); with it about 2× faster than fp32."""
+    25-60× slower than fp32 (measured on AVX2-only Zen 3); with it about 2× faster than fp32.
+    CAP_NATIVE_BF16=0 (or 1) overrides the detection: with oneDNN and ATen limited to AVX2
+    (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2) it runs a CPU's non-native path on any CPU."""
+    forced = os.environ.get("CAP_NATIVE_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

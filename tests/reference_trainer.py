@@ -8,6 +8,8 @@ torch-optimi's Adam, following what cap-train documents rather than cap's code:
   of the train rows, G = micro_batch_size · gradient_accumulation_steps rows per step;
 - loss: position t predicts token t+1 and carries that token's class; class 0 carries no loss;
   a micro batch's loss is the token mean of its cross entropies, the step's the mean of those;
+  a bf16 LM head multiplies through an fp32 copy of its weight on a CPU without native bf16, as
+  cap documents for such CPUs (README, development), else in bf16 (`head_fp32`);
 - ‖g‖ over every trainable gradient (float64), g ← g·c/(‖g‖ + 1e-6) when ‖g‖ > c = max_grad_norm;
 - Adam (β₁, β₂, ε) at lr_t = lr·√((1 − β₂ᵗ)/(1 + β₂ᵗ)) ('rms_ratio') or lr ('none');
 - then the decoupled regularization step at lr_t, on W = s·B·A formed densely (or on S, spectral):
@@ -15,7 +17,8 @@ torch-optimi's Adam, following what cap-train documents rather than cap's code:
   and lr·λ → min(lr·λ, ‖W‖_F); then max-norm A,B ·= √(max/‖W‖_F) when ‖W‖_F > max.
 
 Only the initial adapter comes from cap (its seeded initialization, read off cap's modules): the
-equivalence is about what training does to it.
+equivalence is about what training does to it. `Bugs` makes the reference wrong on purpose, for the
+tests that show the comparisons catch such a difference.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ from safetensors.torch import load_file, save_file
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the tiny Llama's residual writers
 PEFT = "base_model.model.model.layers.{}."  # prefix of a layer's adapter tensors in epoch<N>/
 CONTROL_NAMES = {"A": "control_A.weight", "B": "control_B.weight", "Q": "control_Q", "S": "control_S"}
+
+
+@dataclass(frozen=True)
+class Bugs:
+    """Deliberate errors (all off by default): adapters trained in bf16 instead of float32; nf4 without
+    double quantization of the block scales; the adapter scale α/r multiplied by `scale`."""
+
+    bf16_adapters: bool = False
+    single_quant: bool = False
+    scale: float = 1.0
 
 
 @dataclass
@@ -120,7 +133,7 @@ def shifted(ids: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 # ---------------------------------------------------------------- the base model
-def dequantized_base(model_dir: Path, folder: Path) -> Path:
+def dequantized_base(model_dir: Path, folder: Path, double_quant: bool = True) -> Path:
     """The base with every decoder-layer linear weight replaced by its nf4 (double-quant, block 64)
     round trip, as bitsandbytes quantizes it for QLoRA; bf16, like the trained model computes."""
     import bitsandbytes.functional as F
@@ -130,7 +143,9 @@ def dequantized_base(model_dir: Path, folder: Path) -> Path:
     tensors = load_file(str(model_dir / "model.safetensors"))
     for name, w in tensors.items():
         if ".layers." in name and name.endswith("proj.weight"):
-            q, state = F.quantize_4bit(w.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
+            q, state = F.quantize_4bit(
+                w.to(torch.bfloat16), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+            )
             tensors[name] = F.dequantize_4bit(q, state).to(torch.bfloat16)
         else:
             tensors[name] = w.to(torch.bfloat16)
@@ -139,12 +154,17 @@ def dequantized_base(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def base_model(run: Run, tmp: Path):
-    """transformers' model of the run's base: float32, or bf16 on the nf4 round trip for 4-bit runs."""
-    if run.four_bit:
-        folder = dequantized_base(run.model_dir, tmp / "dequantized")
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    return transformers.AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
+def base_model(run: Run, tmp: Path, head_fp32: bool = False, bugs: Bugs = Bugs()):
+    """transformers' model of the run's base: float32, or bf16 on the nf4 round trip for 4-bit runs;
+    `head_fp32`: a bf16 LM head's logits h·Wᵀ computed as float32(h)·float32(W)ᵀ."""
+    if not run.four_bit:
+        return transformers.AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
+    double = not bugs.single_quant
+    folder = dequantized_base(run.model_dir, tmp / f"dequantized-{'double' if double else 'single'}", double)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    if head_fp32:
+        model.lm_head.register_forward_hook(lambda m, args, out: args[0].float() @ m.weight.float().T)
+    return model
 
 
 def cap_initial_adapter(config: Path) -> dict[str, torch.Tensor]:
@@ -211,9 +231,10 @@ def add_control_hooks(model, run: Run, params: dict[int, dict[str, torch.Tensor]
     return hooks
 
 
-def build(run: Run, initial: dict[str, torch.Tensor], tmp: Path):
+def build(run: Run, initial: dict[str, torch.Tensor], tmp: Path, head_fp32: bool = False, bugs: Bugs = Bugs()):
     """(model, {name in epoch<N>/: trainable tensor}, [current label classes]) for the run's mode."""
-    model = base_model(run, tmp)
+    model = base_model(run, tmp, head_fp32, bugs)
+    adapter_dtype = torch.bfloat16 if bugs.bf16_adapters else torch.float32
     label_class: list = [None]
     if run.mode == "full":
         return model, dict(model.named_parameters()), label_class
@@ -225,7 +246,7 @@ def build(run: Run, initial: dict[str, torch.Tensor], tmp: Path):
         params = {}
         for i in layers:
             layer = {k.rsplit("_", 1)[1].split(".")[0]: v for k, v in initial.items() if k.startswith(PEFT.format(i))}
-            params[i] = {k: torch.nn.Parameter(v.clone()) for k, v in layer.items()}
+            params[i] = {k: torch.nn.Parameter(v.to(adapter_dtype, copy=True)) for k, v in layer.items()}
             for k, p in params[i].items():
                 trainable[PEFT.format(i) + CONTROL_NAMES[k]] = p
         add_control_hooks(model, run, params, label_class)
@@ -247,7 +268,7 @@ def build(run: Run, initial: dict[str, torch.Tensor], tmp: Path):
         if "lora_" in name:
             key = name.replace(".default", "")
             with torch.no_grad():
-                p.copy_(initial[key])
+                p.data = initial[key].to(adapter_dtype, copy=True)
             trainable[key] = p
     assert set(trainable) == set(initial), sorted(set(trainable) ^ set(initial))[:4]
     return model, trainable, label_class
@@ -305,11 +326,21 @@ def regularize(run: Run, trainable: dict[str, torch.Tensor], lr: float) -> None:
 
 
 # ---------------------------------------------------------------- the loop
-def train(run: Run, prepared: Path, initial: dict[str, torch.Tensor], steps: int, tmp: Path):
+def train(
+    run: Run,
+    prepared: Path,
+    initial: dict[str, torch.Tensor],
+    steps: int,
+    tmp: Path,
+    head_fp32: bool = False,
+    bugs: Bugs = Bugs(),
+):
     """Train `steps` optimizer steps; returns ({name: tensor after}, [loss per step], [‖g‖ per step])."""
     from optimi import Adam
 
-    model, trainable, label_class = build(run, initial, tmp)
+    if bugs.scale != 1.0:
+        run = Run(run.mode, run.model_dir, {**run.keys, "lora_alpha": run.scale * run.get("lora_rank") * bugs.scale})
+    model, trainable, label_class = build(run, initial, tmp, head_fp32, bugs)
     ids, classes = split_rows(prepared, "train")
     micro, accumulation = run.get("micro_batch_size", 1), run.get("gradient_accumulation_steps", 1)
     params = list(trainable.values())

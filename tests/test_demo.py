@@ -1,6 +1,7 @@
 """The demo and the example configs: every bundled config loads; the demo pipeline steers SmolLM2."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_pirate_markers_and_repeats():
 
 
 @pytest.mark.slow
-def test_demo_pipeline_steers_smollm2(tmp_path):
+def test_demo_pipeline_steers_smollm2(tmp_path, smollm2_dir, smollm2_cache):
     """The README's main job, as `make demo` runs it: every stage runs, the training loss and the
     class +1 eval loss fall, verify passes (the demo stops otherwise), the merged model loads and
     generates, and the continuations read as the demo claims: every +1 one has pirate words, no −1 or
@@ -101,6 +102,7 @@ def test_demo_pipeline_steers_smollm2(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "CAP_CACHE_DIR": str(smollm2_cache)},
         start_new_session=True,
     )
     try:
@@ -117,7 +119,8 @@ def test_demo_pipeline_steers_smollm2(tmp_path):
         for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
         if "train/loss" in line
     ]
-    assert len(train) == 80 and sum(train[-10:]) < sum(train[:10])
+    steps = int(re.search(r"(?m)^max_steps = (\d+)", (ROOT / "examples" / "demo" / "config.toml").read_text())[1])
+    assert len(train) == steps and sum(train[-10:]) < sum(train[:10])
     rows = json.loads((tmp_path / "generations.json").read_text())
     assert len(rows) == 4
     shown = json.dumps(rows, indent=1)

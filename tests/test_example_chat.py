@@ -3,6 +3,7 @@ replies; cap-train lowers the eval loss of the +1 (cheerful) replies under class
 replies under class −1; both LoRAs export, and their replies have the two styles."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ TERSE = ("Briefly:", "In short:", "Answer:", "Fact:")  # examples/chat/make_data
 
 
 @pytest.mark.slow
-def test_chat_example_trains_the_replies(tmp_path, smollm2_dir):
+def test_chat_example_trains_the_replies(tmp_path, smollm2_dir, smollm2_cache):
     """`make chat` as it runs: the eval losses of both styles fall under their classes, and the replies to
     questions it never saw read as the example says: every −1 reply is a plain statement that starts with a
     lead word of the terse data and is shorter than the base model's; every +1 reply exclaims and starts
@@ -52,6 +53,7 @@ def test_chat_example_trains_the_replies(tmp_path, smollm2_dir):
     r = subprocess.run(
         [sys.executable, "-m", "examples.chat.run", "--out", str(out)],
         cwd=ROOT,
+        env={**os.environ, "CAP_CACHE_DIR": str(smollm2_cache)},
         capture_output=True,
         text=True,
         timeout=1200,
@@ -60,7 +62,7 @@ def test_chat_example_trains_the_replies(tmp_path, smollm2_dir):
     assert "[+Oh, what a great question!" in r.stdout or "[+Ooh" in r.stdout or "[+Happy" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
-    # measured (60 steps, AVX2 CPU): +1 3.13 → 1.31, −1 3.23 → 1.95
+    # measured (40 steps at 4e-3, AVX2 CPU): +1 3.13 → 1.54, −1 3.23 → 1.90
     assert after["eval/loss_class+1"] < before["eval/loss_class+1"] - 1.0, summary
     assert after["eval/loss_class-1"] < before["eval/loss_class-1"] - 0.5, summary
     replies = json.loads((out / "replies.json").read_text())

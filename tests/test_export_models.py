@@ -228,10 +228,8 @@ def test_verify_refuses_an_export_of_another_shape(tmp_path, tiny_model_dir, mon
 
 
 @pytest.mark.slow
-def test_smollm2_additive_merge_verify(tmp_path):
-    from examples.demo.smollm2 import materialize
-
-    model = materialize()
+def test_smollm2_additive_merge_verify(tmp_path, smollm2_dir):
+    model = smollm2_dir
     ckpt = save_control(tmp_path / "ckpt", "full", "writers", layers=[3, 17, 29], hidden=576, rank=8, alpha=4.0)
     r, gap = _verify(model, ckpt)
     assert r.exit_code == 0 and gap < TOL, r.output

@@ -66,16 +66,11 @@ def test_plan_of_a_70b_config_in_seconds(tmp_path):
     assert "smallest that fits in 24 GiB per GPU: pipeline_stages = 3, load_in_4bit = true" in text
 
 
-SMOLLM2 = Path.home() / ".cache" / "cap" / "SmolLM2-135M-Instruct"
-
-
 @pytest.fixture(scope="module")
-def smollm2_runs(tmp_path_factory):
+def smollm2_runs(tmp_path_factory, smollm2_dir):
     """SmolLM2 trained for two steps on 1 and 2 stages, checkpointing on and off, two runs at a time
     over one prepared dataset: {(stages, checkpointing): config path}."""
-    from examples.demo.smollm2 import materialize
-
-    model = materialize()
+    model = smollm2_dir
     root = tmp_path_factory.mktemp("plan")
     runs, procs = {}, []
     for stages in (1, 2):

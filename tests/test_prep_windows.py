@@ -19,7 +19,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from cap_common.config import config_from_dict
 from cap_prep import build, load_manifest, prepare, sources, windows
 from cap_prep.tokenize import DocumentEncoder, resolve_options
-from examples.demo import smollm2
 from tests.assets import sample_text
 from tests.test_prep import L, read, reference_pack, reference_tokens
 
@@ -77,13 +76,6 @@ def metaspace_tokenizer(kind: str) -> Tokenizer:
     return tok
 
 
-def smollm2_tokenizer() -> Tokenizer:
-    path = smollm2.cache_dir() / "SmolLM2-135M-Instruct" / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip(f"SmolLM2's tokenizer is not materialized ({path})")
-    return Tokenizer.from_file(str(path))
-
-
 @pytest.fixture(scope="module")
 def backends(tiny_model_dir):
     return {
@@ -130,8 +122,8 @@ def test_windows_equal_whole_text(name, backends):
     assert check_windows(backend, trials=12) > 0  # some whitespace runs outgrew the overlap
 
 
-def test_windows_equal_whole_text_smollm2():
-    backend = smollm2_tokenizer()
+def test_windows_equal_whole_text_smollm2(smollm2_dir):
+    backend = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     assert windows.Windows(backend).usable
     check_windows(backend, trials=6)
 

@@ -83,15 +83,15 @@ def run_train(cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=
     return out
 
 
-def start_train(cfg: Path, procs: int = 1, *extra) -> subprocess.Popen:
+def start_train(cfg: Path, procs: int = 1, *extra, env: dict | None = None) -> subprocess.Popen:
     """run_train without waiting (stderr to CFG.err): a few small runs side by side use both cores,
-    where one run's start-up is mostly serial Python."""
+    where one run's start-up is mostly serial Python. `env`: variables added to ENV."""
     with open(cfg.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(
             CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()), *extra],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env=ENV,
+            env={**ENV, **(env or {})},
             start_new_session=True,
         )
     proc.err_path = cfg.with_suffix(".err")

@@ -65,7 +65,9 @@ STEPS = 3
 EVALS = 3  # at steps 0, 2 and 3: an eval between two training steps
 # 4-bit runs made with and without evals (1 process): an eval between steps must change nothing.
 # q_proj and v_proj reach the loss only through the frozen 4-bit o_proj: they train only when
-# gradients pass through 4-bit weights.
+# gradients pass through 4-bit weights. They run on the path of a CPU without native bf16 whatever
+# this CPU is (oneDNN and ATen limited to AVX2, cap's predicate forced off), while the matrix's qlora
+# case runs on this CPU's own path: both paths are held to the reference on every machine.
 FOUR_BIT = {
     "qlora-qv": dict(load_in_4bit=True, model_dtype="bfloat16", lr=2e-2, target_modules=["q_proj", "v_proj"]),
     "control-4bit-writers": dict(
@@ -78,6 +80,7 @@ FOUR_BIT = {
         lora_alpha=8,
     ),
 }
+NON_NATIVE_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "CAP_NATIVE_BF16": "0"}
 
 
 def case_keys(mode: str, adapter_type: str | None, target: str | None, layers: str | None) -> dict:
@@ -175,12 +178,12 @@ def trained(tmp_path_factory, tiny_model_dir):
     model = tiny_model_dir("llama")
     jobs = []
 
-    def add(name: str, procs: int, **keys):
+    def add(name: str, procs: int, env: dict | None = None, **keys):
         prepared = root / ("prepared-control" if keys.get("use_control_adapters") else "prepared-plain")
         out = root / name / f"p{procs}"
         keys = dict(max_steps=STEPS, evals_per_run=EVALS, warmup="rms_ratio", eval_fraction=0.15) | keys
         cfg = write_config(root, model, prepared_dir=str(prepared), output_dir=str(out), **keys)
-        jobs.append(((name, procs), cfg.rename(root / f"cfg-{name}-{procs}.toml"), out, prepared))
+        jobs.append(((name, procs), cfg.rename(root / f"cfg-{name}-{procs}.toml"), out, prepared, env))
 
     for i, case in enumerate(CASES):
         for procs, stages in TOPOLOGIES:
@@ -195,7 +198,7 @@ def trained(tmp_path_factory, tiny_model_dir):
             )
     for name, keys in FOUR_BIT.items():
         for evals in (EVALS, 0):
-            add(f"{name}-evals{evals}", 1, evals_per_run=evals, activation_checkpointing=False, **keys)
+            add(f"{name}-evals{evals}", 1, NON_NATIVE_BF16, evals_per_run=evals, activation_checkpointing=False, **keys)
     jobs.sort(key=lambda job: -job[0][1])  # the 2-process runs first, the 1-process ones fill in
     pending, running, results = list(jobs), [], {}
     while pending or running:
@@ -203,7 +206,7 @@ def trained(tmp_path_factory, tiny_model_dir):
         ready = next((job for job in pending if busy + job[0][1] <= 3), None)
         if ready is not None:
             pending.remove(ready)
-            running.append((ready, start_train(ready[1], ready[0][1])))
+            running.append((ready, start_train(ready[1], ready[0][1], env=ready[4])))
             continue
         for job, proc in list(running):
             if proc.poll() is not None:
@@ -247,14 +250,12 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
 # by |g|, which amplifies the rounding of the elements whose gradient is near zero). The 4-bit runs
 # compute in bf16 on both sides, in other orders where cap fuses (the LM head's loss on CPUs without
 # native bf16, CUDA kernels): the loss and ‖g‖ to bf16's resolution, the update to a few percent.
-# bf16: on a CPU without native bf16 (AVX2 only) the matmuls round otherwise than the reference's
-# path does, and Adam's first steps move each element by about lr whatever its gradient's size, so an
-# element whose gradient is near 0 can move the other way. There the tensors get loose bounds (seen
-# on an AVX2-only VM, varying from run to run: up to 7.9% of a q/v LoRA tensor's norm, 12% of a
-# control adapter's update) while every step's loss and gradient norm stays within 1%; a run that
-# trains nothing, or wrong math, is still 100% of the update off.
-NATIVE_BF16 = cpu_has_native_bf16() or torch.cuda.is_available()
-TOLERANCE = {"fp32": (1e-5, 1e-5, 5e-5), "bf16": (1e-2, 1e-2, 5e-2) if NATIVE_BF16 else (1e-2, 0.15, 0.3)}
+# The reference computes the LM head as cap documents for the CPU the run used: through an fp32 copy of
+# the bf16 weight without native bf16, in bf16 with it. Both trainers are deterministic, so these
+# bounds hold on every CPU; test_the_4bit_comparisons_catch_injected_bugs shows that they still catch
+# bugs that move a 4-bit run by a few percent.
+NATIVE_BF16 = cpu_has_native_bf16()
+TOLERANCE = {"fp32": (1e-5, 1e-5, 5e-5), "bf16": (1e-2, 1e-2, 5e-2)}
 
 
 def written_tensors(folder: Path, mode: str) -> dict[str, torch.Tensor]:
@@ -263,14 +264,15 @@ def written_tensors(folder: Path, mode: str) -> dict[str, torch.Tensor]:
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
-def reference_training(cfg: Path, prepared: Path, tmp: Path):
-    """(initial tensors, tensors after STEPS steps, [loss], [‖g‖]) of the reference trainer."""
+def reference_training(cfg: Path, prepared: Path, tmp: Path, native_bf16: bool = NATIVE_BF16, bugs=reference.Bugs()):
+    """(initial tensors, tensors after STEPS steps, [loss], [‖g‖]) of the reference trainer, with the
+    LM head as cap computes it on a CPU with or without `native_bf16`."""
     run = reference.Run.from_toml(cfg)
     if run.mode == "full":
         initial = {k: v.detach().clone() for k, v in reference.base_model(run, tmp).named_parameters()}
     else:
         initial = reference.cap_initial_adapter(cfg)
-    after, losses, norms = reference.train(run, prepared, initial, STEPS, tmp)
+    after, losses, norms = reference.train(run, prepared, initial, STEPS, tmp, not native_bf16, bugs)
     return {k: reference.orthonormal_q(k, v) for k, v in initial.items()}, after, losses, norms
 
 
@@ -325,8 +327,33 @@ def test_an_eval_between_4bit_steps_changes_nothing(trained, tmp_path, name):
         metrics(runs[0][2])[s]["train/loss"] for s in range(1, STEPS + 1)
     ]
     out, prepared = runs[EVALS][2], runs[EVALS][3]
-    ref = reference_training(out.parent.parent / f"cfg-{name}-evals{EVALS}-1.toml", prepared, tmp_path)
+    ref = reference_training(out.parent.parent / f"cfg-{name}-evals{EVALS}-1.toml", prepared, tmp_path, False)
     assert_trains_like(metrics(out), written[EVALS], ref, TOLERANCE["bf16"], name)
+
+
+# What each deliberate bug moves a 4-bit run by (measured on an AVX2-only CPU before the reference's LM head
+# followed cap's): adapters kept in bf16 ≈ 5.4% of a tensor's norm, nf4 without double quantization ≈ 5.0%,
+# the adapter scale ×1.1 a few percent of the update.
+BUGS = {
+    "bf16-adapters": reference.Bugs(bf16_adapters=True),
+    "single-quant-nf4": reference.Bugs(single_quant=True),
+    "scale-x1.1": reference.Bugs(scale=1.1),
+}
+
+
+@pytest.mark.parametrize("bug", BUGS)
+@pytest.mark.parametrize("run", ["qlora", "qlora-qv-evals0", "control-4bit-writers-evals0"])
+def test_the_4bit_comparisons_catch_injected_bugs(trained, tmp_path, run, bug):
+    """The 4-bit comparisons are strict enough on the path without native bf16 (the -evals0 runs, emulated on
+    any CPU) and on this CPU's own (qlora): a reference with the bug disagrees with what cap trained."""
+    torch.set_num_threads(1)
+    proc, err, out, prepared = trained[run, 1]
+    assert proc.returncode == 0, err[-3000:]
+    native = NATIVE_BF16 and run == "qlora"
+    ref = reference_training(out.parent.parent / f"cfg-{run}-1.toml", prepared, tmp_path, native, BUGS[bug])
+    written = load_file(str(out / "epoch1" / "adapter_model.safetensors"))
+    with pytest.raises(AssertionError):
+        assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16"], bug)
 
 
 @pytest.mark.skipif(
@@ -345,7 +372,7 @@ def test_4bit_training_on_cuda_equals_the_reference(tmp_path, tiny_model_dir, na
         cfg = write_config(tmp_path, tiny_model_dir("llama"), **keys)
         runs[evals] = (cfg.rename(tmp_path / f"cfg-{evals}.toml"), out)
         run_train(runs[evals][0], 1)
-    ref = reference_training(runs[EVALS][0], tmp_path / "prepared", tmp_path)
+    ref = reference_training(runs[EVALS][0], tmp_path / "prepared", tmp_path, native_bf16=True)  # bf16 head on CUDA
     for evals, (_, out) in runs.items():
         written = load_file(str(out / "epoch1" / "adapter_model.safetensors"))
         assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16"], evals)

@@ -28,13 +28,13 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m examples.chat.run
 
-# The whole suite on both cores (pytest-xdist; tests/conftest.py keeps each module's shared runs on one
-# worker and starts the longest modules first), the 25 slowest tests listed, and one failing line when
+# The whole suite on both cores (pytest-xdist; each module on one worker, so that its shared runs are
+# built once; tests/conftest.py starts the longest modules first), the 25 slowest tests listed, and one failing line when
 # it takes longer than its budget. test-fast: the edit loop's tier, no end-to-end or multi-process run.
 TEST_WORKERS ?= 2
 TEST_BUDGET_S ?= 720
 TEST_FAST_BUDGET_S ?= 180
-PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 
 test: $(STAMP) lint
 	$(PYTEST) --budget-s $(TEST_BUDGET_S)

@@ -244,8 +244,9 @@ class Watch:
 
     def explain(self, error: BaseException) -> None:
         """A collective failed (a lost peer or a timeout): within GONE_BEATS beats, name the rank that
-        stopped answering, or stop quietly when another rank reports; else rank 0 names the error. Never returns."""
-        deadline = time.monotonic() + GONE_BEATS * BEAT_S + BEAT_S
+        stopped answering, or stop quietly when another rank reports; else rank 0 names the error. Never returns.
+        A dead rank's last beat may be seen up to LATE_S after the failure, and its silence counts from then."""
+        deadline = time.monotonic() + GONE_BEATS * BEAT_S + LATE_S + BEAT_S
         while time.monotonic() < deadline:
             if time.monotonic() - self.tick > GONE_BEATS * BEAT_S:  # this rank was paused: the judge decides
                 time.sleep(BEAT_S)

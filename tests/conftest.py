@@ -18,6 +18,11 @@ from pathlib import Path
 CALLER_CACHE = os.environ.get("CAP_CACHE_DIR")
 for _name in [k for k in os.environ if k.startswith("CAP_")]:
     del os.environ[_name]
+# pytest-xdist's workers run side by side: each, and each process it starts, gets its share of the cores
+# (OpenMP threads that outnumber the cores wait on each other: a SmolLM2 step ran 30× slower).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -32,23 +37,6 @@ import pytest  # noqa: E402
 from tests import assets  # noqa: E402
 
 # ---------------------------------------------------------------- how the suite runs (`make test`, setup.cfg)
-# Modules whose tests share a module-scoped fixture (trained runs): under pytest-xdist each runs on one
-# worker (`--dist loadgroup`), so that its fixture is built once.
-SHARED_FIXTURE = {
-    "test_config_peer",
-    "test_packaging",
-    "test_plan",
-    "test_prep",
-    "test_prep_chat",
-    "test_prep_windows",
-    "test_train",
-    "test_train_documents",
-    "test_train_matrix",
-    "test_train_multinode",
-    "test_train_resume",
-    "test_train_topology",
-    "test_train_user_reports",
-}
 # The longest modules start first, so that the two workers end together (longest first, then the rest
 # in file order).
 LONGEST_FIRST = ["test_example_chat", "test_demo", "test_train_matrix", "test_plan", "test_train_multinode"]
@@ -68,12 +56,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadscope`) a module's tests run on one worker, so that a module-scoped
+    fixture (trained runs) is built once; the workers take modules in this order."""
+
     def module(item) -> str:
         return item.module.__name__.rpartition(".")[2]
 
-    for item in items:
-        if module(item) in SHARED_FIXTURE:
-            item.add_marker(pytest.mark.xdist_group(module(item)))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable: file order otherwise
 

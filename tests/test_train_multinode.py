@@ -432,14 +432,12 @@ def test_a_rank_that_dies_or_stops_ends_every_rank_in_one_line(tmp_path, tiny_mo
     try:
         wait_for_step(tmp_path / "out", 3, procs)
         os.kill(procs[1].pid, getattr(signal, fault))
-        t0 = time.monotonic()
+        # the promise, on a loaded machine too: within the collective timeout + 30 s (a killed rank's line
+        # names it only when the heartbeats found it; a failed collective alone names no rank)
         _, err0 = procs[0].communicate(timeout=LIMIT_MIN * 60 + 30)
-        elapsed = time.monotonic() - t0
         assert procs[0].returncode == 4, err0
         assert_names_rank(err0.strip().splitlines()[-1], 1, tmp_path / "out")
-        if fault == "SIGKILL":
-            assert elapsed < 30, elapsed  # a dead peer shows within a few heartbeats
-        else:
+        if fault == "SIGSTOP":
             os.kill(procs[1].pid, signal.SIGCONT)
             _, err1 = procs[1].communicate(timeout=60)
             assert procs[1].returncode == 3 and err1.strip() == "", err1

@@ -135,3 +135,27 @@ def test_a_short_pause_does_not_excuse_a_silent_rank(clock):
     with pytest.raises(Ended) as e:
         w._decide(0, "no heartbeat for 30 s")
     assert e.value.code == EXIT_PEER_NAMED and lines[-1][1].startswith("cap-train: rank 0 on nodeA stopped")
+
+
+def test_a_killed_rank_whose_last_beat_is_seen_late_is_named(clock, monkeypatch):
+    """Rank 1 is killed just after a beat; the collective fails at once, but rank 0's beater sees that last
+    beat only on its next poll, a beat later. Its silence counts from then, so rank 0 must keep looking for
+    GONE_BEATS beats after that, not give up and blame the collective (seen in the suite under load)."""
+    store, lines = Store(), []
+    w = make(0, store, lines)
+    store.add("beat/1", 1)
+    beat_once(w)
+    store.add("beat/1", 1)  # rank 1's last beat, just before SIGKILL; not yet seen by rank 0
+    failed_at = clock[0]
+
+    def sleep(seconds):  # the main thread's waits; the judge and the beater run beside them
+        clock[0] += seconds
+        w._check_own_pause()
+        if clock[0] - failed_at >= watch.BEAT_S:
+            beat_once(w)
+
+    monkeypatch.setattr(watch.time, "sleep", sleep)
+    with pytest.raises(Ended) as e:
+        w.explain(RuntimeError("Connection closed by peer"))
+    assert e.value.code == EXIT_PEER_NAMED
+    assert lines[-1][1].startswith("cap-train: rank 1 on nodeB stopped answering (no heartbeat since"), lines

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Tests that read relative paths, the working directory or cap's variables, the first of them the one
 # that failed after `make demo` (a note about the demo's relative out/ came before its one line).
@@ -44,6 +46,7 @@ def leftovers(folder: Path) -> None:
     (folder / "config.toml").write_text("model_dir = 'nowhere'\n")
 
 
+@pytest.mark.slow  # a pytest session of its own
 def test_a_sample_of_the_suite_passes_among_what_the_examples_leave(tmp_path):
     leftovers(tmp_path)
     env = {**os.environ, **HOSTILE, "PYTHONPATH": str(ROOT)}

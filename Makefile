@@ -29,8 +29,8 @@ chat: $(STAMP)
 	$(PY) -m examples.chat.run
 
 # The whole suite on both cores (pytest-xdist; each module on one worker, so that its shared runs are
-# built once; tests/conftest.py starts the longest modules first), the 25 slowest tests listed, and one failing line when
-# it takes longer than its budget. test-fast: the edit loop's tier, no end-to-end or multi-process run.
+# built once; tests/conftest.py starts the longest modules first), the 25 slowest tests listed, and one
+# failing line when it takes longer than its budget. test-fast: the edit loop's tier, no end-to-end or multi-process run.
 TEST_WORKERS ?= 2
 TEST_BUDGET_S ?= 1500
 TEST_FAST_BUDGET_S ?= 180

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from cap_common.config import load_config
 from tests.test_train import stop
@@ -119,7 +120,7 @@ def test_demo_pipeline_steers_smollm2(tmp_path, smollm2_dir, smollm2_cache):
         for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
         if "train/loss" in line
     ]
-    steps = int(re.search(r"(?m)^max_steps = (\d+)", (ROOT / "examples" / "demo" / "config.toml").read_text())[1])
+    steps = tomllib.loads((ROOT / "examples" / "demo" / "config.toml").read_text())["max_steps"]
     assert len(train) == steps and sum(train[-10:]) < sum(train[:10])
     rows = json.loads((tmp_path / "generations.json").read_text())
     assert len(rows) == 4

@@ -248,8 +248,8 @@ def test_every_kind_trains_and_its_output_reproduces_the_eval_loss(trained, tiny
 # (loss and ‖g‖ per step, each tensor against its norm, each tensor against how far it moved).
 # fp32 runs agree to float32 rounding: measured ≤ 2e-7, ≤ 3e-6 and ≤ 9e-6 (Adam's first steps divide
 # by |g|, which amplifies the rounding of the elements whose gradient is near zero). The 4-bit runs
-# compute in bf16 on both sides, in other orders where cap fuses (the LM head's loss on CPUs without
-# native bf16, CUDA kernels): the loss and ‖g‖ to bf16's resolution, the update to a few percent.
+# compute in bf16 on both sides, in other orders where cap fuses (its loss kernels, CUDA kernels):
+# the loss and ‖g‖ to bf16's resolution, the update to a few percent.
 # The reference computes the LM head as cap documents for the CPU the run used: through an fp32 copy of
 # the bf16 weight without native bf16, in bf16 with it. Both trainers are deterministic, so these
 # bounds hold on every CPU; test_the_4bit_comparisons_catch_injected_bugs shows that they still catch

@@ -15,7 +15,10 @@ import os
 import time
 from pathlib import Path
 
-CALLER_CACHE = os.environ.get("CAP_CACHE_DIR")
+# The cache the caller named, kept for pytest-xdist's workers too (they start after CAP_* is cleared here).
+CALLER_CACHE = os.environ.get("CAP_CACHE_DIR") or os.environ.get("PYTEST_CALLER_CAP_CACHE_DIR")
+if CALLER_CACHE:
+    os.environ["PYTEST_CALLER_CAP_CACHE_DIR"] = CALLER_CACHE
 for _name in [k for k in os.environ if k.startswith("CAP_")]:
     del os.environ[_name]
 # pytest-xdist's workers run side by side: each, and each process it starts, gets its share of the cores
@@ -39,7 +42,7 @@ from tests import assets  # noqa: E402
 # ---------------------------------------------------------------- how the suite runs (`make test`, setup.cfg)
 # The longest modules start first, so that the two workers end together (longest first, then the rest
 # in file order).
-LONGEST_FIRST = ["test_example_chat", "test_demo", "test_train_matrix", "test_plan", "test_train_multinode"]
+LONGEST_FIRST = ["test_example_chat", "test_demo", "test_plan", "test_train_matrix", "test_train_multinode"]
 
 
 def pytest_addoption(parser):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from cap_common.config import load_config
 from cap_train.cli import main as train_main
 from cap_train.plan import GIB, make_plan
-from tests.test_train import ENV, free_port, metrics, write_config
+from tests.test_train import ENV, finish, metrics, start_train, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -68,11 +68,11 @@ def test_plan_of_a_70b_config_in_seconds(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_runs(tmp_path_factory, smollm2_dir):
-    """SmolLM2 trained for two steps on 1 and 2 stages, checkpointing on and off, two runs at a time
+    """SmolLM2 trained for one step on 1 and 2 stages, checkpointing on and off, two runs at a time
     over one prepared dataset: {(stages, checkpointing): config path}."""
     model = smollm2_dir
     root = tmp_path_factory.mktemp("plan")
-    runs, procs = {}, []
+    runs = {}
     for stages in (1, 2):
         for ckpt in (False, True):
             cfg = write_config(
@@ -80,8 +80,8 @@ def smollm2_runs(tmp_path_factory, smollm2_dir):
                 model,
                 sequence_len=512,
                 micro_batch_size=2,
-                gradient_accumulation_steps=2,
-                max_steps=2,
+                gradient_accumulation_steps=stages,  # 1 stage holds one micro batch in flight whatever the count
+                max_steps=1,
                 evals_per_run=0,
                 eval_fraction=0.05,
                 pipeline_stages=stages,
@@ -94,21 +94,9 @@ def smollm2_runs(tmp_path_factory, smollm2_dir):
     subprocess.run(
         [sys.executable, "-m", "cap_prep.cli", str(runs[1, False])], env=ENV, check=True, capture_output=True
     )
-    for (stages, _), cfg in runs.items():
-        cmd = [
-            sys.executable,
-            "-m",
-            "cap_train.cli",
-            str(cfg),
-            "--num-gpus",
-            str(stages),
-            "--master-port",
-            str(free_port()),
-        ]
-        procs.append(subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        if len(procs) % 2 == 0:
-            for p in procs[-2:]:
-                assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    pairs = list(runs.items())
+    for i in range(0, len(pairs), 2):
+        finish(*(start_train(cfg, stages) for (stages, _), cfg in pairs[i : i + 2]))
     return runs
 
 

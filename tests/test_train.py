@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from cap_train.order import TrainOrder
 from cap_train.schedule import lr_at
 from cap_train.trainer import eval_steps
 from tests.assets import sample_text
+from tests.zygote import Zygote
 
 CAP_TRAIN = [sys.executable, "-m", "cap_train.cli"]
+# Runs are forked from a zygote (tests/zygote.py) on CPU only: a fork must not inherit a GPU context.
+FORK = os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" and not torch.cuda.is_available()
 # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP's waiting makes
 # every small matmul many times slower: one thread per process (cap-train keeps the user's setting).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -69,31 +73,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=600) -> subprocess.CompletedProcess:
-    port = port or free_port()
-    out = subprocess.run(
-        CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(port), *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
+def run_train(
+    cfg: Path, procs: int = 1, *extra, check=True, port=None, timeout=600, forked=True
+) -> subprocess.CompletedProcess:
+    """`cap-train CFG --num-gpus PROCS EXTRA…` to its end: its exit code, stdout and stderr. `forked`: started
+    by a zygote (tests/zygote.py: the same launcher and workers, without their imports); else a subprocess."""
+    args = [str(cfg), "--num-gpus", str(procs), "--master-port", str(port or free_port()), *extra]
+    if not (forked and FORK):
+        out = subprocess.run(CAP_TRAIN + args, capture_output=True, text=True, timeout=timeout, env=ENV)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            proc = Zygote.get(ENV).start(args, ENV, stdout, stderr)
+            try:
+                code = proc.wait(timeout)
+            finally:
+                stop(proc)
+            out = subprocess.CompletedProcess(CAP_TRAIN + args, code, stdout.read_text(), stderr.read_text())
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
-def start_train(cfg: Path, procs: int = 1, *extra, env: dict | None = None) -> subprocess.Popen:
+def start_train(cfg: Path, procs: int = 1, *extra, env: dict | None = None, forked=True):
     """run_train without waiting (stderr to CFG.err): a few small runs side by side use both cores,
-    where one run's start-up is mostly serial Python. `env`: variables added to ENV."""
-    with open(cfg.with_suffix(".err"), "w") as err:
-        proc = subprocess.Popen(
-            CAP_TRAIN + [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()), *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env={**ENV, **(env or {})},
-            start_new_session=True,
-        )
+    where one run's start-up is mostly serial Python. `env`: variables added to ENV. A forked run
+    (tests/zygote.py) is no child of this process; it has what the tests use of Popen."""
+    args = [str(cfg), "--num-gpus", str(procs), "--master-port", str(free_port()), *extra]
+    env = {**ENV, **(env or {})}
+    if forked and FORK:
+        proc = Zygote.get(env).start(args, env, None, cfg.with_suffix(".err"))
+    else:
+        with open(cfg.with_suffix(".err"), "w") as err:
+            proc = subprocess.Popen(
+                CAP_TRAIN + args, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True
+            )
     proc.err_path = cfg.with_suffix(".err")
     return proc
 

@@ -93,14 +93,10 @@ class Base:
             return False
         return True
 
-    @cached_property
-    def _writer_keys(self) -> list[str]:
-        return writer_keys(self.family, self.config)
-
     def writer_names(self, layer: int) -> list[str]:
         """Checkpoint-style names of the [H, in] matrices that write into the residual stream in
         decoder layer `layer` (o_proj, down_proj; every expert's w2 for Mixtral)."""
-        return [f"model.layers.{layer}.{rel}" for rel in self._writer_keys]
+        return [f"model.layers.{layer}.{rel}" for rel in writer_keys(self.family, self.config, layer)]
 
     def locate(self, name: str) -> tuple[str, tuple]:
         """Checkpoint-style tensor name → (the tensor that holds it on disk, index of its part).
@@ -175,16 +171,19 @@ class Base:
                 raise CapError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def writer_keys(family: Family, config) -> list[str]:
-    """Residual writer matrices of one decoder layer, as checkpoint names relative to the layer
+def writer_keys(family: Family, config, layer: int = 0) -> list[str]:
+    """Residual writer matrices of decoder layer `layer`, as checkpoint names relative to the layer
     (e.g. self_attn.o_proj.weight, mlp.down_proj.weight, block_sparse_moe.experts.{e}.w2.weight).
 
     A writer module that is an nn.Linear contributes its weight; a fused experts module (Mixtral in
-    transformers v5) its `down_proj` [E, H, I], which the checkpoint keeps per expert."""
-    layer = meta_decoder_layer(family, config)
+    transformers v5) its `down_proj` [E, H, I], which the checkpoint keeps per expert. A model whose
+    MoE layers alternate with dense ones has the writers of each layer's kind."""
+    from cap_common.models.pipeline import layer_writers
+
+    module_layer = meta_decoder_layer(family, config, layer)
     keys = []
-    for path in family.writers:
-        module = layer.get_submodule(path)
+    for path in layer_writers(family, module_layer):
+        module = module_layer.get_submodule(path)
         key = f"{path}.weight" if isinstance(module, nn.Linear) else f"{path}.down_proj"
         keys += [source for source, _ in tensor_sources(family, key, config)]
     return keys

@@ -150,7 +150,7 @@ def multiplicative(ckpt, out, base_dir, inverse, exact_inverse, dtype, force, co
         made_for = family.model_type if inputs["BASE recorded in CKPT"] else None
     converted = convert.multiplicative(
         control,
-        writer_keys(family, config),
+        lambda layer: writer_keys(family, config, layer),
         made_for,
         direction,
         dtype,
@@ -204,6 +204,11 @@ def additive(base_dir, ckpt, out, inverse, exact_inverse, rank, dtype, force, co
     gap = approximation_note(control.target, base.family)
     if gap:
         note(gap)
+    if base.family.fused_experts and not base.family.peft_loads_experts:
+        note(
+            f"PEFT (with transformers 5.24) loads no LoRA on the experts of a {base.family.model_type} model and "
+            f"drops those pairs with a warning; `cap-export merge {base_dir} {out} MERGED` applies them all"
+        )
     full_rank = control.rank * (2 if control.adapter_type in ("symmetrise", "antisymmetrise") else 1)
     exact = "exact" if rank is None or rank >= full_rank else f"truncated from {full_rank}"
     click.echo(

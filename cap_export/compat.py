@@ -175,7 +175,10 @@ def check_lora_modules(lora: Lora, base: Base) -> None:
                     f"{base.folder} ({base.family.model_type}, {base.num_layers} layers) has no "
                     f"model.layers.{layer}.{module}{mixtral}"
                 ) from None
-    left_out = [key.removesuffix(".weight") for key in writer_keys(base.family, base.config)]
+    left_out = [
+        key.removesuffix(".weight") for layer in layers or [0] for key in writer_keys(base.family, base.config, layer)
+    ]
+    left_out = list(dict.fromkeys(left_out))
     left_out = [key for key in left_out if key not in modules]
     if left_out:
         raise CapError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -100,7 +101,7 @@ def _provenance(kind: str, control: Control, direction: str, rank, dtype: str, f
 
 def multiplicative(
     control: Control,
-    writer_keys: list[str],
+    writer_keys: Callable[[int], list[str]],
     model_type: str | None,
     direction: str = "forward",
     dtype: str = "float32",
@@ -109,14 +110,15 @@ def multiplicative(
 ) -> Converted:
     """Multiplicative LoRA: on every writer of every adapted layer, lora_A = V [k,H], lora_B = U [H,k].
 
-    writer_keys: the writers' checkpoint names relative to a layer (cap_export.base.writer_keys). The
+    writer_keys(layer): the writers' checkpoint names relative to that layer (cap_export.base.writer_keys). The
     adapter_config carries "multiplicative": true so that `merge` applies M ← M + B·(A·M).
     model_type: the family it was made for, or None (no base model): cap_export.json then records
     only the modules and the hidden size, and `merge` takes any base model that has them."""
-    tensors, ranks = {}, {}
+    tensors, ranks, modules = {}, {}, {}
     for layer in tqdm(control.layers, desc="multiplicative", unit="layer", disable=not progress or None):
         U, V = control.factors(layer, direction)
-        for key in writer_keys:
+        for key in writer_keys(layer):
+            modules[key.removesuffix(".weight")] = None
             path = key.removesuffix(".weight")
             for name, t in (("A", V), ("B", U)):
                 key = lora_key(layer, path, name)
@@ -126,7 +128,7 @@ def multiplicative(
         ranks, control.layers, base_path or control.config.get("base_model_name_or_path", ""), multiplicative=True
     )
     provenance = _provenance("multiplicative", control, direction, None, dtype, model_type)
-    provenance["modules"] = [key.removesuffix(".weight") for key in writer_keys]
+    provenance["modules"] = list(modules)
     provenance["hidden_size"] = control.hidden_size
     return Converted(tensors, config, provenance, len(ranks), config["r"])
 

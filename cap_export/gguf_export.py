@@ -50,6 +50,14 @@ ARCHITECTURES = {
     "cohere2": (gguf.MODEL_ARCH.COHERE2, False),
     "gemma2": (gguf.MODEL_ARCH.GEMMA2, False),
     "phi3": (gguf.MODEL_ARCH.PHI3, False),
+    # llama.cpp's converters for SmolLM3 and Granite derive from its Llama one (q/k rows permuted)
+    "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, False),
+    "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
+    "glm4": (gguf.MODEL_ARCH.GLM4, False),
+    "olmo2": (gguf.MODEL_ARCH.OLMO2, False),
+    "smollm3": (gguf.MODEL_ARCH.SMOLLM3, True),
+    "granite": (gguf.MODEL_ARCH.GRANITE, True),
+    "granitemoe": (gguf.MODEL_ARCH.GRANITE_MOE, True),
 }
 Q = gguf.GGMLQuantizationType
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -79,7 +87,10 @@ def _heads(module: str, config) -> int | None:
 def gguf_tensors(lora: Lora, base: Base) -> tuple[str, float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(architecture name, α, {gguf weight name: (lora_a, lora_b)}) in float32, ready to write."""
     if base.family.model_type not in ARCHITECTURES:
-        raise CapError(f"{base.folder}: no llama.cpp architecture known for model_type '{base.family.model_type}'")
+        raise CapError(
+            f"{base.folder}: no llama.cpp architecture known for model_type '{base.family.model_type}' "
+            f"(cap-export gguf writes adapters for: {', '.join(ARCHITECTURES)})"
+        )
     arch, permute = ARCHITECTURES[base.family.model_type]
     names = gguf.get_tensor_name_map(arch, base.num_layers)
     alpha = float(lora.config.get("lora_alpha") or next(iter(lora.pairs.values()))[0].shape[0])

@@ -17,6 +17,18 @@ VOCAB_SIZE = 512
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "cohere", "cohere2", "gemma2")
 
+# DeepSeek's MoE layers (GLM-4.5's too): a dense first layer, routed + shared experts, grouped top-k.
+_DEEPSEEK_MOE = {
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+}
 # What differs per family in the tiny configs; everything else is in _common_config().
 _FAMILY_CONFIG = {
     "llama": (transformers.LlamaConfig, {}),
@@ -45,9 +57,156 @@ _FAMILY_CONFIG = {
             "layer_types": ["sliding_attention", "full_attention"] * 2,
         },
     ),
-    # Not in FAMILIES (the full test matrix); built on demand by the tests that cover every family cap knows.
-    "phi3": (transformers.Phi3Config, {}),
+    # Not in FAMILIES (the full test matrix); built on demand by the tests that cover every family cap knows,
+    # each with every feature of the family switched on.
+    "phi3": (transformers.Phi3Config, {"sliding_window": 8}),
+    # local/global layers with their own rotary (linear-scaled global), QK-norm, sandwich norms, √H, softcap
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            "final_logit_softcapping": 30.0,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+            "tie_word_embeddings": True,
+        },
+    ),
+    # a dense layer (mlp_only_layers) among MoE layers, normalized top-k, sliding window, QK-norm
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        {
+            "head_dim": 16,
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [1],
+            "norm_topk_prob": True,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+        },
+    ),
+    # a dense first layer, routed + shared experts, sigmoid router with grouped top-k, QK-norm, partial rotary
+    "glm4_moe": (
+        transformers.Glm4MoeConfig,
+        {
+            "head_dim": 16,
+            **_DEEPSEEK_MOE,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        },
+    ),
+    # + multi-head latent attention (q and kv low-rank with their norms, rope/nope split, yarn)
+    "deepseek_v3": (
+        transformers.DeepseekV3Config,
+        {
+            "num_key_value_heads": 4,
+            **_DEEPSEEK_MOE,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "rope_interleave": True,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        },
+    ),
+    # partial (interleaved) rotary, q/k/v biases, fused gate_up_proj, post-norms
+    "glm4": (
+        transformers.Glm4Config,
+        {
+            "head_dim": 16,
+            "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        },
+    ),
+    # norms after attention and MLP only, QK-norm over the whole projection
+    "olmo2": (transformers.Olmo2Config, {}),
+    # + sliding layers, and a rotary per layer type (yarn on the full-attention layers)
+    "olmo3": (
+        transformers.Olmo3Config,
+        {
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 5e5,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                    "attention_factor": 1.2,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
+            },
+        },
+    ),
+    # NoPE on every second layer (those slide), tied embeddings
+    "smollm3": (
+        transformers.SmolLM3Config,
+        {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 8, "tie_word_embeddings": True},
+    ),
+    # yarn with the position-dependent query scale (llama_4_scaling_beta) within the test's length
+    "ministral3": (
+        transformers.Ministral3Config,
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1e6,
+                "factor": 16.0,
+                "original_max_position_embeddings": 8,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale_all_dim": 1.0,
+                "mscale": 1.0,
+                "llama_4_scaling_beta": 0.1,
+            },
+        },
+    ),
+    # embedding, residual, attention and logit multipliers
+    "granite": (
+        transformers.GraniteConfig,
+        {
+            "embedding_multiplier": 4.0,
+            "logits_scaling": 0.5,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.0625,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "granitemoe": (
+        transformers.GraniteMoeConfig,
+        {
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "embedding_multiplier": 4.0,
+            "logits_scaling": 0.5,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.0625,
+        },
+    ),
 }
+# The families released since 2025 (and Phi-3), held to transformers by tests/test_models.py.
+MORE_FAMILIES = tuple(name for name in _FAMILY_CONFIG if name not in FAMILIES)
 
 
 def sample_text(n_lines: int = 400, seed: int = 0) -> list[str]:

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from cap_common import config as config_module
 from cap_common.config import Config, DatasetConfig, load_config
+from cap_common.models.families import FAMILIES
 from cap_prep import build, cache, load_manifest, prepare, report, windows
 from cap_prep.cli import main as prep_main
 from cap_prep.pack import kept_lengths
@@ -784,7 +785,7 @@ def test_trust_remote_code_is_a_note(write):
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines()[0] == (
         "note: --trust-remote-code has no effect: cap never runs a model's own code; it builds the decoder from "
-        "transformers' classes for llama, mistral, mixtral, qwen2, qwen3, cohere, cohere2, gemma2, phi3"
+        f"transformers' classes for {', '.join(FAMILIES)}"
     )
 
 
@@ -800,5 +801,5 @@ def test_multimodal_model_type_is_refused_in_one_line(write, tmp_path):
         f"cap-prep: error: {path}: model_dir = '{model}': model_type 'mistral3' is a multimodal model (its text "
         "model, a mistral decoder, is under text_config) and cap trains text-only models: extract the text model "
         "into a folder of its own (its config.json = text_config, weights without the language_model prefix); "
-        "supported model_types: llama, mistral, mixtral, qwen2, qwen3, cohere, cohere2, gemma2, phi3"
+        f"supported model_types: {', '.join(FAMILIES)}"
     )

@@ -46,7 +46,7 @@ def pair(tensors: dict, layer: int, path: str) -> tuple[torch.Tensor, torch.Tens
 def test_multiplicative_pairs_equal_w(tmp_path, adapter_type, direction):
     control = load_control(save_control(tmp_path / "ckpt", adapter_type))
     keys = ["self_attn.o_proj.weight", "mlp.down_proj.weight"]
-    out = convert.multiplicative(control, keys, "llama", direction, progress=False)
+    out = convert.multiplicative(control, lambda layer: keys, "llama", direction, progress=False)
     k = RANK * (2 if adapter_type in ("symmetrise", "antisymmetrise") else 1)
     assert out.config["multiplicative"] is True and out.config["r"] == k and out.config["lora_alpha"] == k
     for layer in LAYERS:

@@ -40,6 +40,16 @@ CASES = [(f, "full", "writers", "forward") for f in assets.FAMILIES] + [
     ("gemma2", "symmetrise", "writers", "inverse"),
     ("cohere", "spectral", "block", "inverse"),  # parallel block: block == writers, exactly
     ("cohere2", "full", "block", "forward"),
+    # the families since 2025: MoE with a dense layer, sandwich and post-norms, multipliers, per-type rotary
+    ("qwen3_moe", "spectral", "writers", "inverse"),
+    ("gemma3_text", "full", "writers", "forward"),
+    ("olmo3", "symmetrise", "writers", "forward"),
+    ("granite", "full", "writers", "negate"),
+    ("glm4", "full", "writers", "forward"),
+    ("smollm3", "full", "writers", "forward"),
+    ("ministral3", "full", "writers", "forward"),
+    ("glm4_moe", "full", "writers", "forward"),
+    ("deepseek_v3", "antisymmetrise", "writers", "forward"),
 ]
 
 
@@ -87,7 +97,8 @@ def test_peft_and_merged_equal_the_trained_adapter(tmp_path, tiny_model_dir, fam
     base = hf_model(model, family)(input_ids=ids).logits
     assert (want - base).abs().max() > 0.05  # the adapter does something
     lora = additive_folder(tmp_path, model, ckpt, direction)
-    torch.testing.assert_close(peft_logits(model, family, lora, ids), want, atol=TOL, rtol=0)
+    if not FAMILIES[family].fused_experts or FAMILIES[family].peft_loads_experts:  # else cap-export says so
+        torch.testing.assert_close(peft_logits(model, family, lora, ids), want, atol=TOL, rtol=0)
     torch.testing.assert_close(folder_logits(merged_folder(tmp_path, model, lora), family, ids), want, atol=TOL, rtol=0)
 
 

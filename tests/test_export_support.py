@@ -110,6 +110,21 @@ def hf_model(folder: Path, family: str) -> transformers.PreTrainedModel:
     return _MODELS[key]
 
 
+# The modules that write into the residual stream, whichever of these a decoder layer has.
+WRITERS = (
+    "self_attn.o_proj",
+    "mlp.down_proj",
+    "mlp.experts",
+    "mlp.shared_experts.down_proj",
+    "block_sparse_moe.experts",
+)
+
+
+def writers(block) -> list[str]:
+    names = {name for name, _ in block.named_modules()}
+    return [path for path in WRITERS if path in names]
+
+
 @torch.no_grad()
 def reference_logits(
     folder: Path,
@@ -129,7 +144,7 @@ def reference_logits(
             D = dense_w(state, adapter_type, scale, direction).float()
             block = model.model.layers[layer]
             if target == "writers":
-                for path in FAMILIES[family].writers:
+                for path in writers(block):
                     hooks.append(
                         block.get_submodule(path).register_forward_hook(lambda m, args, out, D=D: out + out @ D.T)
                     )

@@ -29,37 +29,38 @@ from cap_common.models import (
 )
 from tests import assets
 
-FAMILY_NAMES = list(assets.FAMILIES) + ["phi3"]
+FAMILY_NAMES = list(assets.FAMILIES) + list(assets.MORE_FAMILIES)
 PAD = 2  # a token id; padding is recognized by class 0, not by id
 T = 20  # longer than the tiny sliding windows (8)
 TRANSFORMED = [1, 2]
 
-# The residual writers of each family, as the reference sees them (weights [out=H, in]).
-WRITER_WEIGHTS = {"mixtral": ("self_attn.o_proj.weight", "mlp.experts.down_proj")}
-DEFAULT_WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+# The residual writers, as the reference sees them (weights [out=H, in]): those of these a layer has.
+WRITER_WEIGHTS = (
+    "self_attn.o_proj.weight",
+    "mlp.down_proj.weight",
+    "mlp.experts.down_proj",
+    "mlp.shared_experts.down_proj.weight",
+    "block_sparse_moe.experts.down_proj",
+)
+
+
+def writer_weights(hf_layer) -> list[str]:
+    names = [n for n in WRITER_WEIGHTS if any(n == k for k, _ in hf_layer.named_parameters())]
+    assert names[0] == "self_attn.o_proj.weight" and len(names) >= 2, names
+    return names
 
 
 # ---------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="session")
 def model_dir(tiny_model_dir, tmp_path_factory):
-    """model_dir(family): the shared tiny model, or for phi3 (not in assets) one made here."""
+    """model_dir(family): the shared tiny model, or for a family not in assets.FAMILIES one made here."""
     cache = {}
 
     def make(family):
         if family in assets.FAMILIES:
             return tiny_model_dir(family)
         if family not in cache:
-            folder = tmp_path_factory.mktemp(family)
-            tok = assets.tiny_tokenizer(folder)
-            config = transformers.Phi3Config(**{**assets._common_config(tok), "sliding_window": 8})
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "norm" in name:
-                        p.add_(0.1 * torch.randn_like(p))
-            model.save_pretrained(folder)
-            cache[family] = folder
+            cache[family] = assets.tiny_model(family, tmp_path_factory.mktemp(family))
         return cache[family]
 
     return make
@@ -171,6 +172,20 @@ def test_unsupported_model_type_is_one_line(tmp_path):
         build_pipeline_layers(make_spec(tmp_path, tmp_path))
     msg = str(e.value)
     assert "'gpt2' is not supported" in msg and "llama" in msg and "gemma2" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "model_type, why", [("qwen3_next", "a Gated DeltaNet hybrid"), ("gpt_oss", "attention sinks"), ("lfm2", "hybrid")]
+)
+def test_a_family_not_trained_yet_is_one_line_saying_why(tmp_path, model_type, why):
+    from cap_common.errors import CapError
+    from cap_common.models.families import check_model_type
+
+    with pytest.raises(CapError) as e:
+        check_model_type({"model_type": model_type}, "m/config.json")
+    msg = str(e.value)
+    assert msg.startswith(f"m/config.json: model_type '{model_type}' is not supported (") and why in msg
+    assert "supported model_types: llama" in msg and "deepseek_v3" in msg and "\n" not in msg
 
 
 # ---------------------------------------------------------------- parity with transformers
@@ -288,7 +303,7 @@ def test_control_writers_equal_replaced_writer_weights(family, adapter_type, mod
             for i, adapter in adapters.items():
                 plus, minus = class_weights(adapter)
                 M = torch.eye(plus.shape[0], dtype=torch.float64) + (plus if c > 0 else minus if c < 0 else 0 * plus)
-                for name in WRITER_WEIGHTS.get(family, DEFAULT_WRITERS):
+                for name in writer_weights(hf64.model.layers[i]):
                     w = hf64.model.layers[i].get_parameter(name)
                     w.copy_(torch.einsum("hk,...ki->...hi", M, w))
             ref = hf64(ids).logits
@@ -337,13 +352,13 @@ def peft_reference(folder, family, layers, dequantize=False, dtype=torch.float32
                         hf_layer.get_parameter(f"{expert[1]}.{expert[2]}_proj")[int(expert[3])].copy_(w)
                     else:
                         hf_layer.get_submodule(name).weight.copy_(w)
-    targets = sorted({n.rsplit(".", 1)[1] for n in pairs})
+    if family in PEFT_REWRITES_MOE_TARGETS:
+        return hooked_lora(hf, pairs)
     any_pair = next(iter(pairs.values()))
-    config = peft.LoraConfig(
+    config = peft.LoraConfig(  # exactly cap's modules (PEFT would also wrap fused experts named down_proj)
         r=any_pair.rank,
         lora_alpha=any_pair.alpha,
-        target_modules=targets,
-        layers_to_transform=TRANSFORMED,
+        target_modules=sorted(pairs),  # full names: PEFT matches them exactly
         lora_dropout=0.0,
     )
     model = peft.get_peft_model(hf, config)
@@ -351,12 +366,36 @@ def peft_reference(folder, family, layers, dequantize=False, dtype=torch.float32
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
             key = name.removeprefix("base_model.model.")
+            if key not in pairs:  # PEFT's own LoRA on an MoE layer's fused experts, which cap does not add
+                assert ".experts" in key, key
+                with torch.no_grad():
+                    for p in mod.lora_B["default"].parameters():
+                        p.zero_()
+                continue
             found[key] = mod
             with torch.no_grad():
                 mod.lora_A["default"].weight.copy_(pairs[key].lora_A.weight)
                 mod.lora_B["default"].weight.copy_(pairs[key].lora_B.weight)
     assert sorted(found) == sorted(pairs)
     return model.eval()
+
+
+# PEFT 0.21 turns target names such as down_proj into LoRA on these families' fused experts (and then leaves
+# a dense layer's own MLP out): for them the reference adds each LoRA pair to its module by a forward hook.
+PEFT_REWRITES_MOE_TARGETS = {"qwen3_moe", "glm4_moe", "deepseek_v3"}
+
+
+def hooked_lora(hf, pairs: dict):
+    """hf with y = W·x (+ b) + (α/r)·B·A·x added to each module named in `pairs` (its LoraLinear's factors)."""
+    for name, pair in pairs.items():
+        A, B, scale = pair.lora_A.weight.detach(), pair.lora_B.weight.detach(), pair.alpha / pair.rank
+
+        def hook(module, args, out, A=A, B=B, scale=scale):
+            x = args[0].to(A.dtype)
+            return out + (torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * scale).to(out.dtype)
+
+        hf.get_submodule(name).register_forward_hook(hook)
+    return hf.eval()
 
 
 def randomize_lora(layers):
@@ -376,6 +415,9 @@ def test_lora_matches_peft(family, model_dir, tmp_path):
     for m in layers:
         wrapped = [n for n, mod in m.named_modules() if isinstance(mod, LoraLinear)]
         assert bool(wrapped) == (isinstance(m, DecoderLayerPipe) and m.index in TRANSFORMED)
+        if isinstance(m, DecoderLayerPipe) and wrapped:  # every linear of the layer, whatever its kind
+            names = [n for n, mod in m.layer.named_modules() if type(mod) is torch.nn.Linear]
+            assert [n for n in names if "lora_" not in n and not n.endswith("base_layer")] == [], m.index
     ids, cc = batch()
     with torch.no_grad():
         ref = peft_reference(folder, family, layers)(ids).logits
@@ -383,7 +425,9 @@ def test_lora_matches_peft(family, model_dir, tmp_path):
     assert (got - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "cohere", "gemma2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mixtral", "cohere", "gemma2", "qwen3_moe", "granitemoe", "gemma3_text", "deepseek_v3"]
+)
 def test_qlora_matches_dequantized_reference(family, model_dir, tmp_path):
     import bitsandbytes as bnb
 

@@ -111,13 +111,14 @@ document_masks = _DocumentMasks()
 
 
 class EmbeddingPipe(nn.Module):
-    """(input_ids, control_class[, position_ids]) → (embed(input_ids)·scale, position_ids, classes, labels);
-    position_ids [B,T] default to 0..T−1 in every row."""
+    """(input_ids, control_class[, position_ids]) → (embed(input_ids)·scale·multiplier, position_ids,
+    classes, labels); position_ids [B,T] default to 0..T−1 in every row."""
 
-    def __init__(self, embed: nn.Embedding, scale: float | None = None):
+    def __init__(self, embed: nn.Embedding, scale: float | None = None, multiplier: float | None = None):
         super().__init__()
         self.embed = embed
-        self.scale = scale  # Gemma 2: √H, rounded to the weight dtype as transformers does
+        self.scale = scale  # Gemma: √H, rounded to the weight dtype as transformers does
+        self.multiplier = multiplier  # Granite: a Python float, as transformers multiplies
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         input_ids, control_class = inputs[:2]
@@ -125,6 +126,8 @@ class EmbeddingPipe(nn.Module):
         hidden = self.embed(input_ids)
         if self.scale is not None:
             hidden = hidden * torch.tensor(self.scale, dtype=hidden.dtype, device=hidden.device)
+        if self.multiplier is not None:
+            hidden = hidden * self.multiplier
         if torch.is_grad_enabled() and not hidden.requires_grad:
             # A frozen embedding still has to hand the next stage something to backpropagate into.
             hidden.requires_grad_(True)
@@ -177,7 +180,8 @@ class DecoderLayerPipe(nn.Module):
     `index` is the layer's index in the model (adapter keys use it); `window` its sliding window;
     `recompute` its activation checkpointing mode (None: none); `document_attention`: attention
     stays within each document of a packed row (`document_mask` from position_ids), else the
-    causal / sliding-window mask of the row (`causal_mask`).
+    causal / sliding-window mask of the row (`causal_mask`); `layer_type`: given for a rotary module
+    that computes each layer type's own (Gemma 3's local and global bases).
     """
 
     def __init__(
@@ -192,9 +196,10 @@ class DecoderLayerPipe(nn.Module):
         writers: tuple[str, ...] = (),
         recompute: str | None = None,
         document_attention: bool = False,
+        layer_type: str | None = None,
     ):
         super().__init__()
-        self.layer, self.index = layer, index
+        self.layer, self.index, self.layer_type = layer, index, layer_type
         self.document_attention = document_attention
         self.recompute = recompute  # activation checkpointing mode (common/models/recompute.py)
         self.adapter = adapter
@@ -223,10 +228,11 @@ class DecoderLayerPipe(nn.Module):
         return causal_mask(hidden.shape[1], self.window, self.attention, hidden.dtype, hidden.device)
 
     def _forward(self, hidden, position_ids, classes, labels) -> tuple[torch.Tensor, ...]:
-        if self.rotary.inv_freq.device != hidden.device:
+        if next(self.rotary.buffers()).device != hidden.device:
             self.rotary.to(hidden.device)
+        per_type = () if self.layer_type is None else (self.layer_type,)
         kwargs = dict(
-            position_embeddings=self.rotary(hidden, position_ids),
+            position_embeddings=self.rotary(hidden, position_ids, *per_type),
             position_ids=position_ids,
             attention_mask=self.mask(hidden, position_ids),
         )

@@ -147,6 +147,9 @@ def load_decoder_layer(source: ModelSource, index: int, dtype: torch.dtype, quan
     moving them to a device quantizes them)."""
     family, config = source.family, source.config
     layer = empty_module(lambda: meta_decoder_layer(family, config, index), dtype)
+    for name in family.fp32_modules:  # e.g. DeepSeek's router and its bias, as transformers keeps them
+        if name in dict(layer.named_modules()):
+            layer.get_submodule(name).float()
     fill(
         layer,
         source.checkpoint,
@@ -155,9 +158,9 @@ def load_decoder_layer(source: ModelSource, index: int, dtype: torch.dtype, quan
         what=f" (layer {index} of this {family.model_type} model)",
     )
     if quantize:
-        if family.fused_experts:
-            parent, _, leaf = family.fused_experts.rpartition(".")
-            owner = layer.get_submodule(parent)
+        parent, _, leaf = (family.fused_experts or "").rpartition(".")
+        owner = layer.get_submodule(parent) if family.fused_experts else None
+        if hasattr(owner, leaf):  # a dense layer of an MoE model has none
             setattr(owner, leaf, Experts4bit(getattr(owner, leaf)))
         quantize_4bit(layer, keep=family.keep_unquantized)
     return layer

@@ -62,6 +62,19 @@ def linear_names(layer: nn.Module) -> tuple[str, ...]:
     return tuple(sorted({n.rpartition(".")[2] for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
 
 
+def layer_writers(family, layer: nn.Module) -> tuple[str, ...]:
+    """The family's residual writers that this decoder layer has (an MoE layer its experts, a dense
+    layer of the same model its down_proj)."""
+    present = []
+    for name in family.writers:
+        try:
+            layer.get_submodule(name)
+        except AttributeError:
+            continue
+        present.append(name)
+    return tuple(present)
+
+
 def base_weight_trains(
     target_modules: tuple[str, ...] | None, layers: tuple[int, ...] | None, hf_name: str, layer: int | None
 ) -> bool:
@@ -106,8 +119,11 @@ class StageBuilder:
 
     @functools.cached_property
     def linear_names(self) -> tuple[str, ...]:
-        """Names (last component) of the nn.Linear modules of an unquantized decoder layer."""
-        return linear_names(meta_decoder_layer(self.source.family, self.source.config))
+        """Names (last component) of the nn.Linear modules of the unquantized decoder layers (of every
+        kind: an MoE model's dense layers have an MLP its MoE layers lack)."""
+        family, config = self.source.family, self.source.config
+        names = {n for i in range(self.num_layers) for n in linear_names(meta_decoder_layer(family, config, i))}
+        return tuple(sorted(names))
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -148,7 +164,8 @@ class StageBuilder:
         embed = load_embedding(self.source, self.dtype)
         self._select_trainable(embed, "model.embed_tokens.")
         self._embedding = embed
-        return EmbeddingPipe(embed, config.hidden_size**0.5 if family.embed_scale else None)
+        multiplier = getattr(config, family.embed_multiplier) if family.embed_multiplier else None
+        return EmbeddingPipe(embed, config.hidden_size**0.5 if family.embed_scale else None, multiplier)
 
     def head(self) -> LmHeadPipe:
         family, config = self.source.family, self.source.config
@@ -160,10 +177,13 @@ class StageBuilder:
         else:
             head = load_lm_head(self.source, self.dtype)
             self._select_trainable(head, "lm_head.")
+        logit_scale = config.logit_scale if family.logit_scale else None
+        if family.logit_divisor:  # Granite divides; × 1/d is the same for its powers of two
+            logit_scale = 1.0 / getattr(config, family.logit_divisor)
         return LmHeadPipe(
             norm,
             head,
-            logit_scale=config.logit_scale if family.logit_scale else None,
+            logit_scale=logit_scale,
             softcap=config.final_logit_softcapping if family.final_softcap else None,
             loss_fn=self.loss_fn,
         )
@@ -192,20 +212,21 @@ class StageBuilder:
                             f"{spec.source}: target_modules = {list(targets)} match no linear module of "
                             f"decoder layer {index}; its linear modules: {', '.join(self.linear_names)}"
                         )
-        sliding = family.layer_types(config)[index] == "sliding_attention"
+        layer_type = family.layer_types(config)[index]
         if spec.compile_layers:
             compile_layer(layer, self.device)
         return DecoderLayerPipe(
             layer,
             index,
             rotary_embedding(self.source),
-            config.sliding_window if sliding else None,
+            config.sliding_window if layer_type == "sliding_attention" else None,
             family.attention,
             adapter,
             spec.control_adapter_target,
-            family.writers,
+            layer_writers(family, layer),
             layer_mode(spec.activation_checkpointing, index),
             spec.document_attention,
+            layer_type if family.rotary_per_type else None,
         )
 
 

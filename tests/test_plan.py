@@ -108,3 +108,29 @@ def test_plan_is_within_20_percent_of_the_measured_peak(smollm2_runs, stages, ck
     measured = max(r["memory/peak_rss_gib"] for r in record.values() if "memory/peak_rss_gib" in r)
     planned = make_plan(load_config(str(cfg)), stages).stages[0].peak(ckpt) / GIB
     assert planned == pytest.approx(measured, rel=0.2), (planned, measured)
+
+
+def test_plan_counts_moe_experts_shared_experts_and_latent_attention(tmp_path):
+    """DeepSeek-V3's layers (tiny config: a dense first layer, then routed + shared experts and multi-head
+    latent attention): stage 0's weights equal a count from the config's published shapes."""
+    from tests import assets
+
+    model = tmp_path / "deepseek"
+    assets.tiny_config("deepseek_v3", assets.tiny_tokenizer()).save_pretrained(model)
+    c = json.loads((model / "config.json").read_text())
+    H, heads, V = c["hidden_size"], c["num_attention_heads"], c["vocab_size"]
+    q, kv, rope, nope, v = (
+        c["q_lora_rank"],
+        c["kv_lora_rank"],
+        c["qk_rope_head_dim"],
+        c["qk_nope_head_dim"],
+        c["v_head_dim"],
+    )
+    attention = H * q + q + q * heads * (nope + rope) + H * (kv + rope) + kv + kv * heads * (nope + v) + heads * v * H
+    E, moe = c["n_routed_experts"], c["moe_intermediate_size"]
+    dense_layer = attention + 2 * H + 3 * H * c["intermediate_size"]
+    moe_layer = attention + 2 * H + E * H + E * 3 * moe * H + 3 * H * moe * c["n_shared_experts"]
+    cfg = write_config(tmp_path, model, model_dtype="float32", pipeline_stages=2, use_control_adapters=True)
+    plan = make_plan(load_config(str(cfg)), 2, "cuda")
+    assert plan.stages[0].positions == (0, 2)  # the embedding, the dense layer 0 and the MoE layer 1
+    assert plan.stages[0].base == 4 * (V * H + dense_layer + moe_layer)

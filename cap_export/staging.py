@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cap_common.errors import CapError
-from cap_common.files import make_temp_dir, remove_stale_temps, temp_name, user_os_errors
+from cap_common.files import HOST, make_temp_dir, remove_stale_temps, temp_name, user_os_errors
 from cap_export import note
 
 
@@ -73,12 +73,16 @@ def temporary_folder(parent: Path, name: str) -> Iterator[Path]:
             f"removed {len(removed)} temporary folder(s) of {parent / name} left by killed runs: "
             f"{', '.join(p.name for p in removed)}"
         )
-    with user_os_errors(parent, "cannot create a temporary folder"):
-        tmp = make_temp_dir(parent, name)
+    tmp = None
     try:
+        with user_os_errors(parent, "cannot create a temporary folder"):
+            tmp = make_temp_dir(parent, name)
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A signal between the mkdir and `tmp` being set leaves a folder only this process's name marks.
+        mine = [tmp] if tmp is not None else parent.glob(f".{name}.tmp-{HOST}-{os.getpid()}-*")
+        for folder in mine:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -78,19 +78,27 @@ class Family:
         return ["full_attention"] * n
 
 
-def _mixtral_sources(key: str, config) -> list[Source]:
-    """Mixtral checkpoints keep one tensor per expert (`block_sparse_moe.experts.{e}.w1/w2/w3`);
-    transformers v5 modules hold them fused: gate_up_proj [E, 2I, H] = [w1; w3] per expert,
-    down_proj [E, H, I] = w2 per expert; the router `gate` keeps its name under block_sparse_moe."""
-    inter = config.intermediate_size
-    experts = range(config.num_local_experts)
-    legacy = "block_sparse_moe.experts.{}.{}.weight"
+def _split_experts(key: str, name: str, gate: str, up: str, down: str, inter: int, experts: int) -> list[Source] | None:
+    """The sources of fused experts held one tensor per expert in the checkpoint (`name.format(e, leaf)`):
+    gate_up_proj [E, 2I, H] = [gate; up] per expert, down_proj [E, H, I] = down per expert; None for
+    any other module tensor."""
     if key == "mlp.experts.gate_up_proj":
-        return [(legacy.format(e, "w1"), (e, slice(0, inter))) for e in experts] + [
-            (legacy.format(e, "w3"), (e, slice(inter, 2 * inter))) for e in experts
+        return [(name.format(e, gate), (e, slice(0, inter))) for e in range(experts)] + [
+            (name.format(e, up), (e, slice(inter, 2 * inter))) for e in range(experts)
         ]
     if key == "mlp.experts.down_proj":
-        return [(legacy.format(e, "w2"), (e,)) for e in experts]
+        return [(name.format(e, down), (e,)) for e in range(experts)]
+    return None
+
+
+def _mixtral_sources(key: str, config) -> list[Source]:
+    """Mixtral checkpoints keep one tensor per expert (`block_sparse_moe.experts.{e}.w1/w2/w3`);
+    transformers v5 modules hold them fused (w1 = gate, w3 = up, w2 = down); the router `gate` keeps
+    its name under block_sparse_moe."""
+    legacy = "block_sparse_moe.experts.{}.{}.weight"
+    split = _split_experts(key, legacy, "w1", "w3", "w2", config.intermediate_size, config.num_local_experts)
+    if split is not None:
+        return split
     if key.startswith("mlp."):
         return [("block_sparse_moe." + key[len("mlp.") :], WHOLE)]
     return [(key, WHOLE)]
@@ -98,18 +106,11 @@ def _mixtral_sources(key: str, config) -> list[Source]:
 
 def _per_expert_sources(key: str, config) -> list[Source]:
     """Qwen3-MoE (and the DeepSeek-style) checkpoints keep one tensor per expert
-    (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, as the hub and save_pretrained write them);
-    the modules hold them fused: gate_up_proj [E, 2I, H] = [gate; up], down_proj [E, H, I]."""
-    inter = config.moe_intermediate_size
-    experts = range(config.num_experts if hasattr(config, "num_experts") else config.n_routed_experts)
+    (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, as the hub and save_pretrained write them)."""
+    experts = config.num_experts if hasattr(config, "num_experts") else config.n_routed_experts
     name = "mlp.experts.{}.{}.weight"
-    if key == "mlp.experts.gate_up_proj":
-        return [(name.format(e, "gate_proj"), (e, slice(0, inter))) for e in experts] + [
-            (name.format(e, "up_proj"), (e, slice(inter, 2 * inter))) for e in experts
-        ]
-    if key == "mlp.experts.down_proj":
-        return [(name.format(e, "down_proj"), (e,)) for e in experts]
-    return [(key, WHOLE)]
+    split = _split_experts(key, name, "gate_proj", "up_proj", "down_proj", config.moe_intermediate_size, experts)
+    return split if split is not None else [(key, WHOLE)]
 
 
 _GRANITEMOE_NAMES = {

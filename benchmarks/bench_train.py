@@ -5,7 +5,7 @@ figure holds on any machine: the two sides interleaved, several times, medians a
         [--dtypes float32,bfloat16] [--modes true,false,selective,offload] [--repeats 3] [--two-process]
         [--compile]
 
-Default model: SmolLM2-135M-Instruct (examples/demo/smollm2.py). Both sides train rank-r adapters on a
+Default model: SmolLM2-135M-Instruct (examples/models.py). Both sides train rank-r adapters on a
 frozen base, micro batch 1, seq L, one optimizer step per sequence, no eval, no checkpoints:
 - cap: `cap-train` with control adapters on the residual writers, activation_checkpointing = MODE
   (and compile_layers = true with --compile),
@@ -163,9 +163,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="cap with compile_layers = true")
     args = ap.parse_args()
     if args.model is None:
-        from examples.demo.smollm2 import materialize
+        from examples import models
 
-        args.model = materialize()
+        args.model = models.smollm2()
     print(
         f"{cpu_description()}; model {args.model.name}, seq {args.seq}, rank {args.rank}, {args.steps} steps"
         + ("; cap with compile_layers = true" if args.compile else "")

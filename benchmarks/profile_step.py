@@ -145,9 +145,9 @@ def main() -> None:
     ap.add_argument("--held", nargs=2, metavar=("SIDE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from examples.demo.smollm2 import materialize
+        from examples import models
 
-        args.model = materialize()
+        args.model = models.smollm2()
     if args.held:
         side, raw = args.held
         print(held_for_backward(SIDES[side](args.model, args.seq, args.dtype, MODES.get(raw, raw))))

@@ -199,6 +199,41 @@ def _layer_bytes(family, config, cfg: Config, index: int, dtype: torch.dtype) ->
     return base, train_bytes, 2 * train_bytes + kahan
 
 
+_SHAPES: dict = {}  # (config, layer index) → the layer's (tensor name, shape, dtype)s
+_BYTES: dict = {}  # (layer shapes, what acts on them) → _layer_bytes
+
+
+def _all_layer_bytes(family, config, cfg: Config, dtype: torch.dtype) -> list[tuple[float, float, float]]:
+    """_layer_bytes of every decoder layer, computed once per process for each distinct layer (its tensor
+    shapes and the settings that act on it): the search for the smallest fit makes a plan per trial,
+    and a 70B model has 80 alike layers."""
+    from cap_common.models.loading import meta_decoder_layer
+
+    model = (family.model_type, config.to_json_string())
+    settings = (
+        cfg.full_fine_tune,
+        cfg.target_modules,
+        cfg.load_in_4bit,
+        cfg.use_control_adapters,
+        cfg.lora_rank,
+        cfg.control_adapter_type,
+        cfg.lora_weight_dtype,
+        dtype,
+    )
+    out = []
+    for i in range(config.num_hidden_layers):
+        if (model, i) not in _SHAPES:
+            layer = meta_decoder_layer(family, config, i)
+            _SHAPES[model, i] = tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters())
+        transformed = cfg.layers_to_transform is None or i in cfg.layers_to_transform
+        # a full fine-tune's target_modules match names with the layer's index in them
+        key = (model, _SHAPES[model, i], settings, transformed, i if cfg.full_fine_tune else None)
+        if key not in _BYTES:
+            _BYTES[key] = _layer_bytes(family, config, cfg, i, dtype)
+        out.append(_BYTES[key])
+    return out
+
+
 def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
     """The plan of `cfg` on `processes` processes (cfg.check_world_size must accept them)."""
     from cap_common.models.families import load_hf_config
@@ -215,7 +250,7 @@ def make_plan(cfg: Config, processes: int, device: str = "cpu") -> Plan:
     B, T, M = cfg.micro_batch_size, cfg.sequence_len, cfg.gradient_accumulation_steps
     tokens = B * T
     parts = stage_parts(n_layers, S)
-    layers = [_layer_bytes(family, config, cfg, i, dtype) for i in range(n_layers)]
+    layers = _all_layer_bytes(family, config, cfg, dtype)
     first_trained = 0 if cfg.full_fine_tune else min(cfg.layers_to_transform or [0])
     saved_per_layer = (8 * H + 2 * _kv_dim(config) + 4 * _active_intermediate(config)) * tokens * size
     # 'selective' keeps the matmul and attention outputs: q, k, v, o, gate, up, down, the attention

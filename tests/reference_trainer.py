@@ -36,7 +36,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the tiny Llama's residual writers
+# The modules whose output is added into the residual stream, in any family the matrix trains: attention's
+# output projection, a dense MLP's down projection, an MoE layer's routed experts (their weighted sum)
+# and its shared experts' down projection. A layer has those of them it has.
+WRITERS = ("self_attn.o_proj", "mlp.down_proj", "mlp.experts", "mlp.shared_experts.down_proj")
 PEFT = "base_model.model.model.layers.{}."  # prefix of a layer's adapter tensors in epoch<N>/
 CONTROL_NAMES = {"A": "control_A.weight", "B": "control_B.weight", "Q": "control_Q", "S": "control_S"}
 
@@ -217,7 +220,8 @@ def add_control_hooks(model, run: Run, params: dict[int, dict[str, torch.Tensor]
             return x + ((c > 0) * (xa @ w_pos.T) + (c < 0) * (xa @ w_neg.T)).to(x.dtype)
 
         if run.get("control_adapter_target", "block") == "writers":
-            for path in WRITERS:
+            names = {name for name, _ in block.named_modules()}
+            for path in (p for p in WRITERS if p in names):
                 hooks.append(block.get_submodule(path).register_forward_hook(lambda m, a, out, f=transform: f(out)))
         else:
 

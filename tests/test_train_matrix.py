@@ -57,6 +57,14 @@ CASES = CONTROL + [
     ("control", "full", "block", "3:3"),
 ]
 TOPOLOGIES = ((1, 1), (2, 2))
+# Families whose layers differ from Llama's in what training passes through, trained by control adapters on
+# their writers: Qwen3-MoE (routed experts, a dense layer among MoE ones, sliding window, QK-norm) and
+# DeepSeek-V3 (multi-head latent attention, shared + routed experts with a grouped sigmoid router, a dense
+# first layer); tests/assets.py has their tiny configs.
+FAMILY_CASES = [
+    ("qwen3_moe", ("control", "full", "writers", None)),
+    ("deepseek_v3", ("control", "spectral", "writers", None)),
+]
 # The 2-stage runs take turns through the activation_checkpointing modes (common/models/recompute.py),
 # and every third 1-process run compiles its layers, so that each mode trains some kind of adapter
 # through the real cap-train and still reproduces the references.
@@ -175,14 +183,14 @@ def trained(tmp_path_factory, tiny_model_dir):
     process, stderr, output_dir, prepared_dir)}. The config of each is root/cfg-<run id>-<procs>.toml.
     One data folder; one prepared dataset for the control runs, one for the others."""
     root = tmp_path_factory.mktemp("matrix")
-    model = tiny_model_dir("llama")
     jobs = []
 
-    def add(name: str, procs: int, env: dict | None = None, **keys):
+    def add(name: str, procs: int, env: dict | None = None, family: str = "llama", **keys):
         prepared = root / ("prepared-control" if keys.get("use_control_adapters") else "prepared-plain")
+        prepared = prepared.with_name(f"{prepared.name}-{family}") if family != "llama" else prepared
         out = root / name / f"p{procs}"
         keys = dict(max_steps=STEPS, evals_per_run=EVALS, warmup="rms_ratio", eval_fraction=0.15) | keys
-        cfg = write_config(root, model, prepared_dir=str(prepared), output_dir=str(out), **keys)
+        cfg = write_config(root, tiny_model_dir(family), prepared_dir=str(prepared), output_dir=str(out), **keys)
         jobs.append(((name, procs), cfg.rename(root / f"cfg-{name}-{procs}.toml"), out, prepared, env))
 
     for i, case in enumerate(CASES):
@@ -196,6 +204,11 @@ def trained(tmp_path_factory, tiny_model_dir):
                 max_grad_norm=0.01 if i % 2 else 1.0,  # clipping binds in every other case
                 **case_keys(*case),
             )
+    for i, (family, case) in enumerate(FAMILY_CASES):
+        for procs, stages in TOPOLOGIES:
+            checkpointing = CHECKPOINTING[i % len(CHECKPOINTING)] if stages == 2 else False
+            keys = case_keys(*case) | dict(activation_checkpointing=checkpointing, max_grad_norm=1.0)
+            add(f"{family}-{case_id(case)}", procs, family=family, pipeline_stages=stages, **keys)
     for name, keys in FOUR_BIT.items():
         for evals in (EVALS, 0):
             add(f"{name}-evals{evals}", 1, NON_NATIVE_BF16, evals_per_run=evals, activation_checkpointing=False, **keys)
@@ -306,6 +319,29 @@ def test_training_equals_an_independent_trainer(trained, tmp_path, case):
         assert proc.returncode == 0, err[-3000:]
         written = written_tensors(out / "epoch1", case[0])
         assert_trains_like(metrics(out), written, ref, TOLERANCE["bf16" if four_bit else "fp32"], procs)
+
+
+@pytest.mark.parametrize("family, case", FAMILY_CASES, ids=[f for f, _ in FAMILY_CASES])
+def test_moe_and_latent_attention_families_train_like_the_reference(trained, tiny_model_dir, tmp_path, family, case):
+    """A family's run on 1 process and on 2 × 2 stages (evals between the steps) trains what the reference
+    trainer trains (transformers' own layers, the adapter hooked on every writer the layer has: the
+    routed experts' sum, the shared experts', a dense layer's MLP), and its written adapter on transformers
+    reproduces the eval loss cap-train reported, overall and per class."""
+    torch.set_num_threads(1)
+    name = f"{family}-{case_id(case)}"
+    _, _, out, prepared = trained[name, 1]
+    ref = reference_training(out.parent.parent / f"cfg-{name}-1.toml", prepared, tmp_path)
+    for procs, _ in TOPOLOGIES:
+        proc, err, out, prepared = trained[name, procs]
+        assert proc.returncode == 0, err[-3000:]
+        record = metrics(out)
+        assert_trains_like(record, written_tensors(out / "epoch1", case[0]), ref, TOLERANCE["fp32"], procs)
+        ids, control = eval_rows(prepared, per_batch=2 * 2)
+        want = reference_eval_loss(case[0], tiny_model_dir(family), out / "epoch1", ids, control, tmp_path)
+        got = {k: v for k, v in record[STEPS].items() if k.startswith("eval/")}
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (procs, key)
 
 
 @pytest.mark.parametrize("name", FOUR_BIT)

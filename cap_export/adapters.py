@@ -173,5 +173,8 @@ def _lora(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Lora:
             raise CapError(
                 f"{weights_file(folder)}: unexpected key {key} (only lora_A / lora_B weights can be exported)"
             )
-        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+        # a multimodal model's text modules (PEFT's model.language_model.…, the hub's language_model.model.…)
+        # by their text-model names
+        module = re.sub(r"^(?:model\.language_model|language_model\.model)\.", "model.", m.group(1))
+        pairs.setdefault(module, {})[m.group(2)] = value
     return Lora(folder, config, {name: (p["A"], p["B"]) for name, p in pairs.items()}, read_provenance(folder))

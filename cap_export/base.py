@@ -100,22 +100,30 @@ class Base:
 
     def locate(self, name: str) -> tuple[str, tuple]:
         """Checkpoint-style tensor name → (the tensor that holds it on disk, index of its part).
+        A multimodal checkpoint's text-model tensors are found under its own names (language_model.…).
 
         A per-expert name whose checkpoint is fused (transformers v5 layout) maps to the fused
         tensor and the expert's slice; a transformers-v5 module name whose checkpoint keeps the
         older name (e.g. Mixtral's router mlp.gate) maps to that name."""
-        if name in self.files:
-            return name, WHOLE
+        stored = self.checkpoint.actual  # a multimodal checkpoint's own name of a text-model tensor
+        for on_disk in (name, stored(name)):  # a stored name (e.g. a vision tower's) is found as it is
+            if on_disk in self.files:
+                return on_disk, WHOLE
         m = _LAYER.match(name)
         if m:
             prefix, rel = f"model.layers.{m.group(1)}.", m.group(2)
             for key in self._layer_tensors:
                 sources = tensor_sources(self.family, key, self.config)
                 for source, index in sources:
-                    if source == rel and prefix + key in self.files:  # fused on disk
-                        return prefix + key, index
-                if key == rel and len(sources) == 1 and sources[0][1] == WHOLE and prefix + sources[0][0] in self.files:
-                    return prefix + sources[0][0], WHOLE  # renamed on disk
+                    if source == rel and stored(prefix + key) in self.files:  # fused on disk
+                        return stored(prefix + key), index
+                if (
+                    key == rel
+                    and len(sources) == 1
+                    and sources[0][1] == WHOLE
+                    and stored(prefix + sources[0][0]) in self.files
+                ):
+                    return stored(prefix + sources[0][0]), WHOLE  # renamed on disk
         raise CapError(
             f"{self.checkpoint.where}: no tensor '{name}' in this {self.family.model_type} model "
             f"(is the adapter for another model?)"

@@ -69,6 +69,22 @@ def lora_config(ranks: dict[str, int], layers: list[int], base_path: str, **extr
     return config
 
 
+MULTIMODAL_PEFT_PREFIX = "base_model.model.model.language_model."  # a LoRA on a multimodal model's text model
+
+
+def _on_text_model(tensors: dict, config: dict, ranks: dict[str, int]) -> tuple[dict, dict]:
+    """A LoRA for a multimodal model's text model, as PEFT names its modules (model.language_model.…):
+    the keys renamed, and target_modules the exact module names (a regex), so that PEFT wraps no module
+    of the vision tower that has the same last name (o_proj, down_proj)."""
+    text = {name: name.replace("model.", "model.language_model.", 1) for name in ranks}
+    tensors = {k.replace("base_model.model.model.", MULTIMODAL_PEFT_PREFIX, 1): t for k, t in tensors.items()}
+    config = dict(config, target_modules="|".join(re.escape(text[n]) for n in sorted(ranks)), layers_to_transform=None)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if key in config:
+            config[key] = {re.escape(text[n]): r for n, r in sorted(ranks.items()) if re.escape(n) in config[key]}
+    return tensors, config
+
+
 def layer_and_path(name: str) -> tuple[int, str]:
     """model.layers.{i}.<path>.weight → (i, <path>)."""
     m = re.match(r"^model\.layers\.(\d+)\.(.+)\.weight$", name)
@@ -180,6 +196,8 @@ def additive(
         bar.update()
     bar.close()
     config = lora_config(ranks, control.layers, str(base.folder.resolve()))
+    if base.checkpoint.text_prefix:
+        tensors, config = _on_text_model(tensors, config, ranks)
     provenance = _provenance("additive", control, direction, rank, dtype, base.family.model_type, base.folder.resolve())
     return Converted(tensors, config, provenance, len(ranks), config["r"])
 

@@ -124,10 +124,18 @@ def is_lora(exported: Path) -> bool:
     raise CapError(f"{exported}: neither a LoRA folder ({CONFIG_NAME}) nor a model folder (config.json)")
 
 
+def _auto_class(base: Base):
+    """transformers' class for BASE's checkpoints: a causal LM, or for a multimodal model (whose text
+    model cap trains) the image-text-to-text model, called here with text alone."""
+    import transformers
+
+    multimodal = base.checkpoint is not None and base.checkpoint.text_prefix
+    return transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
+
+
 def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
     """logits(input_ids) of the export: a PEFT LoRA folder (additive, or multiplicative via a
     temporary merge) or a merged model folder. Returns (logits, kind, provenance)."""
-    import transformers
 
     attn = {"attn_implementation": base.family.attention}
     if is_lora(exported):
@@ -138,7 +146,7 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
             merged = tmp / "merged"
             merged.mkdir()
             merge(base, lora, merged, multiplicative=True, progress=False)
-            model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, **attn)
+            model = _auto_class(base).from_pretrained(merged, dtype=dtype, **attn)
             kind = "multiplicative LoRA (merged for the check)"
         else:
             try:
@@ -147,12 +155,12 @@ def exported_model(base: Base, exported: Path, dtype: torch.dtype, tmp: Path):
                 raise CapError(
                     "verifying a LoRA folder needs PEFT (pip install peft); or verify a merged folder"
                 ) from None
-            model = transformers.AutoModelForCausalLM.from_pretrained(base.folder, dtype=dtype, **attn)
+            model = _auto_class(base).from_pretrained(base.folder, dtype=dtype, **attn)
             model = peft.PeftModel.from_pretrained(model, exported)
             kind = "additive LoRA (PEFT)"
         record = lora.provenance
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=dtype, **attn)
+        model = _auto_class(base).from_pretrained(exported, dtype=dtype, **attn)
         kind, record = "merged model", read_provenance(exported)
     model.eval()
     if dtype == torch.float64 and base.family.experts:

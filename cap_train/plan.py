@@ -376,9 +376,12 @@ def _position_prefixes(position: int, n_layers: int, tied: bool) -> tuple[str, .
 
 
 def _tensor_bytes(model_dir) -> dict[str, int]:
-    """Tensor name → bytes on disk, from the safetensors headers of model_dir (none: {})."""
+    """Tensor name → bytes on disk, from the safetensors headers of model_dir (none: {}); a multimodal
+    checkpoint's text-model tensors by their text-model names, its other tensors left out."""
     import json
     from pathlib import Path
+
+    from cap_common.models.loading import text_name, text_prefix
 
     out: dict[str, int] = {}
     for path in Path(model_dir).glob("*.safetensors"):
@@ -388,7 +391,8 @@ def _tensor_bytes(model_dir) -> dict[str, int]:
             if name != "__metadata__":
                 start, end = info["data_offsets"]
                 out[name] = end - start
-    return out
+    prefix = text_prefix(out)
+    return {text_name(prefix, k): v for k, v in out.items() if text_name(prefix, k) is not None}
 
 
 def smallest_fit(cfg: Config, gpu_bytes: float, four_bit: tuple[bool, ...] | None = None) -> tuple[int, bool] | None:

@@ -556,10 +556,11 @@ def _parse_table(cls, table: dict, where: str, skip=()) -> dict:
     return out
 
 
-def _model_layers(model_dir: Path, where: str) -> int | None:
+def _model_layers(model_dir: Path, where: str, full_fine_tune: bool) -> int | None:
     """The model's number of decoder layers (None when config.json does not say); a model_type cap
     cannot train is refused here, before anything runs."""
-    from cap_common.models.families import check_model_type  # not at import: cap_common.models imports torch
+    # not at import: cap_common.models imports torch
+    from cap_common.models.families import MULTIMODAL, check_model_type
 
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -567,6 +568,11 @@ def _model_layers(model_dir: Path, where: str) -> int | None:
         raise CapError(f"{where}: {model_dir}/config.json is not valid JSON ({e})") from None
     if isinstance(cfg, dict) and "model_type" in cfg:
         check_model_type(cfg, where)
+        if full_fine_tune and cfg["model_type"] in MULTIMODAL:
+            raise CapError(
+                f"{where}: full_fine_tune of a multimodal model ({cfg['model_type']}) is not supported yet (it would "
+                "write its text model alone); train adapters and `cap-export merge` them into the checkpoint"
+            )
     cfg = cfg.get("text_config", cfg)
     return cfg.get("num_hidden_layers")
 
@@ -790,7 +796,7 @@ def config_from_dict(raw: dict, path: Path) -> Config:
     more = _generation_defaults(raw, values) + more
     cfg = Config(**values, source=path)
     _check_modes(cfg, where, set(raw))
-    n_layers = _model_layers(model_dir, f"{where}: model_dir = '{raw['model_dir']}'")
+    n_layers = _model_layers(model_dir, f"{where}: model_dir = '{raw['model_dir']}'", cfg.full_fine_tune)
     if n_layers is not None:
         if cfg.layers_to_transform and cfg.layers_to_transform[-1] >= n_layers:
             raise CapError(

@@ -313,20 +313,36 @@ NOT_YET = {
 }
 
 
+# Multimodal checkpoints whose text model cap trains (the vision tower and projector stay as they are): the
+# config's text_config names the text family, the checkpoint holds the text model under `language_model.`
+# (as the hub and save_pretrained write them) or `model.language_model.` (transformers v5's module names).
+MULTIMODAL = {"gemma3": "Gemma 3 (4B–27B)", "mistral3": "Mistral Small 3.x / Ministral 3"}
+
+
 def check_model_type(config: dict, where: str = "config.json") -> Family:
-    """The family of a config.json's contents; one line naming the supported model_types otherwise. A
-    multimodal model (its text model's config under text_config, e.g. mistral3) is named as one."""
+    """The family of a config.json's contents (a supported multimodal model's: its text model's); one line
+    naming the supported model_types otherwise. Another multimodal model (its text model's config under
+    text_config) is named as one."""
     model_type = config.get("model_type", "<missing>")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     text = config.get("text_config")
+    if model_type in MULTIMODAL and isinstance(text, dict) and text.get("model_type") in FAMILIES:
+        return FAMILIES[text["model_type"]]
     why = f"is not supported ({NOT_YET[model_type]})" if model_type in NOT_YET else "is not supported"
     if isinstance(text, dict):
+        inner = text.get("model_type", "decoder")
         why = (
-            f"is a multimodal model (its text model, a {text.get('model_type', 'decoder')} decoder, is under "
-            "text_config) and cap trains text-only models: extract the text model into a folder of its own (its "
-            "config.json = text_config, weights without the language_model prefix)"
+            f"is a multimodal model whose text model cap does not train yet (a {inner} decoder, under text_config; "
+            f"multimodal model_types cap trains: {', '.join(MULTIMODAL)})"
         )
+        if inner in FAMILIES:
+            why += (
+                ": extract the text model into a folder of its own (its config.json = text_config, weights "
+                "without the language_model prefix)"
+            )
+        elif inner in NOT_YET:
+            why += f": {inner}: {NOT_YET[inner]}"
     raise CapError(f"{where}: model_type '{model_type}' {why}; supported model_types: {', '.join(FAMILIES)}")
 
 
@@ -335,7 +351,8 @@ def family_of(model_type: str, where: str = "config.json") -> Family:
 
 
 def load_hf_config(model_dir: Path):
-    """The model's transformers config, with the family's attention implementation set.
+    """The model's transformers config (a multimodal model's: its text model's), with the family's
+    attention implementation set.
 
     Returns (family, config). An unsupported model_type is a CapError naming the supported ones.
     """
@@ -348,6 +365,11 @@ def load_hf_config(model_dir: Path):
         raise CapError(f"{path}: cannot read the model config ({e})") from None
     family = check_model_type(raw if isinstance(raw, dict) else {}, str(path))
     config = transformers.AutoConfig.from_pretrained(model_dir)
+    if raw.get("model_type") in MULTIMODAL:
+        # the text model, tied as the whole model ties its LM head (transformers reads the top-level flag)
+        tied = getattr(config, "tie_word_embeddings", False)
+        config = config.get_text_config()
+        config.tie_word_embeddings = tied
     config._attn_implementation = family.attention
     if family.experts:
         config._experts_implementation = family.experts

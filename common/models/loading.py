@@ -27,6 +27,37 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+# Where multimodal checkpoints keep their text model: `language_model.model.…` + `language_model.lm_head`
+# (the hub's and save_pretrained's names), or `model.language_model.…` + `lm_head` (transformers v5's modules).
+TEXT_PREFIXES = ("language_model.", "model.language_model.")
+
+
+def actual_name(prefix: str, name: str) -> str:
+    """A text-model tensor name (model.X, lm_head.weight) as a checkpoint with the text prefix names it."""
+    if prefix == "language_model.":
+        return prefix + name
+    if prefix == "model.language_model." and name.startswith("model."):
+        return prefix + name[len("model.") :]
+    return name
+
+
+def text_prefix(names) -> str:
+    """The prefix under which a checkpoint with these tensor names keeps its text model ("" for a text model)."""
+    embed = "model.embed_tokens.weight"
+    return next((p for p in TEXT_PREFIXES if embed not in names and actual_name(p, embed) in names), "")
+
+
+def text_name(prefix: str, name: str) -> str | None:
+    """Inverse of actual_name: the text-model name of a checkpoint tensor (None: not the text model's)."""
+    if not prefix:
+        return name
+    if prefix == "language_model.":
+        return name[len(prefix) :] if name.startswith(prefix) else None
+    if name.startswith(prefix):
+        return "model." + name[len(prefix) :]
+    return name if name == "lm_head.weight" else None
+
+
 class Checkpoint:
     """The safetensors files of a model folder and which file holds each tensor."""
 
@@ -45,6 +76,9 @@ class Checkpoint:
             self.files = dict.fromkeys(self._keys(single), single)
         else:
             raise CapError(f"{self.model_dir}: no {SINGLE} or {INDEX} (cap loads safetensors checkpoints only)")
+        # A multimodal checkpoint holds its text model under a prefix; cap names its tensors as a text
+        # model's (model.…, lm_head.weight) and reads and writes them under the checkpoint's own names.
+        self.text_prefix = text_prefix(self.files)
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
@@ -56,13 +90,18 @@ class Checkpoint:
         except (SafetensorError, OSError) as e:
             raise CapError(f"{path}: not a readable safetensors file ({e})") from None
 
+    def actual(self, name: str) -> str:
+        """The checkpoint's own name of the text-model tensor `name` (model.…, lm_head.weight)."""
+        return actual_name(self.text_prefix, name)
+
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return self.actual(name) in self.files
 
     def read(self, name: str, what: str = "") -> torch.Tensor:
-        """The tensor `name`, read alone from its file (the file is closed again at once)."""
+        """The tensor `name` (a text-model name), read alone from its file (the file is closed again at once)."""
         from safetensors import SafetensorError, safe_open
 
+        name = self.actual(name)
         path = self.files.get(name)
         if path is None:
             raise CapError(f"{self.where}: tensor '{name}' is missing{what}")
@@ -127,6 +166,7 @@ def fill(
                 value = checkpoint.read(full, what)
                 target = tensor.data[index]
                 if value.shape != target.shape:
+                    full = checkpoint.actual(full)
                     raise CapError(
                         f"{checkpoint.files[full]}: tensor '{full}' has shape {list(value.shape)}, "
                         f"expected {list(target.shape)} from {checkpoint.model_dir / 'config.json'}"
@@ -174,10 +214,11 @@ def load_final_norm(source: ModelSource, dtype: torch.dtype) -> nn.Module:
 
 
 def load_lm_head(source: ModelSource, dtype: torch.dtype) -> nn.Linear:
-    """The LM head; with tied embeddings it is loaded from the embedding weight."""
+    """The LM head; with tied embeddings it is loaded from the embedding weight (unless the checkpoint
+    has a head of its own: transformers does not tie those either)."""
     c = source.config
     head = empty_module(lambda: nn.Linear(c.hidden_size, c.vocab_size, bias=False), dtype)
-    tied = getattr(c, "tie_word_embeddings", False)
+    tied = getattr(c, "tie_word_embeddings", False) and "lm_head.weight" not in source.checkpoint
     fill(head, source.checkpoint, "model.embed_tokens." if tied else "lm_head.")
     return head
 

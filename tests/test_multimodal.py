@@ -21,26 +21,12 @@ from tests.test_models import T, batch, make_spec
 from tests.test_models import run as run_layers
 from tests.test_train import metrics, run_train, write_config
 
+_TOWER = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
 VISION = {
-    "gemma3": dict(
-        model_type="siglip_vision_model",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    ),
-    "mistral3": dict(
-        model_type="pixtral",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        head_dim=8,
-    ),
+    "gemma3": dict(model_type="siglip_vision_model", **_TOWER),
+    "mistral3": dict(model_type="pixtral", head_dim=8, **_TOWER),
 }
 TEXT = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 SOFTCAP = {"gemma3": dict(final_logit_softcapping=None)}

@@ -192,6 +192,12 @@ def writer_keys(family: Family, config, layer: int = 0) -> list[str]:
     keys = []
     for path in layer_writers(family, module_layer):
         module = module_layer.get_submodule(path)
+        if hasattr(module, "down_proj_bias"):
+            raise CapError(
+                f"{family.model_type}: its experts keep their down projections as [E, in, H] with biases, which "
+                "cap-export cannot rewrite yet; a control adapter on this model is not exportable (LoRA and "
+                "full fine-tunes are)"
+            )
         key = f"{path}.weight" if isinstance(module, nn.Linear) else f"{path}.down_proj"
         keys += [source for source, _ in tensor_sources(family, key, config)]
     return keys

@@ -204,6 +204,29 @@ _FAMILY_CONFIG = {
             "attention_multiplier": 0.0625,
         },
     ),
+    # attention sinks, alternating sliding layers, biased q/k/v/o, experts with biases in a transposed,
+    # interleaved gate/up layout and a clamped SwiGLU, a biased softmax top-k router, yarn
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        {
+            "head_dim": 16,
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "swiglu_limit": 0.5,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        },
+    ),
 }
 # The families released since 2025 (and Phi-3), held to transformers by tests/test_models.py.
 MORE_FAMILIES = tuple(name for name in _FAMILY_CONFIG if name not in FAMILIES)
@@ -278,11 +301,11 @@ def tiny_model(family: str, folder: Path, seed: int = 0, dtype=torch.float32, **
     config = tiny_config(family, tokenizer, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Random init leaves norm weights at exactly 1 (Gemma/Cohere at 0); perturb them so that tests
-    # catch a norm that is skipped or applied twice.
+    # Random init leaves norm weights at exactly 1 (Gemma/Cohere at 0) and biases at 0; perturb them so
+    # that tests catch a norm that is skipped or applied twice, or a bias left out (e.g. of a writer).
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     return folder

@@ -42,7 +42,7 @@ ERA_A_ALPHA = 2.0  # round(√r) for r = 4: qlora-pipe-lite's Aug 2025 default l
 ALL_FAMILIES = (*assets.FAMILIES, *assets.MORE_FAMILIES)
 # MoE families whose experts (or routed and shared experts) write the residual stream in every adapted layer
 # besides o_proj and down_proj: a multiplicative LoRA made without a base model does not fit them.
-REFUSED_WITHOUT_BASE = {"qwen3_moe", "glm4_moe", "deepseek_v3", "granitemoe"}
+REFUSED_WITHOUT_BASE = {"qwen3_moe", "glm4_moe", "deepseek_v3", "granitemoe", "gpt_oss"}
 
 
 def run(*args):

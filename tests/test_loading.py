@@ -131,6 +131,27 @@ def test_wrong_shape_names_file_tensor_and_shapes(tiny_model_dir, tmp_path):
     assert "'model.layers.1.self_attn.q_proj.weight' has shape [64, 32], expected [64, 64]" in message
 
 
+def test_quantized_hub_checkpoints_say_how_to_dequantize(tmp_path):
+    """gpt-oss's MXFP4 experts (…_blocks, …_scales) and DeepSeek's fp8 weights (…weight_scale_inv) are
+    one line each naming the tensor and how to get a checkpoint cap loads."""
+    oss = copy_model(assets.tiny_model("gpt_oss", tmp_path / "oss0"), tmp_path / "oss")
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+
+    def mxfp4(t):
+        w = t.pop(key)
+        t[key + "_blocks"], t[key + "_scales"] = w.to(torch.uint8), w[..., :1].to(torch.uint8)
+
+    rewrite(oss, mxfp4)
+    message = one_line_error(make_spec(oss, tmp_path))
+    assert f"tensor '{key}' is MXFP4-quantized" in message and "Mxfp4Config(dequantize=True)" in message
+
+    ds = copy_model(assets.tiny_model("deepseek_v3", tmp_path / "ds0"), tmp_path / "ds")
+    key = "model.layers.0.mlp.down_proj.weight"
+    rewrite(ds, lambda t: t.update({key + "_scale_inv": torch.ones(1, 1)}))
+    message = one_line_error(make_spec(ds, tmp_path))
+    assert f"tensor '{key}' is fp8 with block scales" in message and str(ds / "model.safetensors") in message
+
+
 def test_missing_shard_and_missing_checkpoint(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir("llama"), tmp_path / "m")
     names = list(load_file(folder / "model.safetensors"))

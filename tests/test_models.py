@@ -42,6 +42,17 @@ WRITER_WEIGHTS = (
     "mlp.shared_experts.down_proj.weight",
     "block_sparse_moe.experts.down_proj",
 )
+# GPT-OSS keeps its experts' down projections as [E, in, out=H] (x @ W), the others as [E, out=H, in].
+OUTPUT_LAST = {"gpt_oss": ("mlp.experts.down_proj",)}
+
+
+def map_writers(layer, family: str, M: torch.Tensor) -> None:
+    """In place: every writer weight of `layer` replaced by M·W (M [H, H] on its output); biases (GPT-OSS's
+    o_proj and experts) stay, as the writers target defines it."""
+    for name in writer_weights(layer):
+        w = layer.get_parameter(name)
+        last = name in OUTPUT_LAST.get(family, ())
+        w.copy_(torch.einsum("hk,...ik->...ih", M, w) if last else torch.einsum("hk,...ki->...hi", M, w))
 
 
 def writer_weights(hf_layer) -> list[str]:
@@ -175,7 +186,8 @@ def test_unsupported_model_type_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model_type, why", [("qwen3_next", "a Gated DeltaNet hybrid"), ("gpt_oss", "attention sinks"), ("lfm2", "hybrid")]
+    "model_type, why",
+    [("qwen3_next", "a Gated DeltaNet hybrid"), ("llama4_text", "chunked attention"), ("lfm2", "hybrid")],
 )
 def test_a_family_not_trained_yet_is_one_line_saying_why(tmp_path, model_type, why):
     from cap_common.errors import CapError
@@ -280,7 +292,7 @@ def test_control_block_matches_float64_reference(family, adapter_type, model_dir
 @pytest.mark.parametrize("family,adapter_type", ADAPTER_CASES)
 def test_control_writers_equal_replaced_writer_weights(family, adapter_type, model_dir, tmp_path):
     """Target "writers": for tokens all of class c, the same as HF with each writer weight M of the
-    transformed layers replaced by (I + c·W'_c)·M (float64, dense)."""
+    transformed layers replaced by (I + c·W'_c)·M, biases kept (float64, dense)."""
     folder = model_dir(family)
     spec = make_spec(
         folder,
@@ -303,14 +315,12 @@ def test_control_writers_equal_replaced_writer_weights(family, adapter_type, mod
             for i, adapter in adapters.items():
                 plus, minus = class_weights(adapter)
                 M = torch.eye(plus.shape[0], dtype=torch.float64) + (plus if c > 0 else minus if c < 0 else 0 * plus)
-                for name in writer_weights(hf64.model.layers[i]):
-                    w = hf64.model.layers[i].get_parameter(name)
-                    w.copy_(torch.einsum("hk,...ki->...hi", M, w))
+                map_writers(hf64.model.layers[i], family, M)
             ref = hf64(ids).logits
             got = run(layers, ids, torch.full(ids.shape, c, dtype=torch.int8))
         # The last position predicts nothing (class 0) and no other position sees it.
         assert (got[:, :-1].double() - ref[:, :-1]).abs().max() <= 1e-4, f"class {c}"
-        assert ((ref - base_logits).abs().max() > 1e-2) == (c != 0), "the adapters act on classes ±1 only"
+        assert ((ref - base_logits).abs().max() > 1e-3) == (c != 0), "the adapters act on classes ±1 only"
 
 
 @pytest.mark.parametrize("target", ["block", "writers"])

@@ -291,6 +291,20 @@ FAMILIES: dict[str, Family] = {
             logit_divisor="logits_scaling",
             sources=_granitemoe_sources,
         ),
+        # Attention sinks (a learned logit per head that takes part in the softmax: eager attention), q/k/v/o
+        # with biases, alternating sliding layers; MoE experts with biases, in a transposed layout
+        # (gate_up_proj [E, H, 2I] with gate and up interleaved, down_proj [E, I, H]) and a clamped SwiGLU,
+        # a biased router. 4-bit keeps the experts in model_dtype (only nn.Linear modules are quantized).
+        Family(
+            "gpt_oss",
+            "gpt_oss",
+            "GptOssDecoderLayer",
+            "GptOssRMSNorm",
+            "GptOssRotaryEmbedding",
+            writers=("self_attn.o_proj", "mlp.experts"),
+            sliding="layer_types",
+            attention="eager",
+        ),
     )
 }
 
@@ -303,7 +317,6 @@ def tensor_sources(family: Family, key: str, config) -> list[Source]:
 
 # Decoder-only families of transformers 5.24 that cap does not train yet, and why (said in the refusal).
 NOT_YET = {
-    "gpt_oss": "its attention sinks, transposed biased experts and MXFP4 checkpoints are not supported yet",
     "llama4_text": "its chunked attention and input-weighted experts are not supported yet",
     "qwen3_next": "a Gated DeltaNet hybrid: its linear-attention layers are not attention layers cap can pipeline",
     "qwen3_5": "a Gated DeltaNet hybrid: its linear-attention layers are not attention layers cap can pipeline",

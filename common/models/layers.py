@@ -148,7 +148,8 @@ class _Classes:
 class WriterAdapter(nn.Module):
     """A residual writer (o_proj, down_proj, Mixtral's experts) whose output o gets the adapter:
 
-        o' = o + c·W'·o            (bias excluded: o' = b + adapter(o − b))
+        o' = o + c·W'·o            (bias excluded: o' = b + adapter(o − b); for GPT-OSS's experts
+                                    b = Σ_k w_k·b_{e_k}, the routed experts' biases as the router weighed them)
 
     which is what replacing the writer's weight M by (I + c·W')·M computes, the exported
     multiplicative LoRA. The adapter is the decoder layer's, shared by its writers; the classes
@@ -166,6 +167,10 @@ class WriterAdapter(nn.Module):
         out = self.base(*args, **kwargs)
         classes = self.classes.value.reshape(out.shape[:-1])
         bias = getattr(self.base, "bias", None)
+        expert_bias = getattr(self.base, "down_proj_bias", None)
+        if isinstance(expert_bias, torch.Tensor):  # GPT-OSS's experts: b = Σ_k w_k · b_{e_k} per token
+            indices, weights = args[1:3] if len(args) >= 3 else (kwargs["router_indices"], kwargs["routing_weights"])
+            bias = (weights.unsqueeze(-1) * expert_bias[indices]).sum(-2).to(out.dtype)
         if isinstance(bias, torch.Tensor):
             return bias + self.adapter(out - bias, classes)
         return self.adapter(out, classes)

@@ -103,6 +103,17 @@ class Checkpoint:
 
         name = self.actual(name)
         path = self.files.get(name)
+        if path is None and f"{name}_blocks" in self.files:
+            raise CapError(
+                f"{self.where}: tensor '{name}' is MXFP4-quantized ({name}_blocks, _scales); cap loads bf16 or "
+                "float32 weights: dequantize the checkpoint first (transformers: from_pretrained with "
+                "Mxfp4Config(dequantize=True), then save_pretrained)"
+            )
+        if f"{name}_scale_inv" in self.files:
+            raise CapError(
+                f"{self.where}: tensor '{name}' is fp8 with block scales ({name}_scale_inv); cap loads bf16 or "
+                "float32 weights: dequantize the checkpoint first (e.g. DeepSeek's fp8_cast_bf16.py)"
+            )
         if path is None:
             raise CapError(f"{self.where}: tensor '{name}' is missing{what}")
         if not path.is_file():

@@ -57,13 +57,15 @@ CASES = CONTROL + [
     ("control", "full", "block", "3:3"),
 ]
 TOPOLOGIES = ((1, 1), (2, 2))
-# Families whose layers differ from Llama's in what training passes through, trained by control adapters on
-# their writers: Qwen3-MoE (routed experts, a dense layer among MoE ones, sliding window, QK-norm) and
+# Families whose layers differ from Llama's in what training passes through, trained by control adapters:
+# on the writers of Qwen3-MoE (routed experts, a dense layer among MoE ones, sliding window, QK-norm) and
 # DeepSeek-V3 (multi-head latent attention, shared + routed experts with a grouped sigmoid router, a dense
-# first layer); tests/assets.py has their tiny configs.
+# first layer); on the blocks of GPT-OSS (attention sinks, biased experts, alternating sliding layers).
+# tests/assets.py has their tiny configs.
 FAMILY_CASES = [
     ("qwen3_moe", ("control", "full", "writers", None)),
     ("deepseek_v3", ("control", "spectral", "writers", None)),
+    ("gpt_oss", ("control", "full", "block", None)),
 ]
 # The 2-stage runs take turns through the activation_checkpointing modes (common/models/recompute.py),
 # and every third 1-process run compiles its layers, so that each mode trains some kind of adapter
@@ -322,7 +324,7 @@ def test_training_equals_an_independent_trainer(trained, tmp_path, case):
 
 
 @pytest.mark.parametrize("family, case", FAMILY_CASES, ids=[f for f, _ in FAMILY_CASES])
-def test_moe_and_latent_attention_families_train_like_the_reference(trained, tiny_model_dir, tmp_path, family, case):
+def test_moe_latent_attention_and_sinks_families_train_like_the_reference(trained, tiny_model_dir, tmp_path, family, case):
     """A family's run on 1 process and on 2 × 2 stages (evals between the steps) trains what the reference
     trainer trains (transformers' own layers, the adapter hooked on every writer the layer has: the
     routed experts' sum, the shared experts', a dense layer's MLP), and its written adapter on transformers

@@ -81,6 +81,7 @@ def test_gemma3_270m_trains_and_its_exports_reproduce_its_eval_losses(tmp_path, 
     plain = class_losses(base, eval_rows)[1]
 
     r, gap = _verify(gemma3_dir, tmp_path / "lora+1")
+    print(r.output)  # with -s: verify's max |Δlogit| between cap's forward and transformers + PEFT
     assert r.exit_code == 0 and gap is not None, r.output
     assert run("merge", gemma3_dir, tmp_path / "lora+1", tmp_path / "merged").exit_code == 0
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "gemma3_text"

@@ -5,7 +5,8 @@ The transformers classes are named, not imported, so importing this module stays
 
 Block shapes (h: residual stream, n: norm):
   sequential  h += attn(n(h));  h += mlp(n(h))              Llama, Mistral, Mixtral, Qwen 2/3, Qwen3-MoE, Phi-3,
-                                                            SmolLM3, Ministral 3, Granite (× residual_multiplier)
+                                                            SmolLM3, Ministral 3, GPT-OSS, DeepSeek-V3, GLM-4.5,
+                                                            Granite (× residual_multiplier)
   parallel    h += attn(n(h)) + mlp(n(h))   (one norm, one add)       Cohere, Cohere 2
   sandwich    h += n(attn(n(h)));  h += n(mlp(n(h)))   (post-norms)   Gemma 2, Gemma 3, GLM-4
   postnorm    h += n(attn(h));  h += n(mlp(h))   (no pre-norms)       OLMo 2, OLMo 3

@@ -324,7 +324,9 @@ def test_training_equals_an_independent_trainer(trained, tmp_path, case):
 
 
 @pytest.mark.parametrize("family, case", FAMILY_CASES, ids=[f for f, _ in FAMILY_CASES])
-def test_moe_latent_attention_and_sinks_families_train_like_the_reference(trained, tiny_model_dir, tmp_path, family, case):
+def test_moe_latent_attention_and_sinks_families_train_like_the_reference(
+    trained, tiny_model_dir, tmp_path, family, case
+):
     """A family's run on 1 process and on 2 × 2 stages (evals between the steps) trains what the reference
     trainer trains (transformers' own layers, the adapter hooked on every writer the layer has: the
     routed experts' sum, the shared experts', a dense layer's MLP), and its written adapter on transformers

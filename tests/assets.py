@@ -29,6 +29,15 @@ _DEEPSEEK_MOE = {
     "routed_scaling_factor": 2.5,
     "norm_topk_prob": True,
 }
+# Yarn rotary scaling from a 32-token original context (DeepSeek-V3, GPT-OSS)
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 1e4,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+}
 # What differs per family in the tiny configs; everything else is in _common_config().
 _FAMILY_CONFIG = {
     "llama": (transformers.LlamaConfig, {}),
@@ -114,16 +123,7 @@ _FAMILY_CONFIG = {
             "qk_nope_head_dim": 8,
             "v_head_dim": 16,
             "rope_interleave": True,
-            "rope_parameters": {
-                "rope_type": "yarn",
-                "rope_theta": 1e4,
-                "factor": 4.0,
-                "original_max_position_embeddings": 32,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "mscale": 1.0,
-                "mscale_all_dim": 1.0,
-            },
+            "rope_parameters": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
         },
     ),
     # partial (interleaved) rotary, q/k/v biases, fused gate_up_proj, post-norms
@@ -216,15 +216,7 @@ _FAMILY_CONFIG = {
             "sliding_window": 8,
             "layer_types": ["sliding_attention", "full_attention"] * 2,
             "swiglu_limit": 0.5,
-            "rope_parameters": {
-                "rope_type": "yarn",
-                "rope_theta": 1e4,
-                "factor": 4.0,
-                "original_max_position_embeddings": 32,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "truncate": False,
-            },
+            "rope_parameters": {**_YARN, "truncate": False},
         },
     ),
 }

@@ -291,6 +291,17 @@ def _cli(cfg, *args):
     )
 
 
+def _cli_in_process(cfg, *args) -> subprocess.CompletedProcess:
+    """cap-prep's CLI run in this process (click's runner): its exit code, stdout and stderr, without the
+    seconds of a new interpreter's imports, for runs that end at an error."""
+    from click.testing import CliRunner
+
+    from cap_prep.cli import main
+
+    r = CliRunner().invoke(main, [str(cfg), *args])
+    return subprocess.CompletedProcess(["cap-prep", str(cfg), *args], r.exit_code, r.stdout, r.stderr)
+
+
 def test_bad_conversations_one_line_each(tmp_path, chat_models):
     model_dir = chat_models["gemma"]
     cases = {
@@ -305,7 +316,7 @@ def test_bad_conversations_one_line_each(tmp_path, chat_models):
     for name, (bad, expected) in cases.items():
         (tmp_path / "d.json").write_text(json.dumps([good, bad]))
         cfg = _config(tmp_path, model_dir, "[[datasets]]\ndataset_path = 'd.json'\n")
-        r = _cli(cfg)
+        r = _cli_in_process(cfg)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "d.json" in lines[0], (name, r.stderr)
@@ -319,7 +330,7 @@ def test_bad_conversations_one_line_each(tmp_path, chat_models):
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     (plain / "config.json").write_text((model_dir / "config.json").read_text())
     (tmp_path / "d.json").write_text(json.dumps([good]))
-    r = _cli(_config(tmp_path, plain, "[[datasets]]\ndataset_path = 'd.json'\n"))
+    r = _cli_in_process(_config(tmp_path, plain, "[[datasets]]\ndataset_path = 'd.json'\n"))
     assert r.returncode == 2 and "has no chat template" in r.stderr and "chat_template =" in r.stderr, r.stderr
 
 

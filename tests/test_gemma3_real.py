@@ -78,7 +78,7 @@ def test_gemma3_270m_trains_and_its_exports_reproduce_its_eval_losses(tmp_path, 
         if c == 1:
             lora_plus = want
 
-    plain = class_losses(base, eval_rows)[1]
+    plain = before["eval/loss_class+1"]  # the base model's (zero adapters at step 0)
 
     r, gap = _verify(gemma3_dir, tmp_path / "lora+1")
     print(r.output)  # with -s: verify's max |Δlogit| between cap's forward and transformers + PEFT

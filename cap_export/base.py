@@ -193,8 +193,10 @@ def writer_keys(family: Family, config, layer: int = 0) -> list[str]:
     for path in layer_writers(family, module_layer):
         module = module_layer.get_submodule(path)
         if hasattr(module, "down_proj_bias"):
+            where = Path(getattr(config, "_name_or_path", "") or ".") / "config.json"
             raise CapError(
-                f"{family.model_type}: its experts keep their down projections as [E, in, H] with biases, which "
+                f"{where}: model_type {family.model_type}: its experts keep their down projections as [E, in, H] "
+                "with biases, which "
                 "cap-export cannot rewrite yet; a control adapter on this model is not exportable (LoRA and "
                 "full fine-tunes are)"
             )

@@ -255,3 +255,16 @@ def test_smollm2_additive_merge_verify(tmp_path, smollm2_dir):
         1e-6,
     )
     assert r.exit_code == 1 and gap > 1e-4, r.output
+
+
+def test_control_adapter_exports_on_gpt_oss_are_refused_in_one_line(tmp_path, tiny_model_dir):
+    """GPT-OSS's experts are stored transposed with biases, which cap-export does not rewrite: one line
+    naming the base's config.json, and nothing written."""
+    model = tiny_model_dir("gpt_oss")
+    ckpt = save_control(tmp_path / "ckpt", "full", "writers", hidden=64)
+    for out, args in ((tmp_path / "a", ("additive", model, ckpt)), (tmp_path / "m", ("multiplicative", ckpt))):
+        r = run(*args, out, *(("--base", model) if args[0] == "multiplicative" else ()))
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert lines[0].startswith(f"cap-export: error: {model / 'config.json'}: model_type gpt_oss: its experts")
+        assert not out.exists()

@@ -20,6 +20,7 @@ import torch
 from cap_common.adapters import factors
 from cap_common.adapters.io import control_state_by_layer, load_adapter, weights_file
 from cap_common.errors import CapError
+from cap_common.models.loading import TEXT_PREFIXES, text_name
 from cap_export import note
 from cap_export.folders import adapter_folder, named_folder, read_provenance, run_toml_type
 
@@ -175,6 +176,6 @@ def _lora(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Lora:
             )
         # a multimodal model's text modules (PEFT's model.language_model.…, the hub's language_model.model.…)
         # by their text-model names
-        module = re.sub(r"^(?:model\.language_model|language_model\.model)\.", "model.", m.group(1))
+        module = next((text_name(p, m.group(1)) for p in TEXT_PREFIXES if m.group(1).startswith(p)), m.group(1))
         pairs.setdefault(module, {})[m.group(2)] = value
     return Lora(folder, config, {name: (p["A"], p["B"]) for name, p in pairs.items()}, read_provenance(folder))

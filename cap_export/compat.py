@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from cap_common.errors import CapError
-from cap_common.models.families import MULTIMODAL, Family, family_of
+from cap_common.models.families import Family, check_model_type, family_of
 from cap_export.adapters import Control, Lora
 from cap_export.base import Base, model_config, writer_keys
 from cap_export.folders import PROVENANCE
@@ -84,8 +84,10 @@ def check_fits(control: Control, base: Base) -> None:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             raw = None
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        if model_type in MULTIMODAL:  # trained on its text model
-            model_type = (raw.get("text_config") or {}).get("model_type", model_type)
+        try:  # the family it trained (a multimodal model's: its text model's)
+            model_type = check_model_type(raw).model_type if model_type else None
+        except CapError:
+            pass
         if model_type and model_type != base.family.model_type:
             raise CapError(
                 f"{where}: trained on a {model_type} model ({recorded}), but {base.folder} is {base.family.model_type}"

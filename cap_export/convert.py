@@ -69,15 +69,15 @@ def lora_config(ranks: dict[str, int], layers: list[int], base_path: str, **extr
     return config
 
 
-MULTIMODAL_PEFT_PREFIX = "base_model.model.model.language_model."  # a LoRA on a multimodal model's text model
-
-
 def _on_text_model(tensors: dict, config: dict, ranks: dict[str, int]) -> tuple[dict, dict]:
     """A LoRA for a multimodal model's text model, as PEFT names its modules (model.language_model.…):
     the keys renamed, and target_modules the exact module names (a regex), so that PEFT wraps no module
     of the vision tower that has the same last name (o_proj, down_proj)."""
-    text = {name: name.replace("model.", "model.language_model.", 1) for name in ranks}
-    tensors = {k.replace("base_model.model.model.", MULTIMODAL_PEFT_PREFIX, 1): t for k, t in tensors.items()}
+    from cap_common.models.loading import MODULE_TEXT_PREFIX, actual_name
+
+    text = {name: actual_name(MODULE_TEXT_PREFIX, name) for name in ranks}
+    peft = "base_model.model."
+    tensors = {peft + actual_name(MODULE_TEXT_PREFIX, k.removeprefix(peft)): t for k, t in tensors.items()}
     config = dict(config, target_modules="|".join(re.escape(text[n]) for n in sorted(ranks)), layers_to_transform=None)
     for key in ("rank_pattern", "alpha_pattern"):
         if key in config:

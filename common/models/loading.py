@@ -29,7 +29,8 @@ SINGLE = "model.safetensors"
 
 # Where multimodal checkpoints keep their text model: `language_model.model.…` + `language_model.lm_head`
 # (the hub's and save_pretrained's names), or `model.language_model.…` + `lm_head` (transformers v5's modules).
-TEXT_PREFIXES = ("language_model.", "model.language_model.")
+MODULE_TEXT_PREFIX = "model.language_model."  # also how PEFT names a multimodal model's text modules
+TEXT_PREFIXES = ("language_model.", MODULE_TEXT_PREFIX)
 
 
 def actual_name(prefix: str, name: str) -> str:
